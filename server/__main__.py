@@ -1,0 +1,37 @@
+"""``python -m server [flags]``: parse settings, start uvicorn, load the model in the
+background (``/health`` is 503 until it is ready)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import uvicorn
+
+from server.app import create_app
+from server.settings import Settings
+
+
+def engine_factory(settings: Settings):
+    """Load the model and start the engine; the only place the launcher touches torch."""
+    def build():
+        from models.loader import load_model
+        from server.engine.core import AsyncEngine
+        oom_at = os.environ.get("QWEN_VL_FAULT_OOM_AT")
+        return AsyncEngine(load_model(settings), settings,
+                           fault_oom_at=int(oom_at) if oom_at else None)
+    return build
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = Settings.load(argv if argv is not None else sys.argv[1:])
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings, engine_factory(settings))
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                access_log=False, timeout_graceful_shutdown=int(settings.shutdown_timeout))
+
+
+if __name__ == "__main__":
+    main()

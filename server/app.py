@@ -1,0 +1,194 @@
+"""The FastAPI app factory and its thin routes.
+
+``create_app(settings, engine_factory)`` returns an app that starts listening at once;
+``engine_factory`` (which loads the model, in a thread) runs in the lifespan, and until
+it returns ``/health`` and the ``/v1`` routes answer 503.  Routes take a typed request,
+make one call into ``ChatService`` and return JSON or an SSE stream; every error is
+rendered by the handlers below in OpenAI's envelope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from contextlib import asynccontextmanager
+from typing import Callable
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server import protocol as p
+from server.errors import (APIError, InternalError, InvalidRequest, NotFound,
+                           ServiceUnavailable, Unauthorized)
+from server.media import MediaFetcher, MediaPolicy
+from server.metrics import CONTENT_TYPE, Metrics
+from server.middleware import BodyLimit, RequestLog
+from server.serving import ChatService, RequestStats
+from server.settings import Settings
+
+log = logging.getLogger("qwen_vl.app")
+
+
+class _State:
+    service: ChatService | None = None
+    engine = None
+    load_error: str | None = None
+
+
+def media_policy(s: Settings) -> MediaPolicy:
+    return MediaPolicy(max_image_bytes=s.max_image_bytes, max_image_pixels=s.max_image_pixels,
+                       total_timeout=s.fetch_timeout,
+                       allowed_media_hosts=tuple(s.allowed_media_hosts),
+                       allowed_local_media_path=s.allowed_local_media_path)
+
+
+def create_app(settings: Settings, engine_factory: Callable[[], object]) -> FastAPI:
+    state = _State()
+    fetcher = MediaFetcher(media_policy(settings))
+    metrics = Metrics(lambda: state.engine.stats() if state.engine else {})
+    keys = settings.all_api_keys()
+
+    async def load():
+        try:
+            engine = await asyncio.to_thread(engine_factory)
+        except Exception:
+            log.exception("model failed to load")
+            state.load_error = "the model failed to load; see the server log"
+            return
+        state.engine = engine
+        state.service = ChatService(engine, settings, fetcher, metrics)
+        log.info("ready: serving %s as '%s'", engine.model_id, settings.served_model_name)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        task = asyncio.create_task(load())
+        yield
+        task.cancel()
+        if state.engine is not None:
+            await state.engine.shutdown(settings.shutdown_timeout)
+        await fetcher.aclose()
+
+    app = FastAPI(title="Qwen3-VL OpenAI-compatible server", lifespan=lifespan)
+
+    def service() -> ChatService:
+        if state.service is None:
+            raise ServiceUnavailable(state.load_error or "The model is still loading.")
+        return state.service
+
+    def auth(request: Request):
+        if not keys:
+            return
+        given = request.headers.get("authorization", "")
+        token = given[7:].strip() if given.lower().startswith("bearer ") else ""
+        # constant-time comparison against every key (no early exit on a match)
+        ok = False
+        for k in keys:
+            ok |= hmac.compare_digest(token.encode(), k.encode())
+        if not ok:
+            raise Unauthorized("Incorrect or missing API key.")
+
+    # --- routes ------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        if state.service is None or not state.engine.healthy:
+            msg = state.load_error or ("loading" if state.service is None else "unhealthy")
+            return JSONResponse({"status": msg}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics", dependencies=[Depends(auth)])
+    async def metrics_route():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", dependencies=[Depends(auth)], response_model=p.ModelList)
+    async def models():
+        return service().models()
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(auth)],
+              response_model=p.ChatCompletion)
+    async def chat(body: p.ChatCompletionRequest, request: Request):
+        svc, rid = service(), request.state.request_id
+        stats = request.scope["state"]["stats"] = RequestStats()
+        cid = p.completion_id()
+        outputs = await svc.start(body, cid, stats)
+        if body.stream:
+            return StreamingResponse(svc.stream(body, cid, outputs, stats),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+        return await _unless_disconnected(request, svc.collect(body, cid, outputs, stats))
+
+    # --- errors ----------------------------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def api_error(request, exc: APIError):
+        return JSONResponse(exc.envelope(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc: RequestValidationError):
+        return await api_error(request, _validation_to_400(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            err: APIError = NotFound(f"No route {request.url.path}.")
+        else:
+            err = APIError(str(exc.detail))
+            err.status, err.type, err.code = exc.status_code, "invalid_request_error", None
+        return await api_error(request, err)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request, exc: Exception):
+        log.exception("unhandled error")
+        return await api_error(request, InternalError("Internal server error."))
+
+    # outermost first: request id/log, then body cap, then CORS
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"])
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestLog, metrics=metrics)
+    app.state.runtime = state
+    return app
+
+
+async def _unless_disconnected(request: Request, work):
+    """Run ``work``; if the client goes away first, cancel it (which aborts generation)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected():
+        while True:
+            if (await request.receive())["type"] == "http.disconnect":
+                return
+
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        raise ServiceUnavailable("client disconnected")
+    finally:
+        watch.cancel()
+
+
+def _validation_to_400(exc: RequestValidationError) -> InvalidRequest:
+    errors = exc.errors()
+    if not errors:
+        return InvalidRequest("Invalid request.")
+    e = errors[0]
+    if e.get("type") == "json_invalid":
+        return InvalidRequest("The request body is not valid JSON.")
+    loc = [x for x in e.get("loc", ()) if x != "body"]
+    # drop pydantic's discriminator tags (e.g. 'text', 'image_url') from the path
+    param = ""
+    for x in loc:
+        if isinstance(x, int):
+            param += f"[{x}]"
+        elif x in ("str", "list[tagged-union[TextPart,ImagePart,VideoPart]]") or "[" in str(x):
+            continue
+        else:
+            param += ("." if param else "") + str(x)
+    msg = e.get("msg", "Invalid value")
+    return InvalidRequest(f"{param or 'body'}: {msg}" if loc else msg, param=param or None)

@@ -1,0 +1,486 @@
+"""The engine: an async facade over one worker thread that owns the model.
+
+Contract (see ``server.engine.interface``): ``reserve()`` takes a queue place or raises
+``Overloaded``; ``generate()`` prepares the prompt on a preparation thread, hands it to
+the worker and yields ``Output`` events as the worker produces them; leaving the
+iteration early aborts the request.  All model work happens on the worker thread;
+results cross back to the event loop with ``call_soon_threadsafe``, once per step per
+request.
+
+Two schedulers run on the worker:
+
+* ``BatchingScheduler`` — continuous batching.  Each step: (1) drop aborted rows;
+  (2) admit waiting requests within ``max_num_seqs`` and ``max_batch_tokens`` and prefill
+  them together in one left-padded forward pass (one vision-encoder call for all their
+  images), sampling each choice's first token; (3) join them to the running batch;
+  (4) one decode step for every running row in one forward pass; (5) drop finished rows,
+  whose places are refilled at the next step.
+* ``SequentialScheduler`` — the baseline the benchmark compares against: one request at
+  a time through ``model.generate()``.
+
+A failure inside a step fails only the requests in that forward pass (503 for out of
+memory, 500 otherwise) and frees their memory; after repeated consecutive failures the
+engine reports itself unhealthy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from tokenizers import Tokenizer
+
+from server.engine.batch import DecodeBatch, new_cache
+from server.engine.interface import EngineRequest, Output, TokenLogprob
+from server.engine.prompt import Prepared, PromptBuilder
+from server.engine.sampler import row_generator, sample
+from server.engine.sequence import Sequence
+from server.errors import APIError, InternalError, Overloaded, ServiceUnavailable
+
+log = logging.getLogger("qwen_vl.engine")
+
+UNHEALTHY_AFTER = 3  # consecutive failed steps
+
+
+@dataclass
+class Entry:
+    """A request inside the engine."""
+    request_id: str
+    prepared: Prepared
+    sink: object                   # callable(list[Output] | APIError), thread-safe
+    reservation: object
+    seqs: list[Sequence] = field(default_factory=list)
+    t_arrival: float = field(default_factory=time.perf_counter)
+
+    @property
+    def n(self) -> int:
+        return self.prepared.params.n
+
+
+class _Reservation:
+    def __init__(self, engine: "AsyncEngine"):
+        self._engine = engine
+        self._held = True
+
+    def release(self):
+        with self._engine._lock:
+            if self._held:
+                self._held = False
+                self._engine._waiting -= 1
+
+
+class FaultInjector:
+    """Test hook (``QWEN_VL_FAULT_OOM_AT``): raise an out-of-memory error inside the
+    Nth forward pass, once.  Off unless configured."""
+
+    def __init__(self, oom_at: int | None):
+        self.oom_at, self.calls = oom_at, 0
+
+    def tick(self):
+        self.calls += 1
+        if self.oom_at is not None and self.calls == self.oom_at:
+            raise torch.OutOfMemoryError("injected out-of-memory fault")
+
+
+class _SchedulerBase:
+    def __init__(self, engine: "AsyncEngine"):
+        self.engine = engine
+        self.model = engine.model
+        self.waiting: deque[Entry] = deque()
+        self.eos_ids = engine.eos_ids
+
+    def add(self, entry: Entry):
+        self.waiting.append(entry)
+
+    def _start(self, entry: Entry) -> list[Sequence]:
+        entry.reservation.release()  # running now: no longer counts against the queue
+        p = entry.prepared.params
+        prompt_ids = entry.prepared.input_ids[0].to(self.engine.device)
+        entry.seqs = []
+        for i in range(p.n):
+            s = Sequence(request_id=entry.request_id, index=i,
+                         prompt_len=entry.prepared.num_tokens, params=p,
+                         tokenizer=self.engine.detok, eos_ids=self.eos_ids, sink=entry)
+            s.generator = row_generator(p.seed, i, self.engine.generator)
+            s.prompt_ids = prompt_ids
+            entry.seqs.append(s)
+        return entry.seqs
+
+    def _forward(self, **inputs):
+        self.engine.faults.tick()
+        with torch.inference_mode():
+            return self.model(**inputs)
+
+    def _fail(self, entries, exc: BaseException):
+        if isinstance(exc, torch.OutOfMemoryError):
+            err: APIError = ServiceUnavailable("The server ran out of memory on this batch; retry.")
+        else:
+            log.exception("engine step failed", exc_info=exc)
+            err = InternalError("The model failed on this request.")
+        self.engine._consecutive_failures += 1
+        for e in entries:
+            e.reservation.release()
+            e.sink(err)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _emit(self, outputs: dict[int, tuple[Entry, list[Output]]]):
+        for entry, outs in outputs.values():
+            entry.sink(outs)
+
+
+def _logprob_events(engine, res, rows) -> list[TokenLogprob | None]:
+    if res.logprobs is None:
+        return [None] * len(rows)
+    lp = res.logprobs.tolist()
+    top_ids = res.top_ids.tolist() if res.top_ids is not None else None
+    top_lp = res.top_logprobs.tolist() if res.top_logprobs is not None else None
+    tokens = res.tokens.tolist()
+    out = []
+    for i, s in enumerate(rows):
+        if not s.params.logprobs:
+            out.append(None)
+            continue
+        k = s.params.top_logprobs
+        top = [(engine.token_text(t), v) for t, v in zip(top_ids[i][:k], top_lp[i][:k])] if k else []
+        out.append(TokenLogprob(engine.token_text(tokens[i]), lp[i], top))
+    return out
+
+
+class BatchingScheduler(_SchedulerBase):
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.batch: DecodeBatch | None = None
+        s = engine.settings
+        self.max_num_seqs, self.max_batch_tokens = s.max_num_seqs, s.max_batch_tokens
+        self.pad_id = engine.pad_id
+
+    @property
+    def num_running(self) -> int:
+        return len(self.batch) if self.batch else 0
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or self.batch is not None
+
+    def step(self):
+        outputs: dict[int, tuple[Entry, list[Output]]] = {}
+        self._drop_aborted()
+        group = self._admit()
+        if group:
+            try:
+                new = self._prefill(group, outputs)
+            except Exception as exc:  # only the requests in this prefill fail
+                self._fail(group, exc)
+                new = None
+            if new is not None:
+                self.batch = new if self.batch is None else self.batch.concat(new)
+        self._filter_finished()
+        if self.batch is not None:
+            try:
+                self._decode(outputs)
+            except Exception as exc:  # only the requests in this decode batch fail
+                entries = {id(s.sink): s.sink for s in self.batch.rows}
+                self.batch = None
+                self._fail(entries.values(), exc)
+            self._filter_finished()
+        self._emit(outputs)
+
+    # (1)
+    def _drop_aborted(self):
+        aborted = self.engine.aborted
+        if not aborted:
+            return
+        self.waiting = deque(e for e in self.waiting if e.request_id not in aborted)
+        if self.batch is not None:
+            for s in self.batch.rows:
+                if s.request_id in aborted:
+                    s.finish_reason = "abort"
+            self._filter_finished()
+
+    # (2)
+    def _admit(self) -> list[Entry]:
+        group: list[Entry] = []
+        rows, longest = self.num_running, 0
+        while self.waiting:
+            e = self.waiting[0]
+            width = max(longest, e.prepared.num_tokens)
+            if group and (rows + e.n > self.max_num_seqs
+                          or width * (len(group) + 1) > self.max_batch_tokens):
+                break
+            if not group and rows + e.n > self.max_num_seqs and rows > 0:
+                break
+            group.append(self.waiting.popleft())
+            rows, longest = rows + e.n, width
+        return group
+
+    def _prefill(self, group: list[Entry], outputs) -> DecodeBatch | None:
+        dev = self.engine.device
+        width = max(e.prepared.num_tokens for e in group)
+        b = len(group)
+        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        types = torch.zeros((b, width), dtype=torch.int)
+        mask = torch.zeros((b, width), dtype=torch.long)
+        for i, e in enumerate(group):
+            n = e.prepared.num_tokens
+            ids[i, width - n:] = e.prepared.input_ids[0]
+            types[i, width - n:] = e.prepared.mm_token_type_ids[0]
+            mask[i, width - n:] = 1
+        pix = [e.prepared.pixel_values for e in group if e.prepared.pixel_values is not None]
+        grids = [e.prepared.image_grid_thw for e in group if e.prepared.image_grid_thw is not None]
+        grid = torch.cat(grids) if grids else None
+        ids, types, mask = ids.to(dev), types.to(dev), mask.to(dev)
+        # M-RoPE positions per row from the model's rope-index function (never its cached state)
+        pos, deltas = self.model.model.get_rope_index(
+            ids, mm_token_type_ids=types, image_grid_thw=grid.to(dev) if grid is not None else None,
+            attention_mask=mask)
+        cache = new_cache(self.model.config.get_text_config().num_hidden_layers)
+        out = self._forward(
+            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+            use_cache=True, logits_to_keep=1,
+            pixel_values=torch.cat(pix).to(dev) if pix else None,
+            image_grid_thw=grid.to(dev) if grid is not None else None,
+            mm_token_type_ids=types)
+        lengths = torch.tensor([e.prepared.num_tokens for e in group], device=dev)
+        next_pos = lengths + deltas.view(-1).to(dev)
+        counts = [e.n for e in group]
+        batch = DecodeBatch(cache, mask, next_pos, ids[:, -1], rows=[])
+        batch.repeat_rows(counts)
+        logits = out.logits[:, -1]
+        if any(c > 1 for c in counts):
+            logits = logits.repeat_interleave(torch.tensor(counts, device=dev), dim=0)
+        batch.rows = [s for e in group for s in self._start(e)]
+        self._sample_into(batch, logits, outputs)
+        return batch
+
+    # (4)
+    def _decode(self, outputs):
+        out = self._forward(**self.batch.decode_inputs())
+        self._sample_into(self.batch, out.logits[:, -1], outputs)
+
+    def _sample_into(self, batch: DecodeBatch, logits, outputs):
+        res = sample(logits, batch.rows)
+        batch.advance(res.tokens)
+        lps = _logprob_events(self.engine, res, batch.rows)
+        for s, tok, lp in zip(batch.rows, res.tokens.tolist(), lps):
+            o = s.append(tok, lp)
+            outputs.setdefault(id(s.sink), (s.sink, []))[1].append(o)
+
+    # (5)
+    def _filter_finished(self):
+        if self.batch is None:
+            return
+        rows = self.batch.rows
+        keep = [i for i, s in enumerate(rows) if not s.finished]
+        for s in rows:
+            if s.finished and s.finish_reason == "abort":
+                self.engine.aborted.discard(s.request_id)
+        self.batch = self.batch.filter(keep)
+
+
+class _Streamer:
+    """``generate()`` streamer feeding our ``Sequence``; the first ``put`` is the prompt."""
+
+    def __init__(self, seq: Sequence, entry: Entry):
+        self.seq, self.entry, self.prompt_seen = seq, entry, False
+
+    def put(self, value):
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for tok in value.view(-1).tolist():
+            if not self.seq.finished:
+                self.entry.sink([self.seq.append(tok)])
+
+    def end(self):
+        pass
+
+
+class SequentialScheduler(_SchedulerBase):
+    """Baseline: one request at a time, one ``generate()`` call per choice."""
+
+    num_running = 0
+
+    def has_work(self) -> bool:
+        return bool(self.waiting)
+
+    def step(self):
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        entry = self.waiting.popleft()
+        if entry.request_id in self.engine.aborted:
+            self.engine.aborted.discard(entry.request_id)
+            return
+        seqs = self._start(entry)
+        self.num_running = len(seqs)
+        prep, dev = entry.prepared, self.engine.device
+        engine = self.engine
+
+        class _Stop(StoppingCriteria):
+            def __init__(self, seq):
+                self.seq = seq
+
+            def __call__(self, input_ids, scores, **kw):
+                engine.faults.tick()
+                done = self.seq.finished or self.seq.request_id in engine.aborted
+                return torch.full((input_ids.shape[0],), done, dtype=torch.bool,
+                                  device=input_ids.device)
+
+        try:
+            for s in seqs:
+                p = s.params
+                if p.seed is not None:
+                    torch.manual_seed(p.seed + s.index)  # what per-request seeding costs here
+                inputs = dict(input_ids=prep.input_ids.to(dev),
+                              attention_mask=torch.ones_like(prep.input_ids).to(dev),
+                              mm_token_type_ids=prep.mm_token_type_ids.to(dev))
+                if prep.pixel_values is not None:
+                    inputs.update(pixel_values=prep.pixel_values.to(dev),
+                                  image_grid_thw=prep.image_grid_thw.to(dev))
+                gen = dict(max_new_tokens=p.max_tokens, do_sample=not p.greedy,
+                           repetition_penalty=p.repetition_penalty,
+                           streamer=_Streamer(s, entry),
+                           stopping_criteria=StoppingCriteriaList([_Stop(s)]))
+                if not p.greedy:
+                    gen.update(temperature=p.temperature, top_p=p.top_p,
+                               top_k=p.top_k if p.top_k > 0 else None,
+                               min_p=p.min_p or None)
+                if p.ignore_eos:
+                    gen["min_new_tokens"] = p.max_tokens
+                with torch.inference_mode():
+                    self.model.generate(**inputs, **gen)
+                if not s.finished:  # generate() stopped on its own eos handling
+                    s.finish_reason = "length" if len(s.output_ids) >= p.max_tokens else "stop"
+                    entry.sink([Output(index=s.index, text=s.text[s.emitted:], token_ids=[],
+                                       finish_reason=s.finish_reason,
+                                       prompt_tokens=s.prompt_len,
+                                       completion_tokens=len(s.output_ids))])
+        except Exception as exc:
+            self._fail([entry], exc)
+        finally:
+            self.num_running = 0
+            self.engine.aborted.discard(entry.request_id)
+
+
+class AsyncEngine:
+    """Implements ``server.engine.interface.Engine``."""
+
+    def __init__(self, loaded, settings, *, fault_oom_at: int | None = None):
+        self.settings = settings
+        self.model = loaded.model
+        self.device = loaded.device
+        self.model_id = loaded.model_id
+        self.max_model_len = loaded.max_model_len
+        self.supports_video = loaded.supports_video
+        tok = loaded.processor.tokenizer
+        self.builder = PromptBuilder(loaded.processor, max_model_len=self.max_model_len,
+                                     default_max_tokens=settings.max_new_tokens)
+        # the worker decodes with its own Rust tokenizer: the prep thread's one may be
+        # mutably borrowed (padding/truncation state) while the worker reads it
+        self.detok = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+        self._hf_tokenizer = tok
+        gen_cfg = getattr(self.model, "generation_config", None)
+        eos = getattr(gen_cfg, "eos_token_id", None) or tok.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.faults = FaultInjector(fault_oom_at)
+        self.aborted: set[str] = set()
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._consecutive_failures = 0
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._prep = ThreadPoolExecutor(1, thread_name_prefix="prep")
+        self.scheduler = (SequentialScheduler if settings.scheduler == "sequential"
+                          else BatchingScheduler)(self)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    # --- interface ------------------------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        return self._thread.is_alive() and self._consecutive_failures < UNHEALTHY_AFTER
+
+    def reserve(self) -> _Reservation:
+        with self._lock:
+            if self._waiting >= self.settings.max_queue:
+                raise Overloaded(retry_after=1)
+            self._waiting += 1
+        return _Reservation(self)
+
+    async def generate(self, request: EngineRequest, reservation):
+        loop = asyncio.get_running_loop()
+        try:
+            prepared = await loop.run_in_executor(self._prep, self.builder.build, request)
+        except BaseException:
+            reservation.release()
+            raise
+        q: asyncio.Queue = asyncio.Queue()
+        entry = Entry(request.request_id, prepared,
+                      lambda item: loop.call_soon_threadsafe(q.put_nowait, item), reservation)
+        self._inbox.put(entry)
+        remaining = prepared.params.n
+        try:
+            while remaining:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                for out in item:
+                    if out.finish_reason is not None:
+                        remaining -= 1
+                    yield out
+        finally:
+            reservation.release()
+            if remaining:
+                self.aborted.add(request.request_id)
+                self._inbox.put(None)  # wake the worker
+
+    def stats(self) -> dict[str, float]:
+        return {"queue_depth": self._waiting, "running_seqs": self.scheduler.num_running}
+
+    def token_text(self, token_id: int) -> str:
+        return self.detok.decode([token_id], skip_special_tokens=False)
+
+    async def shutdown(self, timeout: float) -> None:
+        self._stopping = True
+        self._inbox.put(None)
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
+        self._prep.shutdown(wait=False, cancel_futures=True)
+
+    # --- worker thread ---------------------------------------------------------------
+    def _run(self):
+        sched = self.scheduler
+        while not self._stopping:
+            try:
+                item = self._inbox.get(timeout=0.5) if not sched.has_work() else None
+            except queue.Empty:
+                continue
+            self._take(item)
+            while True:  # drain without blocking
+                try:
+                    self._take(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            if not sched.has_work():
+                continue
+            failures = self._consecutive_failures
+            try:
+                sched.step()
+                if self._consecutive_failures == failures:
+                    self._consecutive_failures = 0
+            except Exception:  # a bug outside the per-batch guards: keep serving
+                self._consecutive_failures += 1
+                log.exception("scheduler step failed")
+
+    def _take(self, item):
+        if isinstance(item, Entry):
+            self.scheduler.add(item)

@@ -1,0 +1,101 @@
+"""The narrow, tensor-free contract between the HTTP layer and the engine.
+
+The serving layer builds an ``EngineRequest`` (chat messages in Hugging Face's format,
+decoded PIL images, ``SamplingParams``), reserves a queue place with
+``Engine.reserve()`` *before* fetching any image, then iterates
+``Engine.generate(request, reservation)``: an async stream of ``Output`` events, one per
+choice and step, the last of each choice carrying a ``finish_reason``.  Cancelling the
+iteration (client gone) aborts the request; the engine frees its batch slot at the next
+step.  Every failure arrives as a ``server.errors.APIError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Protocol
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int | None = None        # None: the engine fills in the default / context rest
+    temperature: float = 0.7             # 0 → greedy
+    top_p: float = 1.0
+    top_k: int = 0                       # 0 or -1 → off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    n: int = 1
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    # a compiled grammar key (issue: structured output); None → unconstrained
+    grammar: Any = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def replace(self, **kw) -> "SamplingParams":
+        return dataclasses.replace(self, **kw)
+
+
+@dataclass
+class ImageInput:
+    image: Any                           # PIL.Image.Image, RGB
+    min_pixels: int
+    max_pixels: int
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    messages: list[dict]                 # HF chat format; image parts are {"type": "image"}
+    images: list[ImageInput]             # in order of appearance
+    params: SamplingParams
+    tools: list[dict] | None = None
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Output:
+    index: int                           # choice index
+    text: str                            # new text since the last Output of this choice
+    token_ids: list[int]
+    finish_reason: str | None = None     # "stop" | "length" | None while running
+    prompt_tokens: int = 0
+    completion_tokens: int = 0           # so far, for this choice
+    logprobs: list[TokenLogprob] | None = None
+
+
+class Reservation(Protocol):
+    def release(self) -> None: ...
+
+
+class Engine(Protocol):
+    model_id: str                        # hub id or path of the loaded model
+    max_model_len: int
+    supports_video: bool
+
+    @property
+    def healthy(self) -> bool: ...
+
+    def reserve(self) -> Reservation:
+        """A queue place, or raise ``Overloaded`` (429) at once."""
+
+    def generate(self, request: EngineRequest, reservation: Reservation) -> AsyncIterator[Output]:
+        ...
+
+    def stats(self) -> dict[str, float]: ...
+
+    async def shutdown(self, timeout: float) -> None: ...

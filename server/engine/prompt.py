@@ -1,0 +1,84 @@
+"""Turn an ``EngineRequest`` into model inputs: chat template, image patches, token ids.
+
+Runs on the engine's preparation thread (CPU work, off the event loop and off the GPU
+thread).  Each image is processed on its own so that it can have its own pixel budget;
+its ``<|image_pad|>`` placeholder is then expanded to the number of merged patches, as
+Qwen's processor does.  The context check (prompt + max_tokens <= max_model_len) happens
+here, before any model work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.processor import image_budget_kwargs
+from server.engine.interface import EngineRequest, SamplingParams
+from server.errors import ContextLengthExceeded, InvalidRequest
+
+IMAGE_PAD = "<|image_pad|>"
+
+
+@dataclass
+class Prepared:
+    input_ids: torch.Tensor            # (1, L) long
+    mm_token_type_ids: torch.Tensor    # (1, L) int: 1 on image tokens
+    pixel_values: torch.Tensor | None  # (patches, dim)
+    image_grid_thw: torch.Tensor | None  # (images, 3)
+    params: SamplingParams             # max_tokens filled in
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+
+class PromptBuilder:
+    def __init__(self, processor, *, max_model_len: int, default_max_tokens: int):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        self.merge = processor.image_processor.merge_size
+        self.max_model_len = max_model_len
+        self.default_max_tokens = default_max_tokens
+
+    def build(self, req: EngineRequest) -> Prepared:
+        text = self.processor.apply_chat_template(req.messages, tokenize=False,
+                                                  add_generation_prompt=True, tools=req.tools)
+        pieces = text.split(IMAGE_PAD)
+        if len(pieces) - 1 != len(req.images):
+            raise InvalidRequest("Message text may not contain the image placeholder token.",
+                                 param="messages")
+        pixel_values, grids = [], []
+        for im in req.images:
+            out = self.processor.image_processor(
+                images=[im.image], return_tensors="pt",
+                **image_budget_kwargs(im.min_pixels, im.max_pixels))
+            pixel_values.append(out["pixel_values"])
+            grids.append(out["image_grid_thw"])
+        expanded = [pieces[0]]
+        for grid, rest in zip(grids, pieces[1:]):
+            expanded.append(IMAGE_PAD * (int(grid.prod()) // self.merge ** 2) + rest)
+        ids = self.tokenizer("".join(expanded), add_special_tokens=False,
+                             return_tensors="pt")["input_ids"]
+        return Prepared(
+            input_ids=ids,
+            mm_token_type_ids=(ids == self.image_token_id).int(),
+            pixel_values=torch.cat(pixel_values) if pixel_values else None,
+            image_grid_thw=torch.cat(grids) if grids else None,
+            params=self._fill_max_tokens(req.params, ids.shape[1]))
+
+    def _fill_max_tokens(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
+        room = self.max_model_len - prompt_len
+        if params.max_tokens is None:
+            if room < 1:
+                raise ContextLengthExceeded(
+                    f"This model's maximum context length is {self.max_model_len} tokens; "
+                    f"the messages use {prompt_len}.", param="messages")
+            return params.replace(max_tokens=min(self.default_max_tokens, room))
+        if prompt_len + params.max_tokens > self.max_model_len:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.max_model_len} tokens; the "
+                f"messages use {prompt_len} and max_tokens asks for {params.max_tokens}.",
+                param="max_tokens")
+        return params

@@ -1,0 +1,496 @@
+"""Loading request images safely: data URLs, remote http(s) URLs and (optionally) local files.
+
+Contract
+--------
+``MediaFetcher.load_image(url, param=...)`` returns a fully decoded ``PIL.Image.Image`` in
+mode ``RGB`` (EXIF orientation applied, alpha composited on white, palette / CMYK / L /
+16-bit converted, animated images reduced to their first frame) or raises one of the typed
+errors from :mod:`server.errors`:
+
+* ``PayloadTooLarge`` (413) when the encoded image exceeds ``MediaPolicy.max_image_bytes``
+  (checked from the base64 length of a data URL, from ``Content-Length`` and while
+  streaming a body, and from the size of a local file, always before reading it all);
+* ``InvalidRequest`` (400) for everything else the client can cause: bad scheme, bad
+  base64, refused or unresolvable host, non-2xx status, too many redirects, timeouts,
+  non-image content, unsupported format, decompression bombs, corrupt or truncated data,
+  zero-sized images and extreme aspect ratios.
+
+Every error carries the caller's ``param`` (the JSON path of the image part) and a fixed,
+client-safe message: never exception text, server file paths or memory addresses.
+
+Network safety (SSRF)
+---------------------
+Only ``http`` and ``https`` are fetched.  For every hop (the first URL and each redirect,
+followed manually, at most ``max_redirects``) the host is resolved off the event loop with
+``getaddrinfo`` (which also normalises decimal / hex / octal / short IPv4 spellings) and the
+fetch is refused when ANY resolved address is loopback, private (10/8, 172.16/12,
+192.168/16, fc00::/7), CGNAT (100.64/10), link-local (169.254/16 incl. cloud metadata,
+fe80::/10), unspecified, multicast, reserved or otherwise non-global.  IPv4-mapped,
+6to4 and NAT64 IPv6 addresses are unwrapped and their IPv4 address checked too.  Entries of
+``allowed_media_hosts`` widen this: an exact (case-insensitive) host name match allows all
+of that name's addresses, a CIDR / IP entry allows addresses inside it.
+
+DNS rebinding: the request is sent to the *checked IP address* itself (the URL host is
+replaced by the pinned IP) while the ``Host`` header keeps the original host and, for
+https, the ``sni_hostname`` request extension keeps TLS SNI and certificate verification
+bound to the original host name.  There is therefore no second, unchecked resolution.
+Keep-alive is disabled on the default transport so a TLS connection verified for one host
+name is never reused for another name on the same IP, and ``trust_env`` is off so no
+environment proxy can bypass the pinning.  Residual risks: a hostile *public* server can
+still be fetched (by design), and an allow-listed host name is trusted for whatever its
+DNS returns.
+
+Local files
+-----------
+``file://`` URLs are refused unless ``allowed_local_media_path`` is set; then the path is
+resolved with ``os.path.realpath`` (symlinks followed) and must lie inside the resolved
+directory, ``..`` segments are refused outright, and the file is opened with
+``O_NOFOLLOW | O_NONBLOCK`` and must be a regular file.  Residual risk: a local user able
+to swap a *parent* directory for a symlink between the check and the open could race it.
+
+Decoding
+--------
+``decode_image_bytes`` (synchronous) only lets Pillow try the plugins in
+``allowed_formats`` (``MPO``, the multi-picture JPEG phones write, counts as ``JPEG``),
+checks ``width * height`` against ``max_image_pixels`` from the header before any pixel
+data is decoded, and maps Pillow's own decompression-bomb error/warning to 400.
+``MediaFetcher`` runs it in a worker thread bounded by ``decode_timeout``; a decode that
+times out is reported as 400 but its thread cannot be killed and finishes in the
+background.
+
+Video parts are not handled here.  This module must not import torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import ipaddress
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Iterable
+from urllib.parse import unquote, urlsplit
+
+import httpx
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from server.errors import InvalidRequest, PayloadTooLarge
+
+__all__ = ["MediaPolicy", "MediaFetcher", "decode_image_bytes"]
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+_REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+_FORMAT_ALIASES = {"MPO": "JPEG"}  # multi-picture JPEG (phone cameras) is a JPEG
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_USER_AGENT = "qwen3-vl-server-media/1.0"
+
+
+@dataclass(frozen=True)
+class MediaPolicy:
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    min_image_side: int = 1
+    max_aspect_ratio: float = 200.0
+    connect_timeout: float = 5.0
+    total_timeout: float = 15.0
+    max_redirects: int = 3
+    allowed_media_hosts: tuple[str, ...] = ()
+    allowed_local_media_path: str | None = None
+    allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+    decode_timeout: float = 10.0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _too_large(policy: MediaPolicy, param: str) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"image exceeds the maximum size of {policy.max_image_bytes} bytes", param=param)
+
+
+def _bad(message: str, param: str) -> InvalidRequest:
+    return InvalidRequest(message, param=param)
+
+
+def _formats_text(policy: MediaPolicy) -> str:
+    return ", ".join(policy.allowed_formats)
+
+
+def _embedded_ipv4(ip: ipaddress._BaseAddress) -> ipaddress.IPv4Address | None:
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+        if ip.sixtofour is not None:
+            return ip.sixtofour
+        if ip in _NAT64:
+            return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def _is_public(ip: ipaddress._BaseAddress) -> bool:
+    for a in (ip, _embedded_ipv4(ip)):
+        if a is None:
+            continue
+        if (not a.is_global or a.is_private or a.is_loopback or a.is_link_local
+                or a.is_unspecified or a.is_multicast or a.is_reserved):
+            return False
+        if isinstance(a, ipaddress.IPv6Address) and a.is_site_local:
+            return False
+    return True
+
+
+def _parse_ip(text: str) -> ipaddress._BaseAddress | None:
+    try:
+        return ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+
+
+def _parse_allow_list(entries: Iterable[str]):
+    names: set[str] = set()
+    nets: list[ipaddress._BaseNetwork] = []
+    for entry in entries:
+        entry = entry.strip()
+        if not entry:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+        except ValueError:
+            names.add(entry.lower().rstrip("."))
+    return frozenset(names), tuple(nets)
+
+
+async def _default_resolve(host: str, port: int) -> list[str]:
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   proto=socket.IPPROTO_TCP)
+    return [info[4][0] for info in infos]
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:
+        return img
+    if mode.startswith("I;16") or mode == "I":
+        img = img.convert("I") if mode != "I" else img
+        _lo, hi = img.getextrema()
+        if mode.startswith("I;16") or hi > 255:
+            img = img.point(lambda v: v * (1 / 256))
+        img = img.convert("L")
+    elif mode == "F":
+        img = img.convert("L")
+    if img.mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image_bytes(data: bytes, policy: MediaPolicy, *, param: str) -> Image.Image:
+    """Decode ``data`` to an RGB image under ``policy`` (synchronous; run it off-loop)."""
+    if not data:
+        raise _bad("image data is empty", param)
+    if len(data) > policy.max_image_bytes:
+        raise _too_large(policy, param)
+    bomb = _bad(f"image dimensions exceed the maximum of {policy.max_image_pixels} pixels",
+                param)
+    unsupported = _bad("unsupported image format; supported formats are "
+                       f"{_formats_text(policy)}", param)
+    allowed = {f.upper() for f in policy.allowed_formats}
+    try:
+        img = Image.open(io.BytesIO(bytes(data)), formats=list(allowed))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise bomb from None
+    except UnidentifiedImageError:
+        raise unsupported from None
+    except Exception:
+        raise _bad("image data could not be decoded (corrupt or not an image)", param) from None
+    source, out = img, None
+    try:
+        fmt = _FORMAT_ALIASES.get(img.format or "", img.format or "")
+        if fmt not in allowed:
+            raise unsupported
+        width, height = img.size
+        min_side = max(1, policy.min_image_side)
+        if width <= 0 or height <= 0:
+            raise _bad("image has zero width or height", param)
+        if width < min_side or height < min_side:
+            raise _bad(f"image sides must be at least {min_side} pixels", param)
+        if width * height > policy.max_image_pixels:  # header only: nothing decoded yet
+            raise bomb
+        if max(width, height) / min(width, height) > policy.max_aspect_ratio:
+            raise _bad("image aspect ratio exceeds the maximum of "
+                       f"{policy.max_aspect_ratio:g}:1", param)
+        img.seek(0)  # animated: first frame only (never touch n_frames, which scans all)
+        img.load()
+        try:
+            img = ImageOps.exif_transpose(img)
+        except Exception:
+            pass  # unreadable EXIF: keep the image as stored
+        out = _to_rgb(img)
+        out.load()
+        return out
+    except (InvalidRequest, PayloadTooLarge):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise bomb from None
+    except Exception:
+        raise _bad("image data is truncated or corrupt", param) from None
+    finally:
+        if out is not source:  # release the source unless it is what we return
+            try:
+                source.close()
+            except Exception:
+                pass
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _decode_data_url(url: str, policy: MediaPolicy, param: str) -> bytes:
+    header, sep, payload = url.partition(",")
+    params = [p.strip().lower() for p in header[len("data:"):].split(";")]
+    if not sep or len(params) < 2 or params[-1] != "base64" or not params[0].startswith("image/"):
+        raise _bad("image data URLs must look like data:image/<format>;base64,<data>", param)
+    n = len(payload)
+    if n % 4:
+        raise _bad("invalid base64 in image data URL", param)
+    padding = len(payload) - len(payload.rstrip("=")) if n else 0
+    if (n // 4) * 3 - min(padding, 2) > policy.max_image_bytes:
+        raise _too_large(policy, param)
+    try:
+        return base64.b64decode(payload.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raise _bad("invalid base64 in image data URL", param) from None
+
+
+def _read_local_file(url: str, policy: MediaPolicy, param: str) -> bytes:
+    if policy.allowed_local_media_path is None:
+        raise _bad("file URLs are not enabled on this server", param)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise _bad("malformed file URL", param) from None
+    if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
+        raise _bad("malformed file URL", param)
+    path = unquote(parts.path)
+    if not path.startswith("/") or "\x00" in path:
+        raise _bad("malformed file URL", param)
+    if ".." in path.split("/"):
+        raise _bad("file URL must not contain '..' segments", param)
+    root = os.path.realpath(policy.allowed_local_media_path)
+    real = os.path.realpath(path)
+    if real == root or os.path.commonpath([root, real]) != root:
+        raise _bad("file URL is outside the allowed media directory", param)
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) \
+        | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(real, flags)
+    except (FileNotFoundError, NotADirectoryError):
+        raise _bad("local image file not found", param) from None
+    except OSError:
+        raise _bad("local image file could not be read", param) from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise _bad("local image path is not a regular file", param)
+        if st.st_size > policy.max_image_bytes:
+            raise _too_large(policy, param)
+        try:
+            data = f.read(policy.max_image_bytes + 1)
+        except OSError:
+            raise _bad("local image file could not be read", param) from None
+    if len(data) > policy.max_image_bytes:
+        raise _too_large(policy, param)
+    return data
+
+
+class MediaFetcher:
+    """Loads images for one server; share one instance and ``await aclose()`` at shutdown.
+
+    ``transport`` replaces the default pinned-address httpx transport (tests use
+    ``httpx.MockTransport``); ``resolver`` (``async (host, port) -> [ip, ...]``) replaces
+    ``getaddrinfo``.  Host checks and IP pinning happen regardless of either.
+    """
+
+    def __init__(self, policy: MediaPolicy, transport: httpx.AsyncBaseTransport | None = None,
+                 *, resolver: Resolver | None = None):
+        self.policy = policy
+        self._allow_names, self._allow_nets = _parse_allow_list(policy.allowed_media_hosts)
+        self._resolve = resolver or _default_resolve
+        if transport is None:
+            transport = httpx.AsyncHTTPTransport(
+                retries=0, limits=httpx.Limits(max_connections=64, max_keepalive_connections=0))
+        self._client = httpx.AsyncClient(
+            transport=transport, follow_redirects=False, trust_env=False,
+            timeout=httpx.Timeout(policy.total_timeout, connect=policy.connect_timeout),
+            headers={"User-Agent": _USER_AGENT, "Accept": "image/*",
+                     "Accept-Encoding": "identity"})
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def __aenter__(self) -> "MediaFetcher":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------------ public
+
+    async def load_image(self, url: str, *, param: str) -> Image.Image:
+        if not isinstance(url, str) or not url.strip():
+            raise _bad("image URL must be a non-empty string", param)
+        url = url.strip()
+        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        if scheme == "data":
+            data = _decode_data_url(url, self.policy, param)
+        elif scheme in ("http", "https"):
+            data = await self._fetch(url, param)
+        elif scheme == "file":
+            data = await asyncio.to_thread(_read_local_file, url, self.policy, param)
+        else:
+            raise _bad("unsupported image URL scheme; use http, https or a base64 data URL",
+                       param)
+        try:
+            return await asyncio.wait_for(
+                asyncio.to_thread(decode_image_bytes, data, self.policy, param=param),
+                self.policy.decode_timeout)
+        except TimeoutError:
+            raise _bad("timed out decoding image", param) from None
+
+    # ------------------------------------------------------------------ http
+
+    def _parse_http_url(self, url: str, param: str) -> httpx.URL:
+        try:
+            parsed = httpx.URL(url)
+        except (httpx.InvalidURL, ValueError, TypeError):
+            raise _bad("malformed image URL", param) from None
+        if parsed.scheme not in ("http", "https"):
+            raise _bad("unsupported image URL scheme; use http, https or a base64 data URL",
+                       param)
+        if not parsed.raw_host:
+            raise _bad("image URL has no host", param)
+        if parsed.userinfo:
+            raise _bad("credentials in image URLs are not supported", param)
+        return parsed
+
+    async def _checked_addresses(self, url: httpx.URL, param: str) -> list[str]:
+        refused = _bad("image URL host is not allowed (it resolves to a private, loopback, "
+                       "link-local or otherwise non-public address)", param)
+        try:
+            host = url.raw_host.decode("ascii").lower()
+        except UnicodeDecodeError:
+            raise _bad("malformed image URL", param) from None
+        port = url.port or (443 if url.scheme == "https" else 80)
+        literal = _parse_ip(host)
+        if literal is not None:
+            addresses = [host]
+        else:
+            try:
+                addresses = await asyncio.wait_for(self._resolve(host, port),
+                                                   self.policy.connect_timeout)
+            except TimeoutError:
+                raise _bad("timed out resolving image host", param) from None
+            except (OSError, UnicodeError, ValueError):
+                raise _bad("could not resolve image host", param) from None
+        if not addresses:
+            raise _bad("could not resolve image host", param)
+        name_allowed = host.rstrip(".") in self._allow_names
+        checked: list[str] = []
+        for text in addresses:
+            ip = _parse_ip(text)
+            if ip is None:
+                raise refused
+            if not name_allowed and not _is_public(ip):
+                inner = _embedded_ipv4(ip)
+                if not any(ip in net or (inner is not None and inner in net)
+                           for net in self._allow_nets):
+                    raise refused
+            if text not in checked:
+                checked.append(text)
+        return checked
+
+    async def _send_pinned(self, url: httpx.URL, addresses: list[str],
+                           param: str) -> httpx.Response:
+        host = url.raw_host.decode("ascii")
+        headers = {"Host": url.netloc.decode("ascii")}
+        extensions = {}
+        if url.scheme == "https" and _parse_ip(host) is None:
+            extensions["sni_hostname"] = host
+        for address in addresses:
+            try:
+                target = url.copy_with(host=address)
+            except (httpx.InvalidURL, ValueError):
+                continue
+            request = self._client.build_request("GET", target, headers=headers,
+                                                 extensions=extensions)
+            try:
+                return await self._client.send(request, stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout):
+                continue  # try the next checked address
+        raise _bad("could not connect to image host", param)
+
+    async def _read_body(self, response: httpx.Response, param: str) -> bytes:
+        limit = self.policy.max_image_bytes
+        length = response.headers.get("content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                declared = None
+            if declared is not None and declared > limit:
+                raise _too_large(self.policy, param)
+        content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type.startswith("text/") or content_type in (
+                "application/json", "application/xml", "application/xhtml+xml"):
+            raise _bad("image URL did not return an image", param)
+        body = bytearray()
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) > limit:
+                raise _too_large(self.policy, param)
+        return bytes(body)
+
+    async def _fetch_hops(self, url: str, param: str) -> bytes:
+        current = self._parse_http_url(url, param)
+        for hop in range(self.policy.max_redirects + 1):
+            addresses = await self._checked_addresses(current, param)
+            response = await self._send_pinned(current, addresses, param)
+            try:
+                status = response.status_code
+                if status in _REDIRECT_CODES:
+                    location = response.headers.get("location")
+                    if not location:
+                        raise _bad("image URL returned a redirect without a location", param)
+                    if hop >= self.policy.max_redirects:
+                        raise _bad("too many redirects fetching image", param)
+                    try:
+                        target = current.join(location)
+                    except (httpx.InvalidURL, ValueError, TypeError):
+                        raise _bad("image URL redirected to a malformed URL", param) from None
+                    current = self._parse_http_url(str(target), param)
+                    continue
+                if not 200 <= status < 300:
+                    raise _bad(f"image URL returned HTTP {status}", param)
+                return await self._read_body(response, param)
+            finally:
+                await response.aclose()
+        raise _bad("too many redirects fetching image", param)  # pragma: no cover
+
+    async def _fetch(self, url: str, param: str) -> bytes:
+        try:
+            async with asyncio.timeout(self.policy.total_timeout):
+                return await self._fetch_hops(url, param)
+        except (TimeoutError, httpx.TimeoutException):
+            raise _bad("timed out fetching image", param) from None
+        except httpx.HTTPError:
+            raise _bad("error fetching image", param) from None

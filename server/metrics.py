@@ -1,0 +1,43 @@
+"""Prometheus metrics, one registry per app (no module globals).
+
+Requests by status, queue depth and running sequences (read from the engine on each
+scrape), time to first token, time per output token, tokens in and out, images.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metrics:
+    def __init__(self, engine_stats):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("qwen_vl_requests", "HTTP requests by route and status",
+                                ["route", "status"], registry=r)
+        self.prompt_tokens = Counter("qwen_vl_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.completion_tokens = Counter("qwen_vl_completion_tokens", "Tokens generated", registry=r)
+        self.images = Counter("qwen_vl_images", "Images processed", registry=r)
+        self.ttft = Histogram("qwen_vl_time_to_first_token_seconds", "Time to first token",
+                              buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30),
+                              registry=r)
+        self.tpot = Histogram("qwen_vl_time_per_output_token_seconds", "Time per output token",
+                              buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1),
+                              registry=r)
+        queue = Gauge("qwen_vl_queue_depth", "Requests waiting for a batch slot", registry=r)
+        running = Gauge("qwen_vl_running_sequences", "Sequences being decoded", registry=r)
+        queue.set_function(lambda: engine_stats().get("queue_depth", 0))
+        running.set_function(lambda: engine_stats().get("running_seqs", 0))
+
+    def observe(self, stats, elapsed: float):
+        self.prompt_tokens.inc(stats.prompt_tokens)
+        self.completion_tokens.inc(stats.completion_tokens)
+        self.images.inc(stats.images)
+        if stats.ttft is not None:
+            self.ttft.observe(stats.ttft)
+            if stats.completion_tokens > 1:
+                self.tpot.observe((elapsed - stats.ttft) / (stats.completion_tokens - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

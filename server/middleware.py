@@ -1,0 +1,96 @@
+"""Pure-ASGI middleware: request ids + one access-log line per request, and the body cap.
+
+``RequestLog`` gives every request an id (``X-Request-Id`` response header, reused from
+the request if the client sent a sane one) and logs one structured line when the
+response ends: method, path, status, duration and, for chat requests, tokens and TTFT
+(read from ``scope["state"]["stats"]``).  Prompts and images are never logged.
+``BodyLimit`` answers 413 before parsing when a body is over the cap, by Content-Length
+or while it streams in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+
+from server.errors import PayloadTooLarge
+
+log = logging.getLogger("qwen_vl.access")
+_SANE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+async def _send_error(send, err):
+    body = json.dumps(err.envelope()).encode()
+    await send({"type": "http.response.start", "status": err.status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimit:
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = PayloadTooLarge(f"Request body is larger than {self.max_bytes} bytes.")
+        for k, v in scope["headers"]:
+            if k == b"content-length" and v.isdigit() and int(v) > self.max_bytes:
+                return await _send_error(send, too_large)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise too_large
+            return msg
+
+        await self.app(scope, limited_receive, send)
+
+
+class RequestLog:
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if _SANE_ID.match(given) else "req-" + uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = rid
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(msg):
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+                msg.setdefault("headers", [])
+                msg["headers"] = list(msg["headers"]) + [(b"x-request-id", rid.encode())]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            elapsed = time.perf_counter() - t0
+            stats = scope["state"].get("stats")
+            route = scope["path"] if scope["path"] in _ROUTES else "other"
+            self.metrics.requests.labels(route=route, status=str(status)).inc()
+            fields = {"request_id": rid, "method": scope["method"], "path": scope["path"],
+                      "status": status, "ms": round(elapsed * 1000, 1)}
+            if stats is not None:
+                self.metrics.observe(stats, elapsed)
+                fields.update(prompt_tokens=stats.prompt_tokens,
+                              completion_tokens=stats.completion_tokens, images=stats.images,
+                              ttft_ms=None if stats.ttft is None else round(stats.ttft * 1000, 1))
+            log.info("request %s", json.dumps(fields))
+
+
+_ROUTES = {"/v1/chat/completions", "/v1/models", "/health", "/metrics"}

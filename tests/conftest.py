@@ -1,0 +1,135 @@
+"""Shared fixtures: the tiny model (built once per session) and real server subprocesses.
+
+``server_factory(*flags, env=...)`` starts ``python -m server`` with the tiny model on a
+free port, waits for ``/health`` to say ok and returns a ``RunningServer``; every server
+started is stopped at the end of the session.  ``server`` is one shared default server.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# small image budgets keep CPU tests fast: 4..64 language tokens per image
+SMALL_IMAGES = ("--min-pixels", "4096", "--max-pixels", "65536")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig=signal.SIGTERM, timeout=30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server not healthy in {timeout}s:\n{log_path.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    from models.tiny import build
+    out = tmp_path_factory.mktemp("tiny-qwen3-vl")
+    build(out, seed=0)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def server_factory(tiny_model, tmp_path_factory):
+    started: list[RunningServer] = []
+
+    def start(*flags: str, env: dict | None = None, model: str | None = None) -> RunningServer:
+        port = free_port()
+        log_path = tmp_path_factory.mktemp("server") / "server.log"
+        cmd = [sys.executable, "-m", "server", "--model-path", model or tiny_model,
+               "--host", "127.0.0.1", "--port", str(port), *SMALL_IMAGES, *flags]
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log_path.open("wb"),
+                                stderr=subprocess.STDOUT)
+        srv = RunningServer(proc, port, log_path)
+        started.append(srv)
+        wait_healthy(srv.url, proc, log_path)
+        return srv
+
+    yield start
+    for s in started:
+        s.stop(signal.SIGKILL if s.proc.poll() is None else signal.SIGTERM, timeout=10)
+
+
+@pytest.fixture(scope="session")
+def server(server_factory) -> RunningServer:
+    return server_factory()
+
+
+@pytest.fixture
+def client(server):
+    from openai import OpenAI
+    return OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def aclient(server):
+    from openai import AsyncOpenAI
+    return AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+
+
+def png_bytes(w: int = 64, h: int = 48, color=(200, 30, 30), fmt: str = "PNG") -> bytes:
+    from PIL import Image
+    img = Image.new("RGB", (w, h), color)
+    for x in range(0, w, 7):  # some structure, so images differ in content
+        img.putpixel((x, (x * 3) % h), (x % 256, 255 - x % 256, 90))
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def data_url(raw: bytes, mime: str = "image/png") -> str:
+    import base64
+    return f"data:{mime};base64," + base64.b64encode(raw).decode()
