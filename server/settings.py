@@ -65,7 +65,7 @@ class Settings(BaseSettings):
         "batching = continuous batching; sequential = one generate() at a time (baseline)."))
     max_num_seqs: int = Field(64, ge=1, description="Sequences decoded together at most.")
     max_batch_tokens: int = Field(8192, ge=64, description="Prefill token budget per step.")
-    max_queue: int = Field(256, ge=0, description="Requests waiting at most; beyond → 429.")
+    max_queue: int = Field(256, ge=1, description="Requests waiting at most; beyond → 429.")
 
     # --- request limits ----------------------------------------------------------------
     max_tokens_limit: int = Field(8192, ge=1, description="Largest max_tokens a request may ask.")
