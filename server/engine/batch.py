@@ -133,13 +133,14 @@ class DecodeBatch:
         b = len(self.rows)
         self.mask = torch.cat([self.mask, self.mask.new_ones(b, 1)], dim=1)
         pos = self.next_pos.view(1, b, 1).expand(3, b, 1)
+        self.next_pos = self.next_pos + 1
         return dict(input_ids=self.last_tokens.view(b, 1), attention_mask=self.mask,
                     position_ids=pos, past_key_values=self.cache, use_cache=True,
                     logits_to_keep=1)
 
     def advance(self, tokens: torch.Tensor):
+        """The tokens just sampled become the next step's inputs."""
         self.last_tokens = tokens
-        self.next_pos = self.next_pos + 1
 
     def concat(self, other: "DecodeBatch") -> "DecodeBatch":
         t = max(self.width, other.width)

@@ -171,7 +171,10 @@ class BatchingScheduler(_SchedulerBase):
     def has_work(self) -> bool:
         return bool(self.waiting) or self.batch is not None
 
+    steps = 0  # decode steps taken (tests and metrics read it)
+
     def step(self):
+        self.steps += 1
         outputs: dict[int, tuple[Entry, list[Output]]] = {}
         self._drop_aborted()
         group = self._admit()

@@ -1,0 +1,202 @@
+"""Continuous batching correctness, on the engine itself with the tiny model (float32).
+
+Each test drives ``AsyncEngine`` directly (no HTTP), so it can look at token ids and at
+the scheduler's state; the HTTP path is covered in test_api.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from PIL import Image
+
+from models.loader import load_model
+from server.engine.core import AsyncEngine
+from server.engine.interface import EngineRequest, ImageInput, SamplingParams
+from server.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def make_engine(tiny_model):
+    engines = []
+
+    def make(**overrides) -> AsyncEngine:
+        s = Settings(model_path=tiny_model, min_pixels=4096, max_pixels=65536, **overrides)
+        e = AsyncEngine(load_model(s), s)
+        engines.append(e)
+        return e
+    yield make
+    for e in engines:
+        e._stopping = True
+
+
+def img(w, h, seed):
+    im = Image.new("RGB", (w, h), ((seed * 40) % 256, (seed * 90) % 256, (seed * 10) % 256))
+    for x in range(0, w, 5):
+        im.putpixel((x, (x * seed) % h), (255 - x % 256, x % 256, 0))
+    return ImageInput(im, 4096, 65536)
+
+
+def mixed_requests(n=16, max_tokens=20, **params):
+    """Text-only, one image, two images of different sizes, multi-turn with an image."""
+    out = []
+    for i in range(n):
+        kind = i % 4
+        sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, **params)
+        if kind == 0:
+            msgs, images = [{"role": "user", "content": f"order {i} status please " * (1 + i % 3)}], []
+        elif kind == 1:
+            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"colour {i}?"}]}]
+            images = [img(40 + 8 * i, 64, i)]
+        elif kind == 2:
+            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                                 {"type": "text", "text": "compare"}]}]
+            images = [img(64, 64, i), img(200, 90, i + 1)]
+        else:
+            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what?"}]},
+                    {"role": "assistant", "content": "a shoe"},
+                    {"role": "user", "content": f"size {i}?"}]
+            images = [img(96, 48, i)]
+        out.append(EngineRequest(f"r{i}", msgs, images, sp))
+    return out
+
+
+async def run(engine, req, delay=0.0, stop_after=None):
+    """Token ids per choice, plus the time of the first and last output."""
+    await asyncio.sleep(delay)
+    ids: dict[int, list[int]] = {}
+    first = None
+    agen = engine.generate(req, engine.reserve())
+    async for o in agen:
+        first = first or time.perf_counter()
+        ids.setdefault(o.index, []).extend(o.token_ids)
+        if stop_after and sum(map(len, ids.values())) >= stop_after:
+            await agen.aclose()
+            break
+    return ids, first, time.perf_counter()
+
+
+async def test_greedy_batch_equals_alone(make_engine):
+    """16 mixed requests arriving at staggered times give, token for token, what each
+    gives alone."""
+    engine = make_engine()
+    reqs = mixed_requests()
+    alone = [(await run(engine, r))[0] for r in reqs]
+    together = await asyncio.gather(*(run(engine, r, delay=0.003 * i) for i, r in enumerate(reqs)))
+    for i, (a, (b, _, _)) in enumerate(zip(alone, together)):
+        assert a == b, f"request {i} differs in a batch"
+    assert all(len(a[0]) == 20 for a in alone)
+
+
+async def test_batching_matches_hf_generate(make_engine):
+    """The batching engine (own positions, own cache, batched prefill) reproduces HF
+    ``generate()`` (the sequential scheduler) token for token on mixed requests."""
+    batching, reference = make_engine(), make_engine(scheduler="sequential")
+    reqs = mixed_requests(8)
+    expected = [(await run(reference, r))[0] for r in reqs]
+    got = await asyncio.gather(*(run(batching, r) for r in reqs))
+    assert [g[0] for g in got] == expected
+
+
+async def test_model_rope_state_is_not_used(make_engine):
+    """Positions are per request; garbage in the model's own rope_deltas changes nothing."""
+    import torch
+    engine = make_engine()
+    req = mixed_requests(2)[1]
+    before = (await run(engine, req))[0]
+    engine.model.model.rope_deltas = torch.tensor([[1234]])
+    assert (await run(engine, req))[0] == before
+
+
+async def test_short_request_starts_while_long_ones_run(make_engine):
+    """A request that arrives while 8 long generations run gets its first token before
+    any of them finishes."""
+    engine = make_engine()
+    longs = [EngineRequest(f"long{i}", [{"role": "user", "content": f"long {i}"}], [],
+                           SamplingParams(max_tokens=150, temperature=0, ignore_eos=True))
+             for i in range(8)]
+    tasks = [asyncio.create_task(run(engine, r)) for r in longs]
+    while engine.scheduler.num_running < 8:
+        await asyncio.sleep(0.005)
+    short = EngineRequest("short", [{"role": "user", "content": "hi"}], [],
+                          SamplingParams(max_tokens=3, temperature=0))
+    _, first, _ = await run(engine, short)
+    finished = [t[2] for t in await asyncio.gather(*tasks)]
+    assert first < min(finished)
+
+
+async def test_cancel_frees_slot_and_spares_others(make_engine):
+    """Leaving a stream (client disconnect) removes the row within a step; the other rows
+    produce exactly what they would have alone."""
+    engine = make_engine()
+    reqs = [EngineRequest(f"c{i}", [{"role": "user", "content": f"cancel test {i}"}], [],
+                          SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
+            for i in range(3)]
+    alone = [(await run(engine, r))[0] for r in (reqs[0], reqs[2])]
+    t0, t2 = asyncio.create_task(run(engine, reqs[0])), asyncio.create_task(run(engine, reqs[2]))
+    await run(engine, reqs[1], stop_after=5)
+    sched = engine.scheduler
+    steps_at_cancel = sched.steps
+    while any(s.request_id == "c1" for s in (sched.batch.rows if sched.batch else [])):
+        await asyncio.sleep(0.001)
+    assert sched.steps - steps_at_cancel <= 2  # the step in flight, then the next one drops it
+    assert [(await t0)[0], (await t2)[0]] == alone
+    assert "c1" not in engine.aborted
+
+
+async def test_seeded_sampling_same_alone_and_in_batch(make_engine):
+    engine = make_engine()
+    seeded = EngineRequest("seeded", [{"role": "user", "content": "pick a colour"}], [],
+                           SamplingParams(max_tokens=25, temperature=1.0, top_p=0.95, top_k=50,
+                                          seed=1234, ignore_eos=True))
+    alone = (await run(engine, seeded))[0]
+    others = [r for r in mixed_requests(8)]
+    for r in others:
+        r.params = r.params.replace(temperature=0.9)  # unseeded samplers share the batch
+    together = await asyncio.gather(run(engine, seeded), *(run(engine, r) for r in others))
+    assert together[0][0] == alone
+
+
+async def test_n_shares_one_prefill(make_engine):
+    """n=4 costs one prefill: forward passes = 1 + (max_tokens - 1)."""
+    engine = make_engine()
+    req = EngineRequest("n4", [{"role": "user", "content": "four answers"}], [],
+                        SamplingParams(max_tokens=10, temperature=1.0, n=4, ignore_eos=True, seed=7))
+    before = engine.faults.calls
+    ids = (await run(engine, req))[0]
+    assert sorted(ids) == [0, 1, 2, 3] and all(len(v) == 10 for v in ids.values())
+    assert engine.faults.calls - before == 10
+    assert len({tuple(v) for v in ids.values()}) > 1
+
+
+async def test_limits_max_num_seqs(make_engine):
+    """No more than max_num_seqs rows decode together; the rest wait their turn."""
+    engine = make_engine(max_num_seqs=3)
+    peak = 0
+
+    async def watch():
+        nonlocal peak
+        while True:
+            peak = max(peak, engine.scheduler.num_running)
+            await asyncio.sleep(0.001)
+    w = asyncio.create_task(watch())
+    res = await asyncio.gather(*(run(engine, r) for r in mixed_requests(8, max_tokens=8)))
+    w.cancel()
+    assert peak == 3 and all(len(r[0][0]) == 8 for r in res)
+
+
+async def test_per_row_penalties_do_not_leak(make_engine):
+    """A row with a huge repetition penalty next to a greedy row: the greedy row's
+    output is unchanged."""
+    engine = make_engine()
+    plain = EngineRequest("plain", [{"role": "user", "content": "status"}], [],
+                          SamplingParams(max_tokens=15, temperature=0, ignore_eos=True))
+    alone = (await run(engine, plain))[0]
+    pen = EngineRequest("pen", [{"role": "user", "content": "status"}], [],
+                        SamplingParams(max_tokens=15, temperature=0, ignore_eos=True,
+                                       repetition_penalty=5.0, presence_penalty=2.0,
+                                       frequency_penalty=2.0, logit_bias={5: 50.0}))
+    a, b = await asyncio.gather(run(engine, plain), run(engine, pen))
+    assert a[0] == alone and b[0] != alone
