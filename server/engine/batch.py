@@ -128,13 +128,16 @@ class DecodeBatch:
     def width(self) -> int:
         return self.mask.shape[1]
 
-    def decode_inputs(self) -> dict:
-        """Inputs for one decode step (one new token per row)."""
+    def decode_inputs(self, sdpa_mask: bool = False) -> dict:
+        """Inputs for one decode step (one new token per row).  With ``sdpa_mask`` the
+        4-D boolean mask is passed ready-made: for one query token it is just the padding
+        mask, and HF would otherwise rebuild it from the 2-D one at every step."""
         b = len(self.rows)
         self.mask = torch.cat([self.mask, self.mask.new_ones(b, 1)], dim=1)
         pos = self.next_pos.view(1, b, 1).expand(3, b, 1)
         self.next_pos = self.next_pos + 1
-        return dict(input_ids=self.last_tokens.view(b, 1), attention_mask=self.mask,
+        mask = self.mask.bool()[:, None, None, :] if sdpa_mask else self.mask
+        return dict(input_ids=self.last_tokens.view(b, 1), attention_mask=mask,
                     position_ids=pos, past_key_values=self.cache, use_cache=True,
                     logits_to_keep=1)
 

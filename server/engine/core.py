@@ -26,6 +26,7 @@ engine reports itself unhealthy.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import queue
@@ -43,6 +44,7 @@ from server.engine.interface import EngineRequest, Output, TokenLogprob
 from server.engine.prompt import Prepared, PromptBuilder
 from server.engine.sampler import row_generator, sample
 from server.engine.sequence import Sequence
+from server.engine.structured import GrammarCache, GrammarLogitsProcessor
 from server.errors import APIError, InternalError, Overloaded, ServiceUnavailable
 
 log = logging.getLogger("qwen_vl.engine")
@@ -111,6 +113,7 @@ class _SchedulerBase:
                          tokenizer=self.engine.detok, eos_ids=self.eos_ids, sink=entry)
             s.generator = row_generator(p.seed, i, self.engine.generator)
             s.prompt_ids = prompt_ids
+            s.matcher = p.grammar.matcher() if p.grammar is not None else None
             entry.seqs.append(s)
         return entry.seqs
 
@@ -163,6 +166,7 @@ class BatchingScheduler(_SchedulerBase):
         s = engine.settings
         self.max_num_seqs, self.max_batch_tokens = s.max_num_seqs, s.max_batch_tokens
         self.pad_id = engine.pad_id
+        self.sdpa = self.model.config.get_text_config()._attn_implementation == "sdpa"
 
     @property
     def num_running(self) -> int:
@@ -266,7 +270,7 @@ class BatchingScheduler(_SchedulerBase):
 
     # (4)
     def _decode(self, outputs):
-        out = self._forward(**self.batch.decode_inputs())
+        out = self._forward(**self.batch.decode_inputs(sdpa_mask=self.sdpa))
         self._sample_into(self.batch, out.logits[:, -1], outputs)
 
     def _sample_into(self, batch: DecodeBatch, logits, outputs):
@@ -352,6 +356,9 @@ class SequentialScheduler(_SchedulerBase):
                            repetition_penalty=p.repetition_penalty,
                            streamer=_Streamer(s, entry),
                            stopping_criteria=StoppingCriteriaList([_Stop(s)]))
+                if s.matcher is not None:
+                    from transformers import LogitsProcessorList
+                    gen["logits_processor"] = LogitsProcessorList([GrammarLogitsProcessor(s)])
                 if not p.greedy:
                     gen.update(temperature=p.temperature, top_p=p.top_p,
                                top_k=p.top_k if p.top_k > 0 else None,
@@ -371,6 +378,25 @@ class SequentialScheduler(_SchedulerBase):
         finally:
             self.num_running = 0
             self.engine.aborted.discard(entry.request_id)
+
+
+def _coalesce(outs: list[Output]) -> list[Output]:
+    """Merge consecutive outputs of the same choice into one (fewer stream chunks when
+    the event loop is behind the engine; text and token counts are unchanged)."""
+    merged: dict[int, Output] = {}
+    for o in outs:
+        m = merged.get(o.index)
+        if m is None:
+            merged[o.index] = Output(o.index, o.text, list(o.token_ids), o.finish_reason,
+                                     o.prompt_tokens, o.completion_tokens,
+                                     list(o.logprobs) if o.logprobs else None)
+            continue
+        m.text += o.text
+        m.token_ids += o.token_ids
+        m.finish_reason, m.completion_tokens = o.finish_reason, o.completion_tokens
+        if o.logprobs:
+            m.logprobs = (m.logprobs or []) + o.logprobs
+    return list(merged.values())
 
 
 class AsyncEngine:
@@ -394,6 +420,12 @@ class AsyncEngine:
         eos = getattr(gen_cfg, "eos_token_id", None) or tok.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        # logits rows; may exceed len(tokenizer) (padded lm_head)
+        self.vocab_size = int(self.model.config.get_text_config().vocab_size)
+        # structured output: specs compile on the preparation thread (LRU-cached)
+        self.grammars = GrammarCache(tok, vocab_size=self.vocab_size, stop_ids=self.eos_ids)
+        # whether the chat template opens a <think> block itself (reasoning split)
+        self.opens_think = self.builder.opens_think
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.faults = FaultInjector(fault_oom_at)
         self.aborted: set[str] = set()
@@ -423,7 +455,7 @@ class AsyncEngine:
     async def generate(self, request: EngineRequest, reservation):
         loop = asyncio.get_running_loop()
         try:
-            prepared = await loop.run_in_executor(self._prep, self.builder.build, request)
+            prepared = await loop.run_in_executor(self._prep, self._prepare, request)
         except BaseException:
             reservation.release()
             raise
@@ -434,10 +466,15 @@ class AsyncEngine:
         remaining = prepared.params.n
         try:
             while remaining:
-                item = await q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                for out in item:
+                items = [await q.get()]
+                while not q.empty():  # the consumer lagged: coalesce what is waiting
+                    items.append(q.get_nowait())
+                outs = []
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    outs += item
+                for out in _coalesce(outs):
                     if out.finish_reason is not None:
                         remaining -= 1
                     yield out
@@ -446,6 +483,14 @@ class AsyncEngine:
             if remaining:
                 self.aborted.add(request.request_id)
                 self._inbox.put(None)  # wake the worker
+
+    def _prepare(self, request: EngineRequest) -> Prepared:
+        """Preparation thread: compile the grammar (cached), then build the prompt."""
+        spec = request.params.grammar
+        if spec is not None and not hasattr(spec, "matcher"):
+            request = dataclasses.replace(
+                request, params=request.params.replace(grammar=self.grammars.compile(spec)))
+        return self.builder.build(request)
 
     def stats(self) -> dict[str, float]:
         return {"queue_depth": self._waiting, "running_seqs": self.scheduler.num_running}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from server.engine.interface import SamplingParams
+from server.engine.structured import apply_masks
 
 
 def row_generator(seed: int | None, choice: int, fallback: torch.Generator) -> torch.Generator:
@@ -33,6 +34,7 @@ class RowState:
     generator: torch.Generator
     prompt_ids: torch.Tensor          # 1-D, on the model's device (for repetition_penalty)
     output_ids: list[int]
+    matcher: object = None            # xgrammar.GrammarMatcher of a constrained row
 
 
 @dataclass
@@ -71,13 +73,15 @@ def sample(logits: torch.Tensor, rows: list[RowState]) -> SampleResult:
     if want_logprobs:
         # OpenAI reports the model's distribution, before sampling filters
         raw_logprobs = torch.log_softmax(logits, dim=-1)
-    if any(r.params.logit_bias or r.params.repetition_penalty != 1.0 or r.params.presence_penalty
-           or r.params.frequency_penalty for r in rows):
+    penalised = any(r.params.logit_bias or r.params.repetition_penalty != 1.0
+                    or r.params.presence_penalty or r.params.frequency_penalty for r in rows)
+    constrained = [i for i, r in enumerate(rows) if getattr(r, "matcher", None) is not None]
+    if penalised or constrained:
         logits = logits.clone()
+    if penalised:
         _penalise(logits, rows)
-    for i, r in enumerate(rows):
-        if r.params.grammar is not None:
-            r.params.grammar.mask_logits(logits[i], r.output_ids)
+    if constrained:  # grammar rows: a bitmask per row; free rows share the batch untouched
+        apply_masks(logits, [rows[i].matcher for i in constrained], constrained)
 
     greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
     tokens = logits.argmax(dim=-1)
@@ -123,8 +127,20 @@ def _sample_rows(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
         probs = probs.masked_fill(probs < floor, 0.0)
 
     # one uniform per row from the row's own generator, then inverse CDF
-    u = torch.cat([torch.rand(1, generator=r.generator) for r in rows]).to(dev)
+    u = _uniforms(rows).to(dev)
     cdf = probs.cumsum(dim=-1)
     target = (u * cdf[:, -1]).view(-1, 1)
     idx = torch.searchsorted(cdf, target, right=True).clamp_(max=vocab - 1)
     return idx.view(-1)
+
+
+def _uniforms(rows) -> torch.Tensor:
+    """One uniform per row: rows sharing a generator (unseeded ones share the engine's)
+    draw together, a seeded row draws from its own."""
+    u = torch.empty(len(rows))
+    by_gen: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_gen.setdefault(id(r.generator), []).append(i)
+    for idx in by_gen.values():
+        u[idx] = torch.rand(len(idx), generator=rows[idx[0]].generator)
+    return u
