@@ -46,3 +46,9 @@ def test_help_lists_every_setting():
     for name in Settings.model_fields:
         assert "--" + name.replace("_", "-") in text
     assert "--max-new-tokens" in text and "--temperature" in text and "--device-map" in text
+
+
+def test_readme_documents_every_flag():
+    readme = (CONFIGS.parent / "README.md").read_text()
+    missing = [n for n in Settings.model_fields if f"`--{n.replace('_', '-')}`" not in readme]
+    assert not missing, f"README lacks flags: {missing}"
