@@ -3,7 +3,7 @@
 # CUDA torch from the registry on a box with an NVIDIA GPU, torch==2.13.0 (a local CPU
 # build here) otherwise, and never replaces an installed torch that satisfies the range.
 # Set EXTRAS (e.g. "ui,test") before sourcing.  Re-runs are a no-op unless
-# pyproject.toml or EXTRAS changed.
+# pyproject.toml changed or EXTRAS asks for an extra not installed yet.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
@@ -27,12 +27,16 @@ if ! "$PY" -c "import torch, sys; v = tuple(int(x) for x in torch.__version__.sp
   fi
 fi
 
-stamp="$VENV/.installed-$( (cat "$ROOT/pyproject.toml"; echo "$EXTRAS") | sha256sum | cut -c1-16)"
-if [ ! -f "$stamp" ]; then
-  echo "[bootstrap] installing the project${EXTRAS:+ with extras [$EXTRAS]}" >&2
-  spec="$ROOT"; [ -n "$EXTRAS" ] && spec="$ROOT[$EXTRAS]"
+# one stamp per pyproject.toml version, listing the extras installed with it: a run that
+# asks for extras already there installs nothing (launchers and tests share the venv)
+stamp="$VENV/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+want="$( { [ -f "$stamp" ] && cat "$stamp"; echo "${EXTRAS//,/$'\n'}"; } | sed '/^$/d' | sort -u)"
+if [ ! -f "$stamp" ] || [ "$want" != "$(sed '/^$/d' "$stamp" | sort -u)" ]; then
+  all="$(echo "$want" | paste -sd, -)"
+  echo "[bootstrap] installing the project${all:+ with extras [$all]}" >&2
+  spec="$ROOT"; [ -n "$all" ] && spec="$ROOT[$all]"
   pip_install -e "$spec"
   "$PY" -c "import server, fastapi, transformers, torch" || { echo "[bootstrap] install failed" >&2; exit 1; }
-  rm -f "$VENV"/.installed-* && touch "$stamp"
+  rm -f "$VENV"/.installed-* && echo "$want" > "$stamp"
 fi
 cd "$ROOT"

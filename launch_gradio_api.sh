@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Start the OpenAI-compatible API (0.0.0.0:8080) and the Gradio web UI (:7860) with one
+# model, loaded once by the API; the UI is a client of the API (python -m server.ui).
+#   ./launch_gradio_api.sh [API flags] [--ui-port 7860] [--ui-host H] [--api-base-url URL]
+#                          [--ui-api-key K] [--ui-model M] [--ui-concurrency N] ...
+# Every --ui-* flag and --api-base-url go to the UI, everything else to the API (same
+# flags as ./launch_api.sh).  The UI listens on the API's --host unless --ui-host is given
+# and talks to http://127.0.0.1:<API port>/v1 unless --api-base-url is given; it uses the
+# API's first key (--api-key / --api-key-file / QWEN_VL_API_KEYS) or OPENAI_API_KEY.
+# Ctrl-C or SIGTERM stops both; if either process exits, the other is stopped too.
+EXTRAS="${EXTRAS:-ui}"
+source "$(dirname "$0")/server/bootstrap.sh"
+
+api_args=(); ui_args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help)
+      echo "UI flags (here --ui-host defaults to the API's --host, --api-base-url to"
+      echo "http://127.0.0.1:<API --port>/v1 and --ui-max-tokens to --max-tokens-limit):"
+      "$PY" -m server.ui --help | sed -n '/^options:/,$p' | grep -v -e '^options:' -e '-h, --help'
+      echo; echo "API flags (same as ./launch_api.sh):"
+      exec "$PY" -m server --help ;;
+    --ui-*=*|--api-base-url=*) ui_args+=("$1"); shift ;;
+    --ui-*|--api-base-url)
+      [ $# -ge 2 ] || { echo "launch_gradio_api.sh: $1 needs a value" >&2; exit 2; }
+      ui_args+=("$1" "$2"); shift 2 ;;
+    *) api_args+=("$1"); shift ;;
+  esac
+done
+
+# Resolve the API's host, port and key exactly as the server will (YAML < env < flags).
+info=$("$PY" - "${api_args[@]}" <<'PY'
+import sys
+from server.settings import Settings
+s = Settings.load(sys.argv[1:])
+keys = s.all_api_keys()
+print(s.host); print(s.port); print(s.max_tokens_limit); print(keys[0] if keys else "")
+PY
+) || { echo "launch_gradio_api.sh: invalid API flags (see --help)" >&2; exit 2; }
+{ read -r api_host; read -r api_port; read -r max_tokens; read -r api_key || true; } <<<"$info"
+case "$api_host" in 0.0.0.0|::|"") connect_host=127.0.0.1 ;; *:*) connect_host="[$api_host]" ;; *) connect_host="$api_host" ;; esac
+ui_env=(GRADIO_ANALYTICS_ENABLED=False)
+[ -n "$api_key" ] && ui_env+=("OPENAI_API_KEY=$api_key")
+
+export PYTHONUNBUFFERED=1
+"$PY" -m server "${api_args[@]}" &
+api_pid=$!
+env "${ui_env[@]}" "$PY" -m server.ui --ui-host "$api_host" --ui-port 7860 \
+  --api-base-url "http://$connect_host:$api_port/v1" --ui-max-tokens "$max_tokens" "${ui_args[@]}" &
+ui_pid=$!
+echo "[launch] api pid $api_pid on $api_host:$api_port, ui pid $ui_pid" >&2
+
+stopped=0
+stop_both() {
+  [ "$stopped" = 1 ] && return; stopped=1
+  kill -TERM "$api_pid" "$ui_pid" 2>/dev/null || true
+  wait "$api_pid" 2>/dev/null || true
+  wait "$ui_pid" 2>/dev/null || true
+}
+trap 'stop_both; exit 130' INT
+trap 'stop_both; exit 143' TERM
+
+set +e
+wait -n "$api_pid" "$ui_pid"
+rc=$?
+set -e
+echo "[launch] a process exited (status $rc): stopping the other" >&2
+stop_both
+exit "$rc"
