@@ -8,7 +8,7 @@
 # and talks to http://127.0.0.1:<API port>/v1 unless --api-base-url is given; it uses the
 # API's first key (--api-key / --api-key-file / QWEN_VL_API_KEYS) or OPENAI_API_KEY.
 # Ctrl-C or SIGTERM stops both; if either process exits, the other is stopped too.
-EXTRAS="${EXTRAS:-ui}"
+EXTRAS="${EXTRAS:-ui,structured}"
 source "$(dirname "$0")/server/bootstrap.sh"
 
 api_args=(); ui_args=()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 import uvicorn
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings, engine_factory(settings))
+    # uvicorn drains running requests on SIGTERM (--shutdown-timeout), then restores the
+    # previous handler and re-raises the signal: make that handler a clean exit, so that a
+    # drained shutdown exits 0 for service managers
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 access_log=False, timeout_graceful_shutdown=int(settings.shutdown_timeout))
 

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import protocol as p
 from server.errors import (APIError, InternalError, InvalidRequest, NotFound,
-                           ServiceUnavailable, Unauthorized)
+                           PayloadTooLarge, ServiceUnavailable, Unauthorized)
 from server.media import MediaFetcher, MediaPolicy
 from server.metrics import CONTENT_TYPE, Metrics
 from server.middleware import BodyLimit, RequestLog
@@ -133,6 +133,8 @@ def create_app(settings: Settings, engine_factory: Callable[[], object]) -> Fast
     async def http_error(request, exc: StarletteHTTPException):
         if exc.status_code == 404:
             err: APIError = NotFound(f"No route {request.url.path}.")
+        elif exc.status_code == 413:  # BodyLimit, for a body that streams in over the cap
+            err = PayloadTooLarge(str(exc.detail))
         else:
             err = APIError(str(exc.detail))
             err.status, err.type, err.code = exc.status_code, "invalid_request_error", None
@@ -153,6 +155,12 @@ def create_app(settings: Settings, engine_factory: Callable[[], object]) -> Fast
     return app
 
 
+class ClientClosedRequest(APIError):
+    """The client hung up before its answer was ready (nginx's 499).  Never reaches the
+    client; it only keeps access log and metrics from counting a hang-up as a 5xx."""
+    status, type, code = 499, "invalid_request_error", "client_closed_request"
+
+
 async def _unless_disconnected(request: Request, work):
     """Run ``work``; if the client goes away first, cancel it (which aborts generation)."""
     task = asyncio.ensure_future(work)
@@ -168,9 +176,11 @@ async def _unless_disconnected(request: Request, work):
         if task in done:
             return task.result()
         task.cancel()
-        raise ServiceUnavailable("client disconnected")
+        raise ClientClosedRequest("client disconnected")
     finally:
         watch.cancel()
+        if not task.done():  # this handler itself was cancelled: abort the generation too
+            task.cancel()
 
 
 def _validation_to_400(exc: RequestValidationError) -> InvalidRequest:

@@ -16,6 +16,8 @@ import re
 import time
 import uuid
 
+from starlette.exceptions import HTTPException
+
 from server.errors import PayloadTooLarge
 
 log = logging.getLogger("qwen_vl.access")
@@ -49,7 +51,10 @@ class BodyLimit:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.max_bytes:
-                    raise too_large
+                    # an HTTPException, because FastAPI turns any other exception raised
+                    # while it reads the body into "400 error parsing the body"; the app's
+                    # handler renders status 413 as PayloadTooLarge
+                    raise HTTPException(413, detail=too_large.message)
             return msg
 
         await self.app(scope, limited_receive, send)

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Open(BaseModel):
@@ -131,13 +131,14 @@ class ChatCompletionRequest(_Open):
     # benchmark knob (vLLM spells it the same): keep generating past end-of-sequence
     ignore_eos: bool = False
 
-    @model_validator(mode="after")
-    def _stop_list(self) -> "ChatCompletionRequest":
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if self.stop is not None and len(self.stop) > 4:
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v):  # a field validator, so that the 400 names param "stop"
+        if isinstance(v, str):
+            v = [v]
+        if v is not None and len(v) > 4:
             raise ValueError("at most 4 stop sequences")
-        return self
+        return v
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -11,12 +11,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from server import protocol as p
+from server import tools as toolparse
 from server.engine.interface import Engine, EngineRequest, ImageInput, Output, SamplingParams
+from server.engine.structured import GrammarSpec
 from server.errors import APIError, InvalidRequest, ModelNotFound
 from server.media import MediaFetcher
 from server.metrics import Metrics
@@ -45,6 +49,7 @@ class ChatService:
         self.served_name = settings.served_model_name
         self.accepted_names = {settings.served_model_name, HUB_ID, engine.model_id,
                                settings.model_path, *settings.model_aliases}
+        self.vocab_size = engine.vocab_size
 
     def models(self) -> p.ModelList:
         return p.ModelList(data=[p.ModelCard(id=self.served_name, created=int(time.time()))])
@@ -52,6 +57,14 @@ class ChatService:
     # --- request → engine ------------------------------------------------------------
     def _check(self, req: p.ChatCompletionRequest):
         s = self.settings
+        problem = _scan(req.model_dump(by_alias=True, exclude_none=True))
+        if problem is not None and problem[0] == "unicode":
+            # lone surrogates ("\ud800") break the tokenizer and the utf-8 response
+            raise InvalidRequest("Strings must be valid Unicode (no lone surrogates).",
+                                 param=problem[1] or None)
+        if problem is not None:
+            raise InvalidRequest(f"The request is nested more than {MAX_JSON_DEPTH} levels "
+                                 "deep.", param=_short_path(problem[1]) or None)
         if req.model not in self.accepted_names:
             raise ModelNotFound(f"The model '{req.model}' does not exist; this server serves "
                                 f"'{self.served_name}'.", param="model")
@@ -88,12 +101,50 @@ class ChatService:
         if images > s.max_images_per_request:
             raise InvalidRequest(f"At most {s.max_images_per_request} images per request.",
                                  param="messages")
-        if req.response_format is not None and req.response_format.type != "text":
-            raise InvalidRequest("response_format json modes are not supported yet.",
-                                 param="response_format")
-        if req.tools and req.tool_choice not in (None, "none", "auto"):
-            raise InvalidRequest("tool_choice 'required' and named functions are not supported yet.",
-                                 param="tool_choice")
+        self._check_structured(req)
+
+    def _check_structured(self, req: p.ChatCompletionRequest):
+        rf, tc = req.response_format, req.tool_choice
+        if rf is not None and rf.type == "json_schema" and rf.json_schema is None:
+            raise InvalidRequest("response_format of type json_schema needs a json_schema "
+                                 "object.", param="response_format.json_schema")
+        if tc not in (None, "none", "auto"):
+            if not req.tools:
+                raise InvalidRequest("tool_choice requires tools.", param="tool_choice")
+            if isinstance(tc, p.NamedToolChoice):
+                name = tc.function.get("name")
+                if name not in {t.function.name for t in req.tools}:
+                    raise InvalidRequest(f"tool_choice names the function {name!r}, which is "
+                                         "not among the tools.", param="tool_choice")
+        if req.top_logprobs and not req.logprobs:
+            raise InvalidRequest("top_logprobs requires logprobs to be true.",
+                                 param="top_logprobs")
+
+    @staticmethod
+    def _grammar(req: p.ChatCompletionRequest) -> GrammarSpec | None:
+        """What decoding must follow: forced tool calls, else a JSON response format."""
+        tc = req.tool_choice
+        if req.tools and (tc == "required" or isinstance(tc, p.NamedToolChoice)):
+            fns = [t.function for t in req.tools]
+            if isinstance(tc, p.NamedToolChoice):  # exactly one call of that function
+                fns = [f for f in fns if f.name == tc.function.get("name")][:1]
+            return GrammarSpec.tool_calls([(f.name, f.parameters) for f in fns],
+                                          parallel=req.parallel_tool_calls and tc == "required")
+        rf = req.response_format
+        if rf is None or rf.type == "text":
+            return None
+        if rf.type == "json_schema" and rf.json_schema.schema_ is not None:
+            return GrammarSpec.json_schema(rf.json_schema.schema_)
+        return GrammarSpec.json_object()
+
+    def _parser(self, req: p.ChatCompletionRequest) -> toolparse.OutputParser:
+        """Splits a choice's text into content / reasoning / tool calls.  A grammar-bound
+        output holds no reasoning, even when the template opened a <think> block."""
+        return toolparse.OutputParser(
+            tools=bool(req.tools) and req.tool_choice != "none",
+            opened_think=bool(getattr(self.engine, "opens_think", False))
+            and self._grammar(req) is None,
+            parallel=req.parallel_tool_calls)
 
     def _budget(self, url: p.ImageURL, param: str) -> tuple[int, int]:
         s = self.settings
@@ -153,18 +204,31 @@ class ChatService:
         s = self.settings
         temperature = s.temperature if req.temperature is None else req.temperature
         bias = {}
+        vocab = self.vocab_size
         for k, v in (req.logit_bias or {}).items():
-            if not k.lstrip("-").isdigit():
-                raise InvalidRequest("logit_bias keys must be token ids.", param="logit_bias")
+            # ASCII digits only (str.isdigit also takes '²', which int() refuses), and an
+            # id the model has: an out-of-range id would fail the whole decode batch
+            if not (k.isascii() and k.isdigit() and len(k) < 10) or (
+                    vocab is not None and int(k) >= vocab):
+                raise InvalidRequest("logit_bias keys must be token ids"
+                                     + (f" below {vocab}." if vocab else "."),
+                                     param=f"logit_bias.{k}" if k.isprintable() and len(k) <= 32
+                                     else "logit_bias")
+            if not math.isfinite(v):
+                raise InvalidRequest("logit_bias values must be finite numbers.",
+                                     param="logit_bias")
             bias[int(k)] = max(-100.0, min(100.0, v))
+        grammar = self._grammar(req)
         return SamplingParams(
             max_tokens=req.requested_max_tokens, temperature=temperature,
             top_p=s.top_p if req.top_p is None else req.top_p,
             top_k=s.top_k if req.top_k is None else max(req.top_k, 0),
             min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
-            stop=list(req.stop or []), seed=req.seed, n=req.n, ignore_eos=req.ignore_eos,
-            logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0, logit_bias=bias)
+            # stop strings could cut a constrained output short of its grammar
+            stop=[] if grammar else list(req.stop or []), seed=req.seed, n=req.n,
+            ignore_eos=req.ignore_eos, logprobs=req.logprobs,
+            top_logprobs=req.top_logprobs or 0, logit_bias=bias, grammar=grammar)
 
     async def start(self, req: p.ChatCompletionRequest, request_id: str,
                     stats: RequestStats) -> AsyncIterator[Output]:
@@ -203,10 +267,14 @@ class ChatService:
             if o.finish_reason:
                 finish[o.index] = o.finish_reason
         stats.completion_tokens = sum(counts)
-        choices = [p.Choice(index=i, message=p.ResponseMessage(content=texts[i]),
-                            finish_reason=finish[i],
-                            logprobs=p.ChoiceLogprobs(content=logprobs[i]) if req.logprobs else None)
-                   for i in range(req.n)]
+        choices = []
+        for i in range(req.n):
+            parser = self._parser(req)
+            events = parser.feed(texts[i]) + parser.finish()
+            message = _message(events, parser)
+            choices.append(p.Choice(
+                index=i, message=message, finish_reason=_finish(finish[i], parser),
+                logprobs=p.ChoiceLogprobs(content=logprobs[i]) if req.logprobs else None))
         return p.ChatCompletion(id=request_id, model=req.model, choices=choices,
                                 usage=_usage(stats))
 
@@ -220,24 +288,36 @@ class ChatService:
             return "data: " + c.model_dump_json(exclude_none=True) + "\n\n"
 
         counts = [0] * req.n
+        parsers = [self._parser(req) for _ in range(req.n)]
         for i in range(req.n):
             yield chunk([p.ChunkChoice(index=i, delta=p.Delta(role="assistant", content=""))])
         try:
             async for o in outputs:
                 counts[o.index] = o.completion_tokens
                 stats.prompt_tokens = o.prompt_tokens
-                if o.text or o.logprobs:
-                    lp = p.ChoiceLogprobs(content=[_wire_logprob(x) for x in o.logprobs]) \
-                        if o.logprobs else None
-                    yield chunk([p.ChunkChoice(index=o.index, delta=p.Delta(content=o.text),
+                parser = parsers[o.index]
+                events = parser.feed(o.text) if o.text else []
+                if o.finish_reason:
+                    events += parser.finish()
+                lp = p.ChoiceLogprobs(content=[_wire_logprob(x) for x in o.logprobs]) \
+                    if o.logprobs else None
+                for delta in _deltas(events):  # tokens' logprobs ride on their first chunk
+                    yield chunk([p.ChunkChoice(index=o.index, delta=delta, logprobs=lp)])
+                    lp = None
+                if lp is not None:  # text held back (marker or stop-string prefix)
+                    yield chunk([p.ChunkChoice(index=o.index, delta=p.Delta(content=""),
                                                logprobs=lp)])
                 if o.finish_reason:
                     yield chunk([p.ChunkChoice(index=o.index, delta=p.Delta(),
-                                               finish_reason=o.finish_reason)])
+                                               finish_reason=_finish(o.finish_reason, parser))])
         except APIError as e:  # mid-stream failure: OpenAI's error event, then end
+            # ...cleanly: re-raising here would cut the chunked body short (the client sees
+            # "incomplete chunked read") and log a traceback for a handled error
+            log.warning("request %s failed mid-stream: %s (%s)", request_id, e.code, e.status)
+            stats.completion_tokens = sum(counts)
             yield "data: " + json.dumps(e.envelope()) + "\n\n"
             yield "data: [DONE]\n\n"
-            raise
+            return
         stats.completion_tokens = sum(counts)
         if req.stream_options and req.stream_options.include_usage:
             yield chunk([], usage=_usage(stats))
@@ -248,6 +328,50 @@ async def _prepend(first, rest):
     yield first
     async for x in rest:
         yield x
+
+
+def _finish(reason: str | None, parser: toolparse.OutputParser) -> str | None:
+    return "tool_calls" if reason == "stop" and parser.has_tool_calls else reason
+
+
+def _message(events: list[tuple], parser: toolparse.OutputParser) -> p.ResponseMessage:
+    content = "".join(e[1] for e in events if e[0] == "content")
+    reasoning = "".join(e[1] for e in events if e[0] == "reasoning")
+    calls = [p.ToolCall(id=c.id, function=p.FunctionCall(name=c.name, arguments=c.arguments))
+             for c in parser.calls]
+    return p.ResponseMessage(content=content if (content or not calls) else None,
+                             reasoning_content=reasoning if parser.saw_reasoning else None,
+                             tool_calls=calls or None)
+
+
+def _deltas(events: list[tuple]) -> list[p.Delta]:
+    """Parser events → stream deltas, in order: content and reasoning runs merged, a tool
+    call's first fragment (id, type, name, arguments "") on its own, then its arguments."""
+    out: list[p.Delta] = []
+    for e in events:
+        kind, last = e[0], out[-1] if out else None
+        if kind == "content":
+            if last is not None and last.content is not None and last.tool_calls is None:
+                last.content += e[1]
+            else:
+                out.append(p.Delta(content=e[1]))
+        elif kind == "reasoning":
+            if last is not None and last.reasoning_content is not None:
+                last.reasoning_content += e[1]
+            else:
+                out.append(p.Delta(reasoning_content=e[1]))
+        elif kind == "tool_start":
+            out.append(p.Delta(tool_calls=[p.ToolCallDelta(
+                index=e[1], id=e[2], type="function",
+                function={"name": e[3], "arguments": ""})]))
+        elif kind == "tool_args":
+            tcd = last.tool_calls[0] if last is not None and last.tool_calls else None
+            if tcd is not None and tcd.index == e[1] and tcd.id is None:
+                tcd.function["arguments"] += e[2]
+            else:
+                out.append(p.Delta(tool_calls=[p.ToolCallDelta(
+                    index=e[1], function={"arguments": e[2]})]))
+    return out
 
 
 def _usage(stats: RequestStats) -> p.Usage:
@@ -261,8 +385,51 @@ def _wire_logprob(lp) -> p.TokenLogprob:
                                         for t, v in lp.top])
 
 
+MAX_JSON_DEPTH = 64   # request nesting (tool schemas are the deep part); deeper → 400
+
+
+def _scan(obj) -> tuple[str, str] | None:
+    """First problem in a request's JSON, as (kind, path): "unicode" for a string or key that
+    is not encodable as UTF-8 (lone surrogates), "depth" for nesting past MAX_JSON_DEPTH
+    (the chat template renders tool schemas recursively: a deep one is a RecursionError).
+    Iterative, so that it cannot itself run out of stack."""
+    stack = [(obj, "", 0)]
+    while stack:
+        o, path, depth = stack.pop()
+        if isinstance(o, str):
+            if not o.isascii():
+                try:
+                    o.encode("utf-8")
+                except UnicodeEncodeError:
+                    return "unicode", path
+            continue
+        if isinstance(o, (dict, list, tuple)) and depth >= MAX_JSON_DEPTH:
+            return "depth", path
+        if isinstance(o, dict):
+            items = []
+            for k, v in o.items():
+                if isinstance(k, str) and not k.isascii() and _scan(k) is not None:
+                    return "unicode", path
+                items.append((v, f"{path}.{k}" if path else str(k), depth + 1))
+            stack.extend(reversed(items))
+        elif isinstance(o, (list, tuple)):
+            stack.extend(reversed([(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(o)]))
+    return None
+
+
+def _short_path(path: str, parts: int = 4) -> str:
+    """The first few components of a JSON path (a depth error's full path is absurd)."""
+    pieces = re.findall(r"[^.\[]+|\[\d+\]", path)
+    out = ""
+    for x in pieces[:parts]:
+        out += x if x.startswith("[") or not out else "." + x
+    return out
+
+
 def _json_or_text(s: str):
     try:
-        return json.loads(s)
-    except ValueError:
+        v = json.loads(s)
+    except (ValueError, RecursionError):
         return s
+    # nesting the chat template cannot render, or "\ud800" escapes: keep the plain text
+    return v if _scan(v) is None else s

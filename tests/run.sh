@@ -6,7 +6,7 @@ set -euo pipefail
 EXTRAS="ui,test,structured,bench"
 source "$(dirname "$0")/../server/bootstrap.sh"
 
-if [ ! -x /usr/bin/chromium ] || ! fc-list 2>/dev/null | grep -qi "noto.*cjk"; then
+if [ ! -x /usr/bin/chromium ] || ! dpkg -s fonts-noto-cjk >/dev/null 2>&1; then
   echo "[tests] installing Debian chromium (+ CJK fonts) for the browser test" >&2
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium fonts-noto-cjk >&2 \

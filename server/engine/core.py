@@ -409,6 +409,7 @@ class AsyncEngine:
         self.model_id = loaded.model_id
         self.max_model_len = loaded.max_model_len
         self.supports_video = loaded.supports_video
+        self.vocab_size = self.model.config.get_text_config().vocab_size
         tok = loaded.processor.tokenizer
         self.builder = PromptBuilder(loaded.processor, max_model_len=self.max_model_len,
                                      default_max_tokens=settings.max_new_tokens)
@@ -420,8 +421,6 @@ class AsyncEngine:
         eos = getattr(gen_cfg, "eos_token_id", None) or tok.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        # logits rows; may exceed len(tokenizer) (padded lm_head)
-        self.vocab_size = int(self.model.config.get_text_config().vocab_size)
         # structured output: specs compile on the preparation thread (LRU-cached)
         self.grammars = GrammarCache(tok, vocab_size=self.vocab_size, stop_ids=self.eos_ids)
         # whether the chat template opens a <think> block itself (reasoning split)
@@ -446,8 +445,10 @@ class AsyncEngine:
         return self._thread.is_alive() and self._consecutive_failures < UNHEALTHY_AFTER
 
     def reserve(self) -> _Reservation:
+        # a request that will take a free batch slot at the next step is not queued
+        free = max(0, getattr(self.scheduler, "max_num_seqs", 1) - self.scheduler.num_running)
         with self._lock:
-            if self._waiting >= self.settings.max_queue:
+            if self._waiting >= self.settings.max_queue + free:
                 raise Overloaded(retry_after=1)
             self._waiting += 1
         return _Reservation(self)

@@ -85,6 +85,7 @@ class Reservation(Protocol):
 class Engine(Protocol):
     model_id: str                        # hub id or path of the loaded model
     max_model_len: int
+    vocab_size: int                      # rows of the logits (logit_bias ids are checked)
     supports_video: bool
 
     @property

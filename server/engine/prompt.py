@@ -41,6 +41,17 @@ class PromptBuilder:
         self.merge = processor.image_processor.merge_size
         self.max_model_len = max_model_len
         self.default_max_tokens = default_max_tokens
+        self.opens_think = self._template_opens_think()
+
+    def _template_opens_think(self) -> bool:
+        """Whether the generation prompt ends inside an opened ``<think>`` block (thinking
+        models' templates do; then the output starts with reasoning)."""
+        try:
+            text = self.processor.apply_chat_template(
+                [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+        except Exception:
+            return False
+        return text.rstrip().endswith("<think>")
 
     def build(self, req: EngineRequest) -> Prepared:
         text = self.processor.apply_chat_template(req.messages, tokenize=False,
@@ -70,12 +81,12 @@ class PromptBuilder:
 
     def _fill_max_tokens(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
         room = self.max_model_len - prompt_len
-        if params.max_tokens is None:
-            if room < 1:
-                raise ContextLengthExceeded(
-                    f"This model's maximum context length is {self.max_model_len} tokens; "
-                    f"the messages use {prompt_len}.", param="messages")
+        if params.max_tokens is None and room >= 1:
             return params.replace(max_tokens=min(self.default_max_tokens, room))
+        if room < 1:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.max_model_len} tokens; "
+                f"the messages use {prompt_len}.", param="messages")
         if prompt_len + params.max_tokens > self.max_model_len:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {self.max_model_len} tokens; the "

@@ -36,6 +36,7 @@ class Sequence:
         self.text = ""
         self.emitted = 0
         self.finish_reason: str | None = None
+        self.matcher = None  # xgrammar matcher of a constrained row (server.engine.structured)
         self._stream = DecodeStream(skip_special_tokens=True)
 
     @property
@@ -45,13 +46,18 @@ class Sequence:
     def append(self, token: int, logprob: TokenLogprob | None = None) -> Output:
         p = self.params
         self.output_ids.append(token)
-        if token in self.eos_ids and not p.ignore_eos:
+        done = self._advance_grammar(token)
+        if self.finished:  # the grammar refused the token (see _advance_grammar)
+            pass
+        elif token in self.eos_ids and (not p.ignore_eos or done):
             self.finish_reason = "stop"
         else:
             piece = self._stream.step(self.tokenizer, token)
             if piece:
                 self._add_text(piece)
-            if not self.finished and len(self.output_ids) >= p.max_tokens:
+            if done:
+                self.finish_reason = "stop"
+            elif not self.finished and len(self.output_ids) >= p.max_tokens:
                 self.finish_reason = "length"
         end = len(self.text) if self.finished else len(self.text) - _held_back(
             self.text[self.emitted:], p.stop)
@@ -60,6 +66,18 @@ class Sequence:
                       finish_reason=self.finish_reason, prompt_tokens=self.prompt_len,
                       completion_tokens=len(self.output_ids),
                       logprobs=[logprob] if logprob is not None else None)
+
+    def _advance_grammar(self, token: int) -> bool:
+        """Feed ``token`` to the row's grammar; True once the grammar has terminated (its
+        end-of-turn token was accepted), which finishes the row with ``stop``."""
+        m = self.matcher
+        if m is None:
+            return False
+        if not m.accept_token(token):  # the mask makes this unreachable; never emit past it
+            self.matcher = None
+            self.finish_reason = "length"
+            return False
+        return m.is_terminated()
 
     def _add_text(self, piece: str):
         start = max(0, len(self.text) - max((len(s) for s in self.params.stop), default=0))
