@@ -313,11 +313,11 @@ def build_tokenizer():
     return tok
 
 
-def build_image_processor():
+def build_image_processor(min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS):
     from transformers import Qwen2VLImageProcessorPil
 
     return Qwen2VLImageProcessorPil(
-        size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS},
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
         patch_size=16,
         temporal_patch_size=2,
         merge_size=2,
@@ -326,7 +326,19 @@ def build_image_processor():
     )
 
 
-def build_config(tokenizer):
+# For GPU benchmarks: the real model's shapes with random weights and the tiny tokenizer
+# (token ids past the tokenizer decode to nothing; benchmarks use fixed lengths).
+FULL_SIZE_TEXT = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                      num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                      head_dim=128, max_position_embeddings=262144, tie_word_embeddings=True,
+                      rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
+                                       "mrope_section": [24, 20, 20], "mrope_interleaved": True})
+FULL_SIZE_VISION = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16,
+                        out_hidden_size=2048, num_position_embeddings=2304,
+                        deepstack_visual_indexes=[5, 11, 17])
+
+
+def build_config(tokenizer, full_size: bool = False):
     from transformers import Qwen3VLConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -374,6 +386,9 @@ def build_config(tokenizer):
         initializer_range=0.02,
         dtype="float32",
     )
+    if full_size:  # the real Qwen3-VL-2B-Instruct dimensions (shared/QWEN3VL-NOTES.md)
+        text_config.update(FULL_SIZE_TEXT, dtype="bfloat16")
+        vision_config.update(FULL_SIZE_VISION, dtype="bfloat16")
     return Qwen3VLConfig(
         text_config=text_config,
         vision_config=vision_config,
@@ -381,8 +396,8 @@ def build_config(tokenizer):
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-        dtype="float32",
+        tie_word_embeddings=full_size,
+        dtype="bfloat16" if full_size else "float32",
     )
 
 
@@ -406,10 +421,13 @@ def check_not_degenerate(model, tokenizer, *, new_tokens: int = 30, min_distinct
     return new
 
 
-def build(out_dir: str | os.PathLike, seed: int = 0, *, check: bool = True) -> Path:
+def build(out_dir: str | os.PathLike, seed: int = 0, *, check: bool = True,
+          full_size: bool = False) -> Path:
     """Write the tiny checkpoint to ``out_dir`` and return its path.
 
     With ``check`` (default) a greedy 30-token generation must give several distinct tokens.
+    ``full_size`` writes the real 2B shapes in bfloat16 instead (random weights, for GPU
+    benchmarks; no check), with the real model's image budget.
     """
     import torch
     from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
@@ -420,9 +438,10 @@ def build(out_dir: str | os.PathLike, seed: int = 0, *, check: bool = True) -> P
     out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = build_tokenizer()
-    config = build_config(tokenizer)
+    config = build_config(tokenizer, full_size=full_size)
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config).to(torch.float32).eval()
+    model = Qwen3VLForConditionalGeneration(config).to(
+        torch.bfloat16 if full_size else torch.float32).eval()
     eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
     model.generation_config = GenerationConfig(
         bos_token_id=pad,
@@ -434,12 +453,13 @@ def build(out_dir: str | os.PathLike, seed: int = 0, *, check: bool = True) -> P
         top_k=20,
         repetition_penalty=1.0,
     )
-    if check:
+    if check and not full_size:
         check_not_degenerate(model, tokenizer)
     model.save_pretrained(out, safe_serialization=True)
 
     processor = ImageOnlyQwen3VLProcessor(
-        image_processor=build_image_processor(), tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
+        image_processor=build_image_processor(*((65536, 16777216) if full_size else ())),
+        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
     )
     processor.save_pretrained(out)
     return out
@@ -450,8 +470,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-check", action="store_true", help="skip the greedy-generation sanity check")
+    parser.add_argument("--full-size", action="store_true",
+                        help="real Qwen3-VL-2B shapes, random bf16 weights (GPU benchmarks; ~4 GB)")
     args = parser.parse_args(argv)
-    out = build(args.out_dir, seed=args.seed, check=not args.no_check)
+    out = build(args.out_dir, seed=args.seed, check=not args.no_check, full_size=args.full_size)
     print(json.dumps({"out_dir": str(out), "files": sorted(p.name for p in out.iterdir())}))
     return 0
 
