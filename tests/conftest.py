@@ -133,3 +133,32 @@ def png_bytes(w: int = 64, h: int = 48, color=(200, 30, 30), fmt: str = "PNG") -
 def data_url(raw: bytes, mime: str = "image/png") -> str:
     import base64
     return f"data:{mime};base64," + base64.b64encode(raw).decode()
+
+
+class _Summary:
+    """A plugin registered at run time: puts a module's counts line in pytest's terminal
+    summary (shown under -q too) and points at the JSON file with the details."""
+
+    def __init__(self, name: str, path: Path, line):
+        self.name, self.path, self.line = name, path, line
+
+    def pytest_terminal_summary(self, terminalreporter):
+        terminalreporter.write_sep("-", f"{self.name} summary")
+        terminalreporter.write_line(self.line())
+        terminalreporter.write_line(f"(details: {self.path})")
+
+
+def summary_fixture(name: str, stats: dict, line):
+    """A module-scoped autouse fixture that reports ``line()`` at the end of the run and
+    writes ``stats`` to ``<basetemp>/<name>-summary.json``."""
+    import json
+
+    @pytest.fixture(scope="module", autouse=True)
+    def summary(request, tmp_path_factory):
+        path = tmp_path_factory.getbasetemp() / f"{name}-summary.json"
+        pm = request.config.pluginmanager
+        if not pm.has_plugin(f"{name}-summary"):
+            pm.register(_Summary(name, path, line), f"{name}-summary")
+        yield
+        path.write_text(json.dumps(stats, indent=1, sort_keys=True))
+    return summary

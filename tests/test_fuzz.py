@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
+
+from tests.conftest import summary_fixture
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402
@@ -26,24 +27,7 @@ STATS: dict = {"cases": 0, "5xx": 0, "statuses": {}, "by_operation": {}, "messag
 SAFE_URL = "data:image/png;base64,iVBORw0KGgo="   # refused locally, fetches nothing
 
 
-class _Summary:
-    def __init__(self, path: Path):
-        self.path = path
-
-    def pytest_terminal_summary(self, terminalreporter):
-        terminalreporter.write_sep("-", "fuzz summary")
-        terminalreporter.write_line(f"fuzz: {STATS['cases']} cases run, {STATS['5xx']} 5xx")
-        terminalreporter.write_line(f"(details: {self.path})")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def summary(request, tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "fuzz-summary.json"
-    pm = request.config.pluginmanager
-    if not pm.has_plugin("fuzz-summary"):
-        pm.register(_Summary(path), "fuzz-summary")
-    yield
-    path.write_text(json.dumps(STATS, indent=1, sort_keys=True))
+summary = summary_fixture("fuzz", STATS, lambda: f"fuzz: {STATS['cases']} cases run, {STATS['5xx']} 5xx")
 
 
 @pytest.fixture(scope="module")

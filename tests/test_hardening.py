@@ -35,7 +35,7 @@ from typing import Any, Callable
 import httpx
 import pytest
 
-from tests.conftest import ROOT, data_url, png_bytes
+from tests.conftest import summary_fixture, ROOT, data_url, png_bytes
 
 KEY = "sk-lan-test-key"
 BODY_CAP = 1_000_000         # --max-body-bytes
@@ -51,27 +51,7 @@ STATS: dict[str, Any] = {"tried": 0, "5xx": 0, "statuses": {}, "cases": 0}
 
 # --------------------------------------------------------------------------- summary
 
-class _Summary:
-    """A plugin registered at runtime: prints our line in pytest's terminal summary."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def pytest_terminal_summary(self, terminalreporter):
-        line = f"hardening: {STATS['tried']} bad inputs tried, {STATS['5xx']} 5xx"
-        terminalreporter.write_sep("-", "hardening summary")
-        terminalreporter.write_line(line)
-        terminalreporter.write_line(f"(details: {self.path})")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def summary(request, tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "hardening-summary.json"
-    pm = request.config.pluginmanager
-    if not pm.has_plugin("hardening-summary"):
-        pm.register(_Summary(path), "hardening-summary")
-    yield
-    path.write_text(json.dumps(STATS, indent=1, sort_keys=True))
+summary = summary_fixture("hardening", STATS, lambda: f"hardening: {STATS['tried']} bad inputs tried, {STATS['5xx']} 5xx")
 
 
 # --------------------------------------------------------------------------- local HTTP

@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import data_url, png_bytes
+from tests.conftest import summary_fixture, data_url, png_bytes
 
 MAX_NUM_SEQS, MAX_QUEUE = 4, 4
 BURST = 3 * (MAX_NUM_SEQS + MAX_QUEUE)          # 24 concurrent requests per burst
@@ -39,28 +39,9 @@ STATS: dict = {"requests": 0, "200": 0, "429": 0, "other": 0, "health_polls": 0,
                "health_not_200": 0, "rss_mb": {}}
 
 
-class _Summary:
-    def __init__(self, path: Path):
-        self.path = path
-
-    def pytest_terminal_summary(self, terminalreporter):
-        s = STATS
-        terminalreporter.write_sep("-", "load summary")
-        terminalreporter.write_line(
-            f"load: {s['requests']} requests at {BURST} concurrent, {s['200']} x 200, "
-            f"{s['429']} x 429, {s['other']} other; /health {s['health_polls']} polls, "
-            f"{s['health_not_200']} not 200; RSS MB {s['rss_mb']}")
-        terminalreporter.write_line(f"(details: {self.path})")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def summary(request, tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "load-summary.json"
-    pm = request.config.pluginmanager
-    if not pm.has_plugin("load-summary"):
-        pm.register(_Summary(path), "load-summary")
-    yield
-    path.write_text(json.dumps(STATS, indent=1, sort_keys=True))
+summary = summary_fixture("load", STATS, lambda: (f"load: {STATS['requests']} requests at {BURST} concurrent, {STATS['200']} x 200, "
+            f"{STATS['429']} x 429, {STATS['other']} other; /health {STATS['health_polls']} polls, "
+            f"{STATS['health_not_200']} not 200; RSS MB {STATS['rss_mb']}"))
 
 
 # --------------------------------------------------------------------------- servers
