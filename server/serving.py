@@ -1,9 +1,11 @@
 """Chat-completion semantics between the routes and the engine.
 
-``ChatService.complete(request)`` checks the request against the server's limits, takes
-a queue place (429 before any image is fetched), fetches and decodes the images, hands
-an ``EngineRequest`` to the engine and turns its ``Output`` events into either one
-``ChatCompletion`` or a stream of SSE lines.  It never touches tensors.
+``ChatService.start(request)`` checks the request against the server's limits, takes a
+queue place (429 before any image is fetched), fetches and decodes the images, hands an
+``EngineRequest`` to the engine and waits for its first event (so that errors before the
+first token are plain JSON errors).  ``collect`` turns the ``Output`` events into one
+``ChatCompletion``; ``stream`` into SSE lines, ending with ``data: [DONE]``.  Tool calls
+and reasoning are split out of the text by ``server.tools``.  It never touches tensors.
 """
 
 from __future__ import annotations
@@ -190,12 +192,12 @@ class ChatService:
             if m.tool_call_id:
                 msg["tool_call_id"] = m.tool_call_id
             messages.append(msg)
+        tasks = [asyncio.ensure_future(job) for job, _, _ in jobs]
         try:
-            decoded = await asyncio.gather(*(job for job, _, _ in jobs))
+            decoded = await asyncio.gather(*tasks)
         except BaseException:
-            for job, _, _ in jobs:  # don't leave half-fetched images running
-                if hasattr(job, "close"):
-                    job.close()
+            for t in tasks:  # one image failed (or the client left): stop the other fetches
+                t.cancel()
             raise
         images = [ImageInput(img, lo, hi) for img, (_, lo, hi) in zip(decoded, jobs)]
         return messages, images

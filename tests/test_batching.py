@@ -200,3 +200,30 @@ async def test_per_row_penalties_do_not_leak(make_engine):
                                        frequency_penalty=2.0, logit_bias={5: 50.0}))
     a, b = await asyncio.gather(run(engine, plain), run(engine, pen))
     assert a[0] == alone and b[0] != alone
+
+
+async def test_cancel_while_waiting_never_runs(make_engine):
+    """A client that leaves while its request still waits for a slot: the request is
+    dropped from the queue, never prefilled, and leaves no bookkeeping behind."""
+    engine = make_engine(max_num_seqs=1)
+    started = []
+    start = engine.scheduler._start
+    engine.scheduler._start = lambda e: started.append(e.request_id) or start(e)
+    long = EngineRequest("busy", [{"role": "user", "content": "long one"}], [],
+                         SamplingParams(max_tokens=80, temperature=0, ignore_eos=True))
+    busy = asyncio.create_task(run(engine, long))
+    while engine.scheduler.num_running < 1:
+        await asyncio.sleep(0.002)
+    queued = EngineRequest("queued", [{"role": "user", "content": "never mind"}], [],
+                           SamplingParams(max_tokens=5, temperature=0))
+    agen = engine.generate(queued, engine.reserve())
+    waiter = asyncio.create_task(anext(agen))
+    while not engine.scheduler.waiting:
+        await asyncio.sleep(0.002)
+    waiter.cancel()
+    await asyncio.gather(waiter, return_exceptions=True)
+    await agen.aclose()
+    await busy
+    await asyncio.sleep(0.3)  # a request still queued would be started within a step
+    assert started == ["busy"]
+    assert engine.stats()["queue_depth"] == 0 and not engine.aborted

@@ -102,6 +102,11 @@ class _SchedulerBase:
     def add(self, entry: Entry):
         self.waiting.append(entry)
 
+    def abort(self, request_id: str):
+        """The client left: forget the request if it still waits; a running one is
+        dropped by the subclass."""
+        self.waiting = deque(e for e in self.waiting if e.request_id != request_id)
+
     def _start(self, entry: Entry) -> list[Sequence]:
         entry.reservation.release()  # running now: no longer counts against the queue
         p = entry.prepared.params
@@ -180,7 +185,7 @@ class BatchingScheduler(_SchedulerBase):
     def step(self):
         self.steps += 1
         outputs: dict[int, tuple[Entry, list[Output]]] = {}
-        self._drop_aborted()
+        self._filter_finished()  # (1) rows of clients that left
         group = self._admit()
         if group:
             try:
@@ -201,17 +206,11 @@ class BatchingScheduler(_SchedulerBase):
             self._filter_finished()
         self._emit(outputs)
 
-    # (1)
-    def _drop_aborted(self):
-        aborted = self.engine.aborted
-        if not aborted:
-            return
-        self.waiting = deque(e for e in self.waiting if e.request_id not in aborted)
-        if self.batch is not None:
-            for s in self.batch.rows:
-                if s.request_id in aborted:
-                    s.finish_reason = "abort"
-            self._filter_finished()
+    def abort(self, request_id: str):
+        super().abort(request_id)
+        for s in self.batch.rows if self.batch is not None else []:
+            if s.request_id == request_id:
+                s.finish_reason = "abort"  # leaves the batch at the start of the next step
 
     # (2)
     def _admit(self) -> list[Entry]:
@@ -287,9 +286,6 @@ class BatchingScheduler(_SchedulerBase):
             return
         rows = self.batch.rows
         keep = [i for i, s in enumerate(rows) if not s.finished]
-        for s in rows:
-            if s.finished and s.finish_reason == "abort":
-                self.engine.aborted.discard(s.request_id)
         self.batch = self.batch.filter(keep)
 
 
@@ -323,9 +319,6 @@ class SequentialScheduler(_SchedulerBase):
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         entry = self.waiting.popleft()
-        if entry.request_id in self.engine.aborted:
-            self.engine.aborted.discard(entry.request_id)
-            return
         seqs = self._start(entry)
         self.num_running = len(seqs)
         prep, dev = entry.prepared, self.engine.device
@@ -377,7 +370,6 @@ class SequentialScheduler(_SchedulerBase):
             self._fail([entry], exc)
         finally:
             self.num_running = 0
-            self.engine.aborted.discard(entry.request_id)
 
 
 def _coalesce(outs: list[Output]) -> list[Output]:
@@ -427,6 +419,9 @@ class AsyncEngine:
         self.opens_think = self.builder.opens_think
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.faults = FaultInjector(fault_oom_at)
+        # request ids whose client left; read by the sequential scheduler's stopping
+        # criterion while generate() blocks the worker.  The worker itself learns of an
+        # abort from the inbox, where it is queued behind the request's own entry.
         self.aborted: set[str] = set()
         self._lock = threading.Lock()
         self._waiting = 0
@@ -483,7 +478,7 @@ class AsyncEngine:
             reservation.release()
             if remaining:
                 self.aborted.add(request.request_id)
-                self._inbox.put(None)  # wake the worker
+                self._inbox.put(("abort", request.request_id))
 
     def _prepare(self, request: EngineRequest) -> Prepared:
         """Preparation thread: compile the grammar (cached), then build the prompt."""
@@ -533,3 +528,6 @@ class AsyncEngine:
     def _take(self, item):
         if isinstance(item, Entry):
             self.scheduler.add(item)
+        elif isinstance(item, tuple):  # ("abort", request_id), always after its entry
+            self.scheduler.abort(item[1])
+            self.aborted.discard(item[1])
