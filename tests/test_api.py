@@ -279,3 +279,48 @@ def test_http_layer_never_imports_torch():
     code = ("import sys, server.app, server.serving, server.protocol, server.media, "
             "server.engine.interface; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_queue_full_is_429_before_any_image_is_fetched(server_factory):
+    """With the one slot busy and the one queue place taken, a request is refused at once
+    with 429 and Retry-After, and its image URL is never fetched."""
+    hits = []
+    body = png_bytes(40, 40)
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{host.server_address[1]}/photo.png"
+    srv = server_factory("--max-num-seqs", "1", "--max-queue", "1",
+                         "--allowed-media-hosts", "127.0.0.1/32")
+    api = srv.base_url + "/chat/completions"
+    long = {"model": "qwen3-vl", "messages": USER, "max_tokens": 2000, "ignore_eos": True}
+    with httpx.stream("POST", api, json={**long, "stream": True}, timeout=120) as running:
+        lines = running.iter_lines()                 # (kept: dropping it closes the stream)
+        next(lines)                                  # the slot is taken
+        waiter = threading.Thread(target=lambda: httpx.post(
+            api, json={**long, "max_tokens": 2}, timeout=120))
+        waiter.start()                               # the queue place is taken
+        time.sleep(0.5)
+        t0 = time.perf_counter()
+        r = httpx.post(api, timeout=30, json={"model": "qwen3-vl", "max_tokens": 2,
+                                              "messages": image_msg(url)})
+        refused_in = time.perf_counter() - t0
+        lines.close()                                # leave: frees the slot for the waiter
+    waiter.join(120)
+    host.shutdown()
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    assert r.json()["error"]["type"] == "rate_limit_error"
+    assert hits == [] and refused_in < 2.0
+    srv.stop()
