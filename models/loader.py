@@ -70,9 +70,9 @@ def load_model(settings) -> LoadedModel:
     text_cfg = model.config.get_text_config()
     max_len = min(settings.max_model_len, text_cfg.max_position_embeddings)
     device = next(model.parameters()).device
-    log.info("Model loaded in %.1f s on %s (%.2fB parameters, context %d tokens)",
+    log.info("Model loaded in %.1f s on %s (%.1fM parameters, context %d tokens)",
              time.perf_counter() - t0, device,
-             sum(p.numel() for p in model.parameters()) / 1e9, max_len)
+             sum(p.numel() for p in model.parameters()) / 1e6, max_len)
     return LoadedModel(model=model, processor=processor,
                        model_id=getattr(model.config, "_name_or_path", settings.model_path),
                        max_model_len=max_len, device=device, supports_video=has_video_support())
