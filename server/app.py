@@ -110,14 +110,14 @@ def create_app(settings: Settings, engine_factory: Callable[[], object]) -> Fast
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)],
               response_model=p.ChatCompletion)
     async def chat(body: p.ChatCompletionRequest, request: Request):
-        svc, rid = service(), request.state.request_id
+        svc = service()
         stats = request.scope["state"]["stats"] = RequestStats()
         cid = p.completion_id()
         outputs = await svc.start(body, cid, stats)
         if body.stream:
             return StreamingResponse(svc.stream(body, cid, outputs, stats),
                                      media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+                                     headers={"Cache-Control": "no-cache"})
         return await _unless_disconnected(request, svc.collect(body, cid, outputs, stats))
 
     # --- errors ----------------------------------------------------------------------------
@@ -183,20 +183,30 @@ async def _unless_disconnected(request: Request, work):
             task.cancel()
 
 
+_PART_TAGS = {"text", "image_url", "video_url", "video", "input_video"}
+
+
 def _validation_to_400(exc: RequestValidationError) -> InvalidRequest:
     errors = exc.errors()
     if not errors:
         return InvalidRequest("Invalid request.")
-    e = errors[0]
+    # a union (content: str | list of parts) reports one error per branch: the deepest
+    # one names the field that is really wrong (e.g. ...image_url.detail, not ...content)
+    e = next((x for x in errors if x.get("type") == "json_invalid"), None) or max(
+        errors, key=lambda x: len(x.get("loc", ())))
     if e.get("type") == "json_invalid":
         return InvalidRequest("The request body is not valid JSON.")
     loc = [x for x in e.get("loc", ()) if x != "body"]
-    # drop pydantic's discriminator tags (e.g. 'text', 'image_url') from the path
+    # pydantic's locations also name union branches: type names ('str', 'list[...]',
+    # 'NamedToolChoice') and, right after a list index, a part's discriminator tag
+    # ('image_url' in messages[0].content[1].image_url.image_url.url): drop those
     param = ""
-    for x in loc:
+    for i, x in enumerate(loc):
         if isinstance(x, int):
             param += f"[{x}]"
-        elif x in ("str", "list[tagged-union[TextPart,ImagePart,VideoPart]]") or "[" in str(x):
+        elif (x in ("str", "int", "float", "bool") or "[" in str(x) or str(x)[:1].isupper()
+              or (i > 0 and isinstance(loc[i - 1], int) and x in _PART_TAGS
+                  and i + 1 < len(loc))):
             continue
         else:
             param += ("." if param else "") + str(x)

@@ -68,9 +68,11 @@ import base64
 import binascii
 import io
 import ipaddress
+import math
 import os
 import socket
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterable
 from urllib.parse import unquote, urlsplit
@@ -194,8 +196,25 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image_bytes(data: bytes, policy: MediaPolicy, *, param: str) -> Image.Image:
-    """Decode ``data`` to an RGB image under ``policy`` (synchronous; run it off-loop)."""
+# an image is kept at most this many times its pixel budget: the processor resizes it into
+# the budget anyway, and a request must not hold 16 full-size decoded photos meanwhile
+KEEP_BUDGET_FACTOR = 2
+DECODE_WORKERS = 2
+
+
+def _shrink(img: Image.Image, max_pixels: int | None) -> Image.Image:
+    """Box-reduce by an integer factor to within KEEP_BUDGET_FACTOR x ``max_pixels``."""
+    if not max_pixels:
+        return img
+    factor = int(math.sqrt(img.width * img.height / (KEEP_BUDGET_FACTOR * max_pixels)))
+    return img.reduce(factor) if factor >= 2 else img
+
+
+def decode_image_bytes(data: bytes, policy: MediaPolicy, *, param: str,
+                       max_pixels: int | None = None) -> Image.Image:
+    """Decode ``data`` to an RGB image under ``policy`` (synchronous; run it off-loop).
+    With ``max_pixels`` (the image's token budget in pixels) a large JPEG is decoded at a
+    reduced scale and any image is shrunk to a few times that budget right away."""
     if not data:
         raise _bad("image data is empty", param)
     if len(data) > policy.max_image_bytes:
@@ -230,12 +249,15 @@ def decode_image_bytes(data: bytes, policy: MediaPolicy, *, param: str) -> Image
             raise _bad("image aspect ratio exceeds the maximum of "
                        f"{policy.max_aspect_ratio:g}:1", param)
         img.seek(0)  # animated: first frame only (never touch n_frames, which scans all)
+        if max_pixels and fmt == "JPEG" and width * height > KEEP_BUDGET_FACTOR * max_pixels:
+            scale = math.sqrt(KEEP_BUDGET_FACTOR * max_pixels / (width * height))
+            img.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
         img.load()
         try:
             img = ImageOps.exif_transpose(img)
         except Exception:
             pass  # unreadable EXIF: keep the image as stored
-        out = _to_rgb(img)
+        out = _shrink(_to_rgb(img), max_pixels)
         out.load()
         return out
     except (InvalidRequest, PayloadTooLarge):
@@ -329,6 +351,7 @@ class MediaFetcher:
         if transport is None:
             transport = httpx.AsyncHTTPTransport(
                 retries=0, limits=httpx.Limits(max_connections=64, max_keepalive_connections=0))
+        self._decode_pool = ThreadPoolExecutor(DECODE_WORKERS, thread_name_prefix="decode")
         self._client = httpx.AsyncClient(
             transport=transport, follow_redirects=False, trust_env=False,
             timeout=httpx.Timeout(policy.total_timeout, connect=policy.connect_timeout),
@@ -337,6 +360,7 @@ class MediaFetcher:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
 
     async def __aenter__(self) -> "MediaFetcher":
         return self
@@ -346,7 +370,8 @@ class MediaFetcher:
 
     # ------------------------------------------------------------------ public
 
-    async def load_image(self, url: str, *, param: str) -> Image.Image:
+    async def load_image(self, url: str, *, param: str,
+                         max_pixels: int | None = None) -> Image.Image:
         if not isinstance(url, str) or not url.strip():
             raise _bad("image URL must be a non-empty string", param)
         url = url.strip()
@@ -361,8 +386,13 @@ class MediaFetcher:
             raise _bad("unsupported image URL scheme; use http, https or a base64 data URL",
                        param)
         try:
+            # a small pool of its own: decoding is the memory-hungry step, so at most
+            # DECODE_WORKERS full-size images exist at once, and slow decodes cannot starve
+            # the default pool (which also resolves host names)
             return await asyncio.wait_for(
-                asyncio.to_thread(decode_image_bytes, data, self.policy, param=param),
+                asyncio.get_running_loop().run_in_executor(
+                    self._decode_pool, lambda: decode_image_bytes(
+                        data, self.policy, param=param, max_pixels=max_pixels)),
                 self.policy.decode_timeout)
         except TimeoutError:
             raise _bad("timed out decoding image", param) from None
@@ -449,6 +479,10 @@ class MediaFetcher:
                 declared = None
             if declared is not None and declared > limit:
                 raise _too_large(self.policy, param)
+        if response.headers.get("content-encoding", "identity").strip().lower() not in (
+                "", "identity"):
+            # we asked for identity; decompressing would let a small body expand past the cap
+            raise _bad("image URL returned a compressed (Content-Encoding) response", param)
         content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type.startswith("text/") or content_type in (
                 "application/json", "application/xml", "application/xhtml+xml"):

@@ -23,7 +23,7 @@ class _Open(BaseModel):
 
 class ImageURL(_Open):
     url: str = Field(max_length=64 * 1024 * 1024)
-    detail: Literal["auto", "low", "high"] = "auto"
+    detail: Literal["auto", "low", "high"] | None = "auto"   # null means auto
     min_pixels: int | None = Field(None, ge=1)
     max_pixels: int | None = Field(None, ge=1)
 
@@ -114,7 +114,7 @@ class ChatCompletionRequest(_Open):
     min_p: float | None = Field(None, ge=0, le=1)
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float = Field(1.0, gt=0, le=10)

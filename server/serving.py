@@ -179,8 +179,8 @@ class ChatService:
                     else:
                         param = f"messages[{i}].content[{j}].image_url"
                         lo, hi = self._budget(part.image_url, param)
-                        jobs.append((self.fetcher.load_image(part.image_url.url,
-                                                             param=param + ".url"), lo, hi))
+                        jobs.append((self.fetcher.load_image(
+                            part.image_url.url, param=param + ".url", max_pixels=hi), lo, hi))
                         parts.append({"type": "image"})
                 msg["content"] = parts
             else:
@@ -228,7 +228,8 @@ class ChatService:
             min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
             # stop strings could cut a constrained output short of its grammar
-            stop=[] if grammar else list(req.stop or []), seed=req.seed, n=req.n,
+            # ("" would match at once: dropped)
+            stop=[] if grammar else [x for x in req.stop or [] if x], seed=req.seed, n=req.n,
             ignore_eos=req.ignore_eos, logprobs=req.logprobs,
             top_logprobs=req.top_logprobs or 0, logit_bias=bias, grammar=grammar)
 
@@ -382,9 +383,10 @@ def _usage(stats: RequestStats) -> p.Usage:
 
 
 def _wire_logprob(lp) -> p.TokenLogprob:
-    return p.TokenLogprob(token=lp.token, logprob=lp.logprob, bytes=list(lp.token.encode()),
-                          top_logprobs=[p.TopLogprob(token=t, logprob=v, bytes=list(t.encode()))
-                                        for t, v in lp.top])
+    return p.TokenLogprob(token=lp.token, logprob=lp.logprob,
+                          bytes=lp.bytes if lp.bytes is not None else list(lp.token.encode()),
+                          top_logprobs=[p.TopLogprob(token=t, logprob=v, bytes=b)
+                                        for t, v, b in lp.top])
 
 
 MAX_JSON_DEPTH = 64   # request nesting (tool schemas are the deep part); deeper → 400

@@ -324,3 +324,9 @@ def test_queue_full_is_429_before_any_image_is_fetched(server_factory):
     assert r.json()["error"]["type"] == "rate_limit_error"
     assert hits == [] and refused_in < 2.0
     srv.stop()
+
+
+def test_empty_stop_string_is_ignored(client):
+    r = client.chat.completions.create(model="qwen3-vl", messages=USER, max_tokens=4,
+                                       stop=[""], temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 4 and r.choices[0].finish_reason == "length"

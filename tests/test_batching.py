@@ -227,3 +227,16 @@ async def test_cancel_while_waiting_never_runs(make_engine):
     await asyncio.sleep(0.3)  # a request still queued would be started within a step
     assert started == ["busy"]
     assert engine.stats()["queue_depth"] == 0 and not engine.aborted
+
+
+async def test_health_trips_on_failed_batches_and_recovers(make_engine, monkeypatch):
+    """Repeated failed batch steps turn /health red; after a quiet cooldown it is green
+    again (a load balancer that stopped sending traffic would otherwise never retry)."""
+    import server.engine.core as core
+    monkeypatch.setattr(core, "HEALTH_COOLDOWN_S", 0.3)
+    engine = make_engine()
+    for _ in range(core.UNHEALTHY_AFTER):
+        engine._note_failure()
+    assert not engine.healthy
+    await asyncio.sleep(0.4)
+    assert engine.healthy

@@ -144,3 +144,15 @@ def test_coalesce_merges_per_choice():
     assert merged[0].text == "ab" and merged[0].token_ids == [1, 2]
     assert merged[0].finish_reason == "stop" and merged[0].completion_tokens == 2
     assert merged[1].text == "x"
+
+
+def test_token_bytes_are_the_real_bytes(tok):
+    """Logprob ``bytes``: byte-level tokens map back to their raw bytes, so the tokens of a
+    Chinese sentence (split inside characters) concatenate to its exact UTF-8."""
+    from server.engine.core import _BYTE_OF_CHAR
+    text = "您好，我的订单什么时候到？"
+    ids = tok.encode(text, add_special_tokens=False).ids
+    pieces = [bytes(_BYTE_OF_CHAR[c] for c in tok.id_to_token(i)) for i in ids]
+    assert b"".join(pieces) == text.encode()
+    assert any(len(p) and p.decode("utf-8", "replace") != p.decode("utf-8", "ignore") for p in pieces) \
+        or len(ids) == len(text)

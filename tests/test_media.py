@@ -133,6 +133,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     self._send(PNG)
                 else:
                     self._send(b"wrong host", "text/plain", 404)
+            elif path == "/gzip.png":
+                body = zlib.compress(PNG)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Encoding", "deflate")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
             elif path == "/html":
                 self._send(b"<html><body>hello</body></html>", "text/html")
             elif path == "/html-octet":
@@ -600,10 +608,33 @@ def test_decode_bytes_over_cap():
 def test_decode_timeout(monkeypatch):
     import server.media as media
 
-    def slow_decode(data, policy, *, param):
+    def slow_decode(data, policy, *, param, max_pixels=None):
         time.sleep(0.6)
         return Image.new("RGB", (1, 1))
 
     monkeypatch.setattr(media, "decode_image_bytes", slow_decode)
     msg = load_err(_data_url(PNG), MediaPolicy(decode_timeout=0.1))
     assert msg == "timed out decoding image"
+
+
+
+# --------------------------------------------------------------------------- memory bounds
+
+
+def test_compressed_response_refused(server):
+    """A body the server compresses anyway could expand past the byte cap: refused."""
+    assert "compressed" in load_err(f"{server}/gzip.png")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_large_image_kept_near_its_budget(fmt):
+    """A 4000x3000 photo with a 64-token budget is not kept at full size: JPEG decodes at a
+    reduced scale, any format is box-reduced, to within a few times the budget."""
+    buf = io.BytesIO()
+    Image.new("RGB", (4000, 3000), (120, 30, 200)).save(buf, fmt)
+    budget = 64 * 32 * 32
+    img = decode_image_bytes(buf.getvalue(), MediaPolicy(), param=PARAM, max_pixels=budget)
+    assert img.mode == "RGB" and budget <= img.width * img.height <= 4 * budget
+    assert abs(img.width / img.height - 4 / 3) < 0.05
+    full = decode_image_bytes(buf.getvalue(), MediaPolicy(), param=PARAM)
+    assert full.size == (4000, 3000)

@@ -49,7 +49,8 @@ from server.errors import APIError, InternalError, Overloaded, ServiceUnavailabl
 
 log = logging.getLogger("qwen_vl.engine")
 
-UNHEALTHY_AFTER = 3  # consecutive failed steps
+UNHEALTHY_AFTER = 3      # consecutive failed batch steps make /health 503 ...
+HEALTH_COOLDOWN_S = 30.0  # ... until this long without a new failure (then traffic may retry)
 
 
 @dataclass
@@ -127,13 +128,17 @@ class _SchedulerBase:
         with torch.inference_mode():
             return self.model(**inputs)
 
-    def _fail(self, entries, exc: BaseException):
+    def _fail(self, entries, exc: BaseException, *, batch_step: bool = True):
+        """Fail ``entries`` with a typed error.  Only failures of a shared batch step count
+        towards health: a prefill that fails on one request's own input says nothing about
+        the model (and must not let a client turn /health red)."""
         if isinstance(exc, torch.OutOfMemoryError):
             err: APIError = ServiceUnavailable("The server ran out of memory on this batch; retry.")
         else:
             log.exception("engine step failed", exc_info=exc)
             err = InternalError("The model failed on this request.")
-        self.engine._consecutive_failures += 1
+        if batch_step:
+            self.engine._note_failure()
         for e in entries:
             e.reservation.release()
             e.sink(err)
@@ -159,8 +164,10 @@ def _logprob_events(engine, res, rows) -> list[TokenLogprob | None]:
             out.append(None)
             continue
         k = s.params.top_logprobs
-        top = [(engine.token_text(t), v) for t, v in zip(top_ids[i][:k], top_lp[i][:k])] if k else []
-        out.append(TokenLogprob(engine.token_text(tokens[i]), lp[i], top))
+        top = [(engine.token_text(t), v, engine.token_bytes(t))
+               for t, v in zip(top_ids[i][:k], top_lp[i][:k])] if k else []
+        out.append(TokenLogprob(engine.token_text(tokens[i]), lp[i], top,
+                                engine.token_bytes(tokens[i])))
     return out
 
 
@@ -191,7 +198,7 @@ class BatchingScheduler(_SchedulerBase):
             try:
                 new = self._prefill(group, outputs)
             except Exception as exc:  # only the requests in this prefill fail
-                self._fail(group, exc)
+                self._fail(group, exc, batch_step=False)
                 new = None
             if new is not None:
                 self.batch = new if self.batch is None else self.batch.concat(new)
@@ -338,7 +345,7 @@ class SequentialScheduler(_SchedulerBase):
             for s in seqs:
                 p = s.params
                 if p.seed is not None:
-                    torch.manual_seed(p.seed + s.index)  # what per-request seeding costs here
+                    torch.manual_seed((p.seed + s.index) % 2**63)  # per-request seeding, HF style
                 inputs = dict(input_ids=prep.input_ids.to(dev),
                               attention_mask=torch.ones_like(prep.input_ids).to(dev),
                               mm_token_type_ids=prep.mm_token_type_ids.to(dev))
@@ -367,9 +374,26 @@ class SequentialScheduler(_SchedulerBase):
                                        prompt_tokens=s.prompt_len,
                                        completion_tokens=len(s.output_ids))])
         except Exception as exc:
-            self._fail([entry], exc)
+            self._fail([entry], exc, batch_step=False)
         finally:
             self.num_running = 0
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's printable stand-ins for the 256 byte values (used by byte-level BPE)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _byte_alphabet()
 
 
 def _coalesce(outs: list[Output]) -> list[Output]:
@@ -426,6 +450,7 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._waiting = 0
         self._consecutive_failures = 0
+        self._last_failure = 0.0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._prep = ThreadPoolExecutor(1, thread_name_prefix="prep")
         self.scheduler = (SequentialScheduler if settings.scheduler == "sequential"
@@ -437,7 +462,13 @@ class AsyncEngine:
     # --- interface ------------------------------------------------------------------
     @property
     def healthy(self) -> bool:
-        return self._thread.is_alive() and self._consecutive_failures < UNHEALTHY_AFTER
+        failing = (self._consecutive_failures >= UNHEALTHY_AFTER
+                   and time.monotonic() - self._last_failure < HEALTH_COOLDOWN_S)
+        return self._thread.is_alive() and not failing
+
+    def _note_failure(self):
+        self._consecutive_failures += 1
+        self._last_failure = time.monotonic()
 
     def reserve(self) -> _Reservation:
         # a request that will take a free batch slot at the next step is not queued
@@ -494,6 +525,18 @@ class AsyncEngine:
     def token_text(self, token_id: int) -> str:
         return self.detok.decode([token_id], skip_special_tokens=False)
 
+    def token_bytes(self, token_id: int) -> list[int]:
+        """The token's raw bytes: Qwen's byte-level BPE spells each byte as one character
+        of GPT-2's byte alphabet, so a token holding half a character still has its real
+        bytes here (its decoded text would only be U+FFFD)."""
+        piece = self.detok.id_to_token(token_id)
+        if piece is None:
+            return []
+        try:
+            return [_BYTE_OF_CHAR[ch] for ch in piece]
+        except KeyError:  # an added/special token is stored as plain text
+            return list(piece.encode())
+
     async def shutdown(self, timeout: float) -> None:
         self._stopping = True
         self._inbox.put(None)
@@ -522,7 +565,7 @@ class AsyncEngine:
                 if self._consecutive_failures == failures:
                     self._consecutive_failures = 0
             except Exception:  # a bug outside the per-batch guards: keep serving
-                self._consecutive_failures += 1
+                self._note_failure()
                 log.exception("scheduler step failed")
 
     def _take(self, item):

@@ -64,7 +64,8 @@ class EngineRequest:
 class TokenLogprob:
     token: str
     logprob: float
-    top: list[tuple[str, float]] = field(default_factory=list)
+    top: list[tuple[str, float, list[int]]] = field(default_factory=list)  # (token, logprob, bytes)
+    bytes: list[int] | None = None       # the token's own UTF-8 bytes (may be part of a char)
 
 
 @dataclass
