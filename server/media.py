@@ -72,6 +72,7 @@ import math
 import os
 import socket
 import stat
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterable
@@ -202,6 +203,32 @@ KEEP_BUDGET_FACTOR = 2
 DECODE_WORKERS = 2
 
 
+class PixelBudget:
+    """Decoded pixels one request may still spend, shared by its images (thread-safe).
+    Each image is charged its header size before it is decoded."""
+
+    def __init__(self, limit: int):
+        self.limit, self.left = limit, limit
+        self._lock = threading.Lock()
+
+    def take(self, pixels: int) -> bool:
+        with self._lock:
+            if pixels > self.left:
+                return False
+            self.left -= pixels
+            return True
+
+
+def _peek_size(data: bytes, policy: MediaPolicy) -> tuple[int, int] | None:
+    """Width and height from the header alone (cheap); None if unreadable (decoding then
+    reports the problem)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=[f.upper() for f in policy.allowed_formats]) as im:
+            return im.size
+    except Exception:
+        return None
+
+
 def _shrink(img: Image.Image, max_pixels: int | None) -> Image.Image:
     """Box-reduce by an integer factor to within KEEP_BUDGET_FACTOR x ``max_pixels``."""
     if not max_pixels:
@@ -211,7 +238,8 @@ def _shrink(img: Image.Image, max_pixels: int | None) -> Image.Image:
 
 
 def decode_image_bytes(data: bytes, policy: MediaPolicy, *, param: str,
-                       max_pixels: int | None = None) -> Image.Image:
+                       max_pixels: int | None = None,
+                       budget: PixelBudget | None = None) -> Image.Image:
     """Decode ``data`` to an RGB image under ``policy`` (synchronous; run it off-loop).
     With ``max_pixels`` (the image's token budget in pixels) a large JPEG is decoded at a
     reduced scale and any image is shrunk to a few times that budget right away."""
@@ -248,6 +276,8 @@ def decode_image_bytes(data: bytes, policy: MediaPolicy, *, param: str,
         if max(width, height) / min(width, height) > policy.max_aspect_ratio:
             raise _bad("image aspect ratio exceeds the maximum of "
                        f"{policy.max_aspect_ratio:g}:1", param)
+        if budget is not None and not budget.take(width * height):
+            raise _bad(f"the request's images exceed {budget.limit} pixels in total", param)
         img.seek(0)  # animated: first frame only (never touch n_frames, which scans all)
         if max_pixels and fmt == "JPEG" and width * height > KEEP_BUDGET_FACTOR * max_pixels:
             scale = math.sqrt(KEEP_BUDGET_FACTOR * max_pixels / (width * height))
@@ -370,8 +400,8 @@ class MediaFetcher:
 
     # ------------------------------------------------------------------ public
 
-    async def load_image(self, url: str, *, param: str,
-                         max_pixels: int | None = None) -> Image.Image:
+    async def load_image(self, url: str, *, param: str, max_pixels: int | None = None,
+                         budget: PixelBudget | None = None) -> Image.Image:
         if not isinstance(url, str) or not url.strip():
             raise _bad("image URL must be a non-empty string", param)
         url = url.strip()
@@ -385,6 +415,11 @@ class MediaFetcher:
         else:
             raise _bad("unsupported image URL scheme; use http, https or a base64 data URL",
                        param)
+        # charge the request's pixel budget from the header now, so that a request over it
+        # is refused at once instead of after queueing for the decode pool
+        size = _peek_size(data, self.policy)
+        if budget is not None and size is not None and not budget.take(size[0] * size[1]):
+            raise _bad(f"the request's images exceed {budget.limit} pixels in total", param)
         try:
             # a small pool of its own: decoding is the memory-hungry step, so at most
             # DECODE_WORKERS full-size images exist at once, and slow decodes cannot starve

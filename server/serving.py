@@ -24,7 +24,7 @@ from server import tools as toolparse
 from server.engine.interface import Engine, EngineRequest, ImageInput, Output, SamplingParams
 from server.engine.structured import GrammarSpec
 from server.errors import APIError, InvalidRequest, ModelNotFound
-from server.media import MediaFetcher
+from server.media import MediaFetcher, PixelBudget
 from server.metrics import Metrics
 from server.settings import HUB_ID, Settings
 
@@ -168,6 +168,7 @@ class ChatService:
     async def _convert(self, req: p.ChatCompletionRequest) -> tuple[list[dict], list[ImageInput]]:
         messages: list[dict] = []
         jobs = []
+        pixels = PixelBudget(self.settings.max_request_image_pixels)
         for i, m in enumerate(req.messages):
             role = "system" if m.role == "developer" else m.role
             msg: dict = {"role": role}
@@ -180,7 +181,8 @@ class ChatService:
                         param = f"messages[{i}].content[{j}].image_url"
                         lo, hi = self._budget(part.image_url, param)
                         jobs.append((self.fetcher.load_image(
-                            part.image_url.url, param=param + ".url", max_pixels=hi), lo, hi))
+                            part.image_url.url, param=param + ".url", max_pixels=hi,
+                            budget=pixels), lo, hi))
                         parts.append({"type": "image"})
                 msg["content"] = parts
             else:

@@ -81,6 +81,8 @@ class Settings(BaseSettings):
         "Default per-image pixel budget (one token per 32x32 pixels)."))
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Image size cap (413).")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Decoded pixel cap (bomb guard).")
+    max_request_image_pixels: int = Field(200_000_000, ge=1, description=(
+        "Decoded pixels of all images of one request together (memory guard)."))
     fetch_timeout: float = Field(15.0, gt=0, description="Total seconds to fetch one image URL.")
     allowed_media_hosts: list[str] = Field(default_factory=list, description=(
         "Hosts/CIDRs that image URLs may reach although private or loopback."))

@@ -608,7 +608,7 @@ def test_decode_bytes_over_cap():
 def test_decode_timeout(monkeypatch):
     import server.media as media
 
-    def slow_decode(data, policy, *, param, max_pixels=None):
+    def slow_decode(data, policy, *, param, **kw):
         time.sleep(0.6)
         return Image.new("RGB", (1, 1))
 
@@ -638,3 +638,17 @@ def test_large_image_kept_near_its_budget(fmt):
     assert abs(img.width / img.height - 4 / 3) < 0.05
     full = decode_image_bytes(buf.getvalue(), MediaPolicy(), param=PARAM)
     assert full.size == (4000, 3000)
+
+
+def test_request_pixel_budget_is_shared_and_checked_before_decoding():
+    """Images of one request draw on one pixel budget; the image that would overdraw it is
+    refused from its header, before being decoded."""
+    from server.media import PixelBudget
+    buf = io.BytesIO()
+    Image.new("RGB", (3000, 2000), (1, 2, 3)).save(buf, "PNG")
+    budget = PixelBudget(10_000_000)
+    decode_image_bytes(buf.getvalue(), MediaPolicy(), param=PARAM, budget=budget)
+    with pytest.raises(InvalidRequest) as ei:
+        decode_image_bytes(buf.getvalue(), MediaPolicy(), param=PARAM, budget=budget)
+    assert "in total" in ei.value.message and ei.value.param == PARAM
+    assert budget.left == 4_000_000
