@@ -324,3 +324,33 @@ def test_sigterm_during_stream_finishes_it_and_exits_0(fault_srv, fault_outcome)
 
 def test_sigterm_exit_status_is_0():
     assert STATS.get("sigterm_exit_status") == 0, STATS.get("sigterm_exit_status")
+
+
+def test_many_huge_images_in_one_request_are_refused_fast(server):
+    """16 solid 6000x6000 PNGs (130 KB each, 36 MP each decoded) in one request: refused
+    from the headers with a 400 in well under a second or two, without the server's memory
+    peak growing by gigabytes (it would hold ~1.7 GB of pixels if it decoded them all)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    def status(key):
+        for line in open(f"/proc/{server.proc.pid}/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) // 1024  # MB
+
+    buf = io.BytesIO()
+    Image.new("RGB", (6000, 6000), (10, 200, 30)).save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    parts = [{"type": "image_url", "image_url": {"url": url}}] * 16
+    before = status("VmRSS")
+    t0 = time.monotonic()
+    r = httpx.post(server.base_url + "/chat/completions", timeout=60, trust_env=False,
+                   json={"model": "qwen3-vl", "max_tokens": 1,
+                         "messages": [{"role": "user", "content": parts}]})
+    took = time.monotonic() - t0
+    assert r.status_code == 400 and "in total" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"].startswith("messages[0].content[")
+    assert took < 5.0
+    assert status("VmHWM") - before < 800, (before, status("VmHWM"))
