@@ -82,7 +82,9 @@ def test_round_trip_messages_render_into_the_template(tiny_model):
              "function": {"name": "get_order", "arguments": '{"order_id": 48213}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees"},
         {"role": "tool", "tool_call_id": "call_2", "content": "shipped"}])
-    svc = ChatService.__new__(ChatService)
+    from server.settings import Settings
+    svc = ChatService.__new__(ChatService)  # only the message conversion is exercised
+    svc.settings = Settings()
     messages, images = asyncio.run(svc._convert(req))
     assert messages[2]["tool_call_id"] == "call_1" and not images
     text = load_processor(tiny_model).apply_chat_template(
