@@ -92,13 +92,13 @@ def test_images_in_earlier_turns(client):
     assert r.usage.prompt_tokens > 20
 
 
-@pytest.fixture(scope="module")
-def image_host():
-    """A local HTTP server with one PNG, on loopback."""
-    body = png_bytes(80, 60)
-
+def serve_png(body: bytes, hits: list | None = None):
+    """A local HTTP server on loopback that answers every GET with ``body`` (a PNG) and
+    records the paths asked for in ``hits``.  Returns (server, url)."""
     class H(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
+            if hits is not None:
+                hits.append(self.path)
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
             self.send_header("Content-Length", str(len(body)))
@@ -110,7 +110,13 @@ def image_host():
 
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/product.png"
+    return srv, f"http://127.0.0.1:{srv.server_address[1]}/product.png"
+
+
+@pytest.fixture(scope="module")
+def image_host():
+    srv, url = serve_png(png_bytes(80, 60))
+    yield url
     srv.shutdown()
 
 
@@ -284,24 +290,8 @@ def test_http_layer_never_imports_torch():
 def test_queue_full_is_429_before_any_image_is_fetched(server_factory):
     """With the one slot busy and the one queue place taken, a request is refused at once
     with 429 and Retry-After, and its image URL is never fetched."""
-    hits = []
-    body = png_bytes(40, 40)
-
-    class H(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            hits.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a):
-            pass
-
-    host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-    threading.Thread(target=host.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{host.server_address[1]}/photo.png"
+    hits: list[str] = []
+    host, url = serve_png(png_bytes(40, 40), hits)
     srv = server_factory("--max-num-seqs", "1", "--max-queue", "1",
                          "--allowed-media-hosts", "127.0.0.1/32")
     api = srv.base_url + "/chat/completions"
