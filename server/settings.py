@@ -10,6 +10,7 @@ Precedence: defaults < YAML (``--config FILE`` or ``QWEN_VL_CONFIG``) < env < CL
 from __future__ import annotations
 
 import argparse
+import contextvars
 import os
 import typing
 from pathlib import Path
@@ -124,8 +125,6 @@ class Settings(BaseSettings):
 
 
 # --- sources ----------------------------------------------------------------------
-
-import contextvars  # noqa: E402  (kept next to its only use)
 
 _YAML_FILE: contextvars.ContextVar[str | None] = contextvars.ContextVar("yaml_file", default=None)
 
