@@ -211,6 +211,12 @@ class BatchingScheduler(_SchedulerBase):
 
     steps = 0  # decode steps taken (tests and metrics read it)
 
+    def step(self):
+        # the sampler updates its state and the logits in place: all of it in inference
+        # mode, like the forward whose outputs it works on
+        with torch.inference_mode():
+            self._step()
+
     def add(self, entry: Entry):
         need = self._alone_cost(entry)
         if not self.budget.fits(need):  # would wait forever: say so before any model work
@@ -224,7 +230,7 @@ class BatchingScheduler(_SchedulerBase):
             return
         super().add(entry)
 
-    def step(self):
+    def _step(self):
         self.steps += 1
         self._leave()  # (1) rows that finished or whose client left
         group = self._admit()

@@ -45,6 +45,7 @@ class OutputStage:
     def __init__(self, engine):
         self.engine = engine
         self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._tokens: dict[int, tuple[str, list[int]]] = {}  # id -> (text, bytes), this thread
         self._thread = threading.Thread(target=self._run, name="engine-output", daemon=True)
         self._thread.start()
 
@@ -123,10 +124,19 @@ class OutputStage:
         if not s.params.logprobs:
             return None
         lp, top_ids, top_lps = data
-        k, eng = s.params.top_logprobs, self.engine
-        top = [(eng.token_text(t), v, eng.token_bytes(t))
-               for t, v in zip(top_ids[:k], top_lps[:k])]
-        return TokenLogprob(eng.token_text(token), lp, top, eng.token_bytes(token))
+        k = s.params.top_logprobs
+        top = [(*self._token(t), v) for t, v in zip(top_ids[:k], top_lps[:k])]
+        text, raw = self._token(token)
+        return TokenLogprob(text, lp, [(t, v, list(b)) for t, b, v in top], list(raw))
+
+    def _token(self, token: int) -> tuple[str, list[int]]:
+        """A token's text and bytes, decoded once per server (logprobs ask for the same
+        few thousand tokens over and over)."""
+        hit = self._tokens.get(token)
+        if hit is None:
+            hit = self._tokens[token] = (self.engine.token_text(token),
+                                         self.engine.token_bytes(token))
+        return hit
 
     @staticmethod
     def _flush(order):

@@ -88,14 +88,16 @@ class SampleResult:
 
 _FLOAT = ("temperature", "top_p", "min_p", "presence", "frequency", "repetition")
 _LONG = ("top_k", "key_lo", "key_hi", "step")
-_OPTIONAL = ("counts", "seen", "bias")  # (B, V) tensors, present only when a row needs one
+_OPTIONAL = ("counts", "hist", "seen", "bias")  # present only when a row needs one
 
 
 class SamplingState:
     """The sampling parameters and penalty state of the batch's rows, in batch order."""
 
-    def __init__(self, params: list[SamplingParams], t: dict[str, torch.Tensor], vocab: int):
+    def __init__(self, params: list[SamplingParams], t: dict[str, torch.Tensor], vocab: int,
+                 steps: list[int] | None = None):
         self.params, self.t, self.vocab = params, t, vocab
+        self.steps = steps if steps is not None else [0] * len(params)  # Python mirror of t["step"]
         self._derive_flags()
 
     # --- building and re-indexing (rows join or leave) ------------------------------------
@@ -116,6 +118,9 @@ class SamplingState:
         t["greedy"] = torch.tensor([p.greedy for p in params], device=device)
         if any(p.presence_penalty or p.frequency_penalty for p in params):
             t["counts"] = torch.zeros(b, vocab, device=device)
+            # the tokens sampled so far, by step: penalties touch only these columns
+            t["hist"] = torch.zeros(b, max(p.max_tokens or 1 for p in params), dtype=torch.long,
+                                    device=device)
         if any(p.repetition_penalty != 1.0 for p in params):
             seen = torch.zeros(b, vocab, dtype=torch.bool, device=device)
             for i, ids in enumerate(prompt_ids):
@@ -134,6 +139,7 @@ class SamplingState:
         ps = self.params
         sampling = [p for p in ps if not p.greedy]
         self.any_sampling = bool(sampling)
+        self.any_greedy = len(sampling) < len(ps)
         self.bounded = all(0 < p.top_k < self.vocab for p in sampling)
         self.kmax = max((p.top_k for p in sampling), default=0) if self.bounded else self.vocab
         self.any_top_p = any(p.top_p < 1.0 for p in sampling)
@@ -151,7 +157,7 @@ class SamplingState:
         """Rows ``keep`` (``idx`` is the same list on the device)."""
         params = [self.params[i] for i in keep]
         t = {n: v.index_select(0, idx) for n, v in self.t.items()}
-        out = SamplingState(params, t, self.vocab)
+        out = SamplingState(params, t, self.vocab, [self.steps[i] for i in keep])
         out._drop_unused()
         return out
 
@@ -163,68 +169,84 @@ class SamplingState:
                 like = a if a is not None else b
                 a = a if a is not None else like.new_zeros((len(self),) + like.shape[1:])
                 b = b if b is not None else like.new_zeros((len(other),) + like.shape[1:])
+            if a.dim() == 2 and a.shape[1] != b.shape[1]:  # histories of different lengths
+                w = max(a.shape[1], b.shape[1])
+                a, b = (torch.nn.functional.pad(x, (0, w - x.shape[1])) for x in (a, b))
             t[n] = torch.cat([a, b])
-        return SamplingState(self.params + other.params, t, self.vocab)
+        return SamplingState(self.params + other.params, t, self.vocab, self.steps + other.steps)
 
     def _drop_unused(self):
-        for n, needed in (("counts", self.any_penalty), ("seen", self.any_repetition),
+        for n, needed in (("counts", self.any_penalty), ("hist", self.any_penalty),
+                          ("seen", self.any_repetition),
                           ("bias", self.any_bias)):
             if not needed:
                 self.t.pop(n, None)
 
     # --- one step ------------------------------------------------------------------------
     def sample(self, logits: torch.Tensor, matchers: list | None = None) -> SampleResult:
-        """``logits``: (B, V) for the last position of each row.  ``matchers``: per row an
-        xgrammar matcher or None (the grammar rows' masks are applied in place)."""
+        """``logits``: (B, V) for the last position of each row, owned by the caller and
+        modified in place.  ``matchers``: per row an xgrammar matcher or None (the
+        grammar rows' masks are applied in place)."""
         t = self.t
         logits = logits.float()
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if self.want_logprobs else None
+        constrained = [i for i, m in enumerate(matchers or ()) if m is not None]
+        if self.want_logprobs:  # OpenAI reports the model's distribution, before any filter
+            # (log_softmax is the fastest fused way to the normaliser on CPU, and a copy,
+            # so the filters below may work in place)
+            raw = torch.log_softmax(logits, dim=-1)
+            if self.top_logprobs:
+                top_lp, top_ids = raw.topk(self.top_logprobs, dim=-1)
         if self.any_bias:
-            logits = logits + t["bias"]
+            logits += t["bias"]
         if self.any_repetition:
             rep = t["repetition"].view(-1, 1)
             logits = torch.where(t["seen"], torch.where(logits > 0, logits / rep, logits * rep),
                                  logits)
-        if self.any_penalty:
-            c = t["counts"]
-            logits = logits - t["frequency"].view(-1, 1) * c - t["presence"].view(-1, 1) * (c > 0)
-        constrained = [i for i, m in enumerate(matchers or ()) if m is not None]
+        if self.any_penalty and max(self.steps) > 0:
+            # only the columns of tokens already sampled (a duplicate writes the same value)
+            hist = t["hist"][:, :max(self.steps)]
+            c = t["counts"].gather(1, hist)
+            pen = t["frequency"].view(-1, 1) * c + t["presence"].view(-1, 1) * (c > 0)
+            logits.scatter_(1, hist, logits.gather(1, hist) - pen)
         if constrained:
-            if not (self.any_bias or self.any_repetition or self.any_penalty):
-                logits = logits.clone()  # never mask the model's own output buffer
             apply_masks(logits, [matchers[i] for i in constrained], constrained)
 
-        tokens = logits.argmax(dim=-1)
-        if self.any_sampling:
-            tokens = torch.where(t["greedy"], tokens, self._draw(logits))
-        t["step"] += 1
+        if not self.any_sampling:
+            tokens = logits.argmax(dim=-1)
+        elif not self.any_greedy:
+            tokens = self._draw(logits)
+        else:
+            tokens = torch.where(t["greedy"], logits.argmax(dim=-1), self._draw(logits))
         if self.any_penalty:
+            col = t["step"].clamp(max=t["hist"].shape[1] - 1).view(-1, 1)
+            t["hist"].scatter_(1, col, tokens.view(-1, 1))
             t["counts"].scatter_add_(1, tokens.view(-1, 1),
                                      torch.ones_like(tokens, dtype=torch.float32).view(-1, 1))
         if self.any_repetition:
             t["seen"].scatter_(1, tokens.view(-1, 1), True)
+        t["step"] += 1
+        self.steps = [n + 1 for n in self.steps]
 
         if not self.want_logprobs:
             return SampleResult(tokens, tokens)
-        chosen = raw_logprobs.gather(1, tokens.view(-1, 1))
-        parts = [tokens.view(-1, 1).float(), chosen]
+        parts = [tokens.view(-1, 1).float(), raw.gather(1, tokens.view(-1, 1))]
         k = self.top_logprobs
         if k:
-            top_lp, top_ids = raw_logprobs.topk(k, dim=-1)
             parts += [top_ids.float(), top_lp]  # ids < 2**24 are exact in float32
         return SampleResult(tokens, torch.cat(parts, dim=1), k, True)
 
     def _draw(self, logits: torch.Tensor) -> torch.Tensor:
         t = self.t
-        scaled = logits / t["temperature"].view(-1, 1)
+        # candidates by raw logit (a positive temperature keeps the order); only they
+        # are scaled
         if self.bounded:
-            vals, idx = scaled.topk(self.kmax, dim=-1)        # sorted, descending
+            vals, idx = logits.topk(self.kmax, dim=-1)        # sorted, descending
         else:
-            vals, idx = scaled.sort(dim=-1, descending=True)
+            vals, idx = logits.sort(dim=-1, descending=True)
         k = vals.shape[-1]
         inside = torch.arange(k, device=vals.device).view(1, -1) < t["top_k"].view(-1, 1)
         # weights relative to the row's best candidate: no normalisation across the batch
-        w = torch.exp(vals - vals[:, :1]).masked_fill(~inside, 0.0)
+        w = torch.exp((vals - vals[:, :1]) / t["temperature"].view(-1, 1)).masked_fill(~inside, 0.0)
         if self.any_top_p:
             cum = w.cumsum(dim=-1)
             above = cum - w                                   # mass strictly above each one
@@ -244,9 +266,12 @@ def sample(logits: torch.Tensor, rows: list, vocab: int | None = None) -> Sample
     state = SamplingState.build([r.params for r in rows], [r.key for r in rows],
                                 [r.prompt_ids for r in rows], vocab, logits.device)
     for i, r in enumerate(rows):  # replay the history into the penalty state
-        for tok in r.output_ids:
+        for j, tok in enumerate(r.output_ids):
             if "counts" in state.t:
                 state.t["counts"][i, tok] += 1
+                state.t["hist"][i, j] = tok
             if "seen" in state.t:
                 state.t["seen"][i, tok] = True
-    return state.sample(logits, [getattr(r, "matcher", None) for r in rows])
+        state.t["step"][i] = len(r.output_ids)
+    state.steps = [len(r.output_ids) for r in rows]
+    return state.sample(logits.clone(), [getattr(r, "matcher", None) for r in rows])
