@@ -109,7 +109,7 @@ def test_vectorised_penalties_equal_per_row_reference():
     outs = [[] for _ in params]
     for _ in range(8):
         logits = torch.randn(len(params), vocab, generator=g)
-        toks = state.sample(logits).tokens.tolist()
+        toks = state.sample(logits.clone()).tokens.tolist()  # sample() works in place
         for i, p in enumerate(params):
             ref = _reference_penalised(logits[i], p, prompts[i].tolist(), outs[i])
             assert toks[i] == int(ref.argmax()), f"row {i}"
@@ -128,8 +128,8 @@ def test_top_k_candidates_path_equals_full_sort_path():
     assert bounded.bounded and not sorted_.bounded
     for _ in range(30):
         logits = torch.randn(2, vocab, generator=g)
-        a = bounded.sample(logits).tokens[0].item()
-        b = sorted_.sample(logits).tokens[0].item()
+        a = bounded.sample(logits.clone()).tokens[0].item()
+        b = sorted_.sample(logits.clone()).tokens[0].item()
         assert a == b
         assert a in logits[0].topk(20).indices.tolist()
 

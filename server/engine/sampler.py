@@ -218,8 +218,9 @@ class SamplingState:
         else:
             tokens = torch.where(t["greedy"], logits.argmax(dim=-1), self._draw(logits))
         if self.any_penalty:
-            col = t["step"].clamp(max=t["hist"].shape[1] - 1).view(-1, 1)
-            t["hist"].scatter_(1, col, tokens.view(-1, 1))
+            if max(self.steps) >= t["hist"].shape[1]:  # a row past the planned length
+                t["hist"] = torch.nn.functional.pad(t["hist"], (0, t["hist"].shape[1] + 64))
+            t["hist"].scatter_(1, t["step"].view(-1, 1), tokens.view(-1, 1))
             t["counts"].scatter_add_(1, tokens.view(-1, 1),
                                      torch.ones_like(tokens, dtype=torch.float32).view(-1, 1))
         if self.any_repetition:
