@@ -308,3 +308,26 @@ def test_startup_cache_check(loaded):
     check_cache_used(loaded.model, kw, loaded.device)
     with pytest.raises(CacheNotUsed):
         check_cache_used(loaded.model, "not_a_cache_keyword", loaded.device)
+
+
+# --- through the real server -----------------------------------------------------------
+
+def test_http_budget_400_and_health_after_failed_steps(server_factory):
+    """The real server with a small KV budget and every decode step failing: a request
+    that can never fit gets a 400 envelope before any model work; the others get 503
+    envelopes (never a hang); after repeated failed steps /health turns 503; the startup
+    log states the budget and the cache check."""
+    import httpx
+    from openai import BadRequestError, InternalServerError, OpenAI
+    srv = server_factory("--kv-cache-tokens", "300", env={"QWEN_VL_FAULT": "decode:1*"})
+    client = OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0, timeout=60)
+    msgs = [{"role": "user", "content": "where is my order?"}]
+    with pytest.raises(BadRequestError) as bad:
+        client.chat.completions.create(model="qwen3-vl", messages=msgs, max_tokens=1000)
+    assert bad.value.body["code"] == "kv_budget_exceeded"
+    for _ in range(3):
+        with pytest.raises(InternalServerError) as failed:
+            client.chat.completions.create(model="qwen3-vl", messages=msgs, max_tokens=8)
+        assert failed.value.status_code == 503
+    assert httpx.get(srv.url + "/health", timeout=5).status_code == 503
+    assert "KV cache: 300 tokens" in srv.log() and "cache check: transformers" in srv.log()
