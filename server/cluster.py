@@ -159,6 +159,8 @@ class AffinityRouter(FIFOMixin, RequestRouter):
     requests busier than the least busy one; the others, and the overflow, go to the less
     loaded of two random replicas."""
 
+    imbalance = 8
+
     def initialize_state(self, imbalance: int = 8):
         self.imbalance = imbalance
 

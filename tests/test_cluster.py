@@ -123,31 +123,37 @@ def test_plain_launch_never_imports_ray():
 # --------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")
-def cluster(tiny_model, tmp_path_factory):
-    """``launch_api.sh --replicas 2`` on a free port; stopped (Ray with it) at the end."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("cluster") / "cluster.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen(
-        [str(ROOT / "launch_api.sh"), "--replicas", "2", "--model-path", tiny_model,
-         "--host", "127.0.0.1", "--port", str(port), *SMALL_IMAGES, "--max-new-tokens", "8"],
-        cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
-        start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
+def start_cluster(tiny_model, tmp_path_factory):
+    """``start_cluster(*flags)``: ``launch_api.sh --replicas 2 [flags]`` on a free port,
+    healthy; every cluster started is stopped (Ray with it) at the end of the module."""
+    started = []
+
+    def start(*flags: str) -> str:
+        port = free_port()
+        log_path = tmp_path_factory.mktemp("cluster") / "cluster.log"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+               "RAY_USAGE_STATS_ENABLED": "0"}
+        proc = subprocess.Popen(
+            [str(ROOT / "launch_api.sh"), "--replicas", "2", "--model-path", tiny_model,
+             "--host", "127.0.0.1", "--port", str(port), *SMALL_IMAGES,
+             "--max-new-tokens", "8", *flags],
+            cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+        started.append(proc)
+        url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 150
         while True:
             assert proc.poll() is None, log_path.read_text()[-4000:]
             assert time.time() < deadline, "not healthy:\n" + log_path.read_text()[-4000:]
             try:
                 if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
+                    return url
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        yield url
-    finally:
+
+    yield start
+    for proc in started:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(60)
@@ -156,11 +162,17 @@ def cluster(tiny_model, tmp_path_factory):
             proc.wait()
 
 
-def ask(client, i: int, stream: bool):
+@pytest.fixture(scope="module")
+def cluster(start_cluster):
+    return start_cluster()
+
+
+def ask(client, i: int, stream: bool, system="You are a shop assistant.", image_seed=None):
     """One chat request with an image through the SDK; returns (X-Replica, text)."""
-    image = data_url(png_bytes(64 + 8 * (i % 4), 48, color=(i * 40 % 256, 90, 30)))
+    k = i if image_seed is None else image_seed
+    image = data_url(png_bytes(64 + 8 * (k % 4), 48, color=(k * 40 % 256, 90, 30)))
     kw = dict(model="qwen3-vl", temperature=0, max_tokens=8, stream=stream, messages=[
-        {"role": "system", "content": "You are a shop assistant."},
+        {"role": "system", "content": system},
         {"role": "user", "content": [{"type": "text", "text": f"What is item {i}?"},
                                      {"type": "image_url", "image_url": {"url": image}}]}])
     raw = client.chat.completions.with_raw_response.create(**kw)
@@ -230,3 +242,18 @@ def test_two_replicas_serve_survive_a_killed_replica_and_come_back(cluster):
         with ThreadPoolExecutor(4) as pool:
             fresh = {r for r, _ in pool.map(lambda i: ask(client, i, False), range(4))} - seen
     assert fresh, "no new replica within 90 s"
+
+
+def test_affinity_routing_keeps_a_conversation_on_one_replica(start_cluster):
+    """``--routing affinity`` (Ray Serve's custom request router): the turns of one
+    conversation (same system prompt and first image) all land on one replica, while
+    different conversations spread over both."""
+    from openai import OpenAI
+    url = start_cluster("--routing", "affinity")
+    client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    turns = {ask(client, i, stream=i % 2 == 0, system="You help with order 77.",
+                 image_seed=3)[0] for i in range(8)}
+    assert len(turns) == 1, turns
+    owners = {ask(client, i, stream=False, system=f"You are shop bot {i}.")[0]
+              for i in range(16)}
+    assert len(owners) == 2, owners
