@@ -26,13 +26,18 @@ from bench.compare import ROOT, _port
 from bench.serve import add_load_args, bench
 
 
+# the bench's own loopback head runs without Ray's token auth (a joined cluster with an
+# explicit address needs RAY_AUTH_MODE set the same way as the head)
+NO_AUTH = {"RAY_AUTH_MODE": "disabled"}
+
+
 def serve(args, flags: list[str]):
     """Start ``python -m server`` with ``flags``; return (process, base URL) once healthy."""
     port = _port()
     cmd = [sys.executable, "-m", "server", "--model-path", args.model_path,
            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
            *args.server_args.split(), *flags]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", **NO_AUTH}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -51,7 +56,7 @@ def ray_head(cpus: int) -> tuple[subprocess.Popen, str]:
     ray = str(Path(sys.executable).with_name("ray"))
     proc = subprocess.Popen([ray, "start", "--head", "--block", f"--port={port}",
                              f"--num-cpus={cpus}", "--include-dashboard=false",
-                             "--disable-usage-stats"], cwd=ROOT)
+                             "--disable-usage-stats"], cwd=ROOT, env={**os.environ, **NO_AUTH})
     time.sleep(15)  # the head's GCS and raylet; launching before them would start another
     return proc, f"127.0.0.1:{port}"
 

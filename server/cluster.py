@@ -18,7 +18,8 @@ The layout, per application:
   so the request router picks the replica (least loaded by default: Serve's power of
   two choices on queue length; ``--routing affinity`` uses ``AffinityRouter``).  It turns
   a replica that died under a request into OpenAI's 503 envelope (or, mid-stream, an SSE
-  error event), and retries requests that got no answer at all on another replica.
+  error event), retries requests that got no answer at all on another replica, and
+  answers 503 when no replica takes a request within ``ROUTE_TIMEOUT_S`` (never a hang).
 * ``/metrics`` is answered by one replica (named by ``X-Replica``) with its own series;
   Ray Serve's per-replica metrics (``ray_serve_*``) are on Ray's metrics export port.
 """
@@ -47,8 +48,11 @@ except ImportError as e:  # pragma: no cover - depends on the install
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from server.__main__ import engine_factory
+from server.app import create_app
 from server.errors import ServiceUnavailable
-from server.forward import RawRequest, ResponseHead, prefix_key, rendezvous_order
+from server.forward import (Lifespan, RawRequest, ResponseHead, call_app, prefix_key,
+                            rendezvous_order)
 from server.settings import Settings
 
 log = logging.getLogger("qwen_vl.cluster")
@@ -56,6 +60,10 @@ log = logging.getLogger("qwen_vl.cluster")
 APP_NAME = "qwen-vl"
 # a replica that died under a request that had no answer yet: tries on other replicas
 RETRIES = 2
+# how long a request may wait for a replica to take it (all busy, or all restarting)
+# before it gets a 503; generation time is not counted
+ROUTE_TIMEOUT_S = 30.0
+_TAKEN = "taken"  # a replica's first stream item: it has the request
 _DEAD = (RayActorError, ReplicaUnavailableError)
 
 
@@ -63,16 +71,16 @@ _DEAD = (RayActorError, ReplicaUnavailableError)
 
 class EngineReplica:
     async def __init__(self, settings: Settings):
-        from server.__main__ import engine_factory
-        from server.app import create_app
-        from server.forward import Lifespan
         logging.basicConfig(level=settings.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         engine = await asyncio.to_thread(engine_factory(settings))
         self.app = create_app(settings, lambda: engine)
         self.lifespan = Lifespan(self.app)
         await self.lifespan.start()
-        while self.app.state.runtime.service is None:  # the app's own load task
+        runtime = self.app.state.runtime
+        while runtime.service is None:  # the app's own load task
+            if runtime.load_error:
+                raise RuntimeError(runtime.load_error)
             await asyncio.sleep(0.01)
         self.engine = engine
         self.name = serve.get_replica_context().replica_id.unique_id
@@ -83,7 +91,7 @@ class EngineReplica:
     async def handle(self, raw: RawRequest, affinity: str | None = None):
         """Stream the app's answer: a ``ResponseHead``, then body chunks.  ``affinity``
         is read by the request router only."""
-        from server.forward import call_app
+        yield _TAKEN
         async for item in call_app(self.app, raw, self.tags):
             yield item
 
@@ -109,6 +117,13 @@ class Front:
         for attempt in range(RETRIES + 1):
             stream = self.engines.remote(raw, affinity=key)
             try:
+                try:
+                    await asyncio.wait_for(stream.__anext__(), ROUTE_TIMEOUT_S)
+                except asyncio.TimeoutError:
+                    stream.cancel()
+                    return _envelope(ServiceUnavailable(
+                        "No replica could take the request in time; retry later.",
+                        headers={"Retry-After": "5"}))
                 head: ResponseHead = await stream.__anext__()
                 if "text/event-stream" in (head.header("content-type") or ""):
                     return StreamingResponse(_relay(stream), status_code=head.status,
@@ -131,7 +146,7 @@ def _headers(head: ResponseHead) -> dict[str, str]:
 
 
 def _envelope(err) -> JSONResponse:
-    return JSONResponse(err.envelope(), status_code=err.status)
+    return JSONResponse(err.envelope(), status_code=err.status, headers=err.headers)
 
 
 async def _relay(stream):
@@ -181,11 +196,21 @@ class AffinityRouter(FIFOMixin, RequestRouter):
 # --- launcher ----------------------------------------------------------------------------
 
 def _replica_resources(settings: Settings) -> dict:
-    """One GPU per replica where the cluster has GPUs; on CPUs, the cores shared out."""
-    if ray.cluster_resources().get("GPU", 0) >= 1:
+    """One GPU per replica where the cluster has GPUs; on CPUs, the cores shared out
+    (never more than one box has: a replica runs on one box)."""
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus >= 1:
+        if gpus < settings.replicas:
+            message = (f"{settings.replicas} replicas need {settings.replicas} GPUs; the "
+                       f"cluster has {gpus:g}")
+            if not settings.ray_address:  # nothing will join a local cluster: stop here
+                raise SystemExit(message)
+            log.warning("%s: the rest wait for boxes to join", message)
         return {"num_gpus": 1, "num_cpus": 1}
     cpus = ray.cluster_resources().get("CPU", 1)
-    return {"num_cpus": max(1, int(cpus // settings.replicas))}
+    per_box = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]),
+                  default=1)
+    return {"num_cpus": max(1, int(min(per_box, cpus // settings.replicas)))}
 
 
 def build_app(settings: Settings):
@@ -216,7 +241,7 @@ def serve_cluster(settings: Settings) -> None:
                  logging_level=logging.WARNING)
     else:
         # a lean local cluster: no dashboard, a small object store (requests are small)
-        ray.init(num_cpus=max(os.cpu_count() or 1, settings.replicas),
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, settings.replicas),
                  include_dashboard=False, object_store_memory=128 * 1024 ** 2,
                  logging_level=logging.WARNING)
     serve.start(http_options={"host": settings.host, "port": settings.port})
