@@ -145,8 +145,11 @@ def start_cluster(tiny_model, tmp_path_factory):
         while True:
             assert proc.poll() is None, log_path.read_text()[-4000:]
             assert time.time() < deadline, "not healthy:\n" + log_path.read_text()[-4000:]
+            # /health is 200 once one replica is up; the launcher logs "ready" once Serve
+            # reports all of them running
             try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                if (httpx.get(url + "/health", timeout=5).status_code == 200
+                        and "qwen_vl.cluster: ready" in log_path.read_text(errors="replace")):
                     return url
             except httpx.HTTPError:
                 pass
@@ -251,9 +254,9 @@ def test_affinity_routing_keeps_a_conversation_on_one_replica(start_cluster):
     from openai import OpenAI
     url = start_cluster("--routing", "affinity")
     client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    turns = {ask(client, i, stream=i % 2 == 0, system="You help with order 77.",
-                 image_seed=3)[0] for i in range(8)}
-    assert len(turns) == 1, turns
     owners = {ask(client, i, stream=False, system=f"You are shop bot {i}.")[0]
               for i in range(16)}
     assert len(owners) == 2, owners
+    turns = {ask(client, i, stream=i % 2 == 0, system="You help with order 77.",
+                 image_seed=3)[0] for i in range(8)}
+    assert len(turns) == 1, turns
