@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings.load(argv if argv is not None else sys.argv[1:])
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.replicas > 1 or settings.ray_address:
+        from server.cluster import serve_cluster  # imports Ray: only on these flags
+        return serve_cluster(settings)
     app = create_app(settings, engine_factory(settings))
     # uvicorn drains running requests on SIGTERM (--shutdown-timeout), then restores the
     # previous handler and re-raises the signal: make that handler a clean exit, so that a

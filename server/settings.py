@@ -90,6 +90,16 @@ class Settings(BaseSettings):
     allowed_local_media_path: str | None = Field(None, description=(
         "Directory file:// image URLs may read from; unset = file:// refused."))
 
+    # --- replicas (issue 15; only these flags make the launcher import Ray) ---------------
+    replicas: int = Field(1, ge=1, description=(
+        "Engine replicas behind the one endpoint, through Ray Serve (one GPU each on a GPU "
+        "box). 1 without --ray-address = a plain single process, no Ray."))
+    ray_address: str | None = Field(None, description=(
+        "Join this Ray cluster (auto or HOST:PORT) instead of starting a local one."))
+    routing: Literal["least_loaded", "affinity"] = Field("least_loaded", description=(
+        "How requests pick a replica: least_loaded, or affinity (same system prompt and "
+        "first image -> same replica, for its prefix cache, unless it is much busier)."))
+
     @field_validator("model_aliases", "api_keys", "cors_origins", "allowed_media_hosts",
                      mode="before")
     @classmethod
