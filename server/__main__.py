@@ -11,6 +11,7 @@ import sys
 import uvicorn
 
 from server.app import create_app
+from server.clients import guarded_protocol
 from server.settings import Settings
 
 
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     # drained shutdown exits 0 for service managers
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False, timeout_graceful_shutdown=int(settings.shutdown_timeout))
+                access_log=False, timeout_graceful_shutdown=int(settings.shutdown_timeout),
+                http=guarded_protocol(settings))  # header deadline, connections per address
 
 
 if __name__ == "__main__":
