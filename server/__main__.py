@@ -12,6 +12,7 @@ import uvicorn
 
 from server.app import create_app
 from server.clients import guarded_protocol
+from server.keys import KeyFileError
 from server.settings import Settings
 
 
@@ -30,7 +31,11 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings.load(argv if argv is not None else sys.argv[1:])
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings, engine_factory(settings))
+    try:
+        app = create_app(settings, engine_factory(settings))
+    except KeyFileError as e:  # a broken key file: one plain line, not a traceback
+        logging.getLogger("qwen_vl").error("%s", e)
+        sys.exit(2)
     # uvicorn drains running requests on SIGTERM (--shutdown-timeout), then restores the
     # previous handler and re-raises the signal: make that handler a clean exit, so that a
     # drained shutdown exits 0 for service managers
