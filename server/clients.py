@@ -45,7 +45,7 @@ class BodyDeadline:
                 return await receive()
             try:
                 msg = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 timed_out = True
                 log.warning("request body not received within %g s: 408", self.timeout)
                 # an HTTPException: FastAPI turns any other error raised while it reads
