@@ -165,7 +165,6 @@ def create_app(settings: Settings, engine_factory: Callable[[], object]) -> Fast
     app.add_middleware(BodyDeadline, timeout=settings.body_timeout)
     app.add_middleware(RequestLog, metrics=metrics)
     app.state.runtime = state
-    app.state.keys = keys
     return app
 
 

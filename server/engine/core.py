@@ -18,6 +18,9 @@ Two schedulers run on the worker:
 * ``SequentialScheduler`` — the baseline the benchmark compares against: one request at
   a time through ``model.generate()``.
 
+Waiting requests queue per API key and are admitted in turns (``FairQueue``); with
+``--max-queue-wait`` one that waited longer without starting gets 503 instead.
+
 A failure inside a step fails only the requests in that forward pass (503 for out of
 memory, 500 otherwise) and frees their memory; after repeated consecutive failures the
 engine reports itself unhealthy.
@@ -29,10 +32,10 @@ import asyncio
 import dataclasses
 import gc
 import logging
+import math
 import queue
 import threading
 import time
-import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
