@@ -15,7 +15,7 @@ import pytest
 from server import protocol as p
 from server.engine.fairqueue import FairQueue
 from server.errors import RateLimited
-from server.keys import ApiKey, KeyFileError, KeyLimits, KeyStore, parse_key_file
+from server.keys import ApiKey, KeyFileError, KeyLimits, KeyStore
 from server.ratelimit import Limiter, estimate_tokens
 
 YAML = """
