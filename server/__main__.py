@@ -11,6 +11,8 @@ import sys
 import uvicorn
 
 from server.app import create_app
+from server.clients import guarded_protocol
+from server.keys import KeyFileError
 from server.settings import Settings
 
 
@@ -32,13 +34,18 @@ def main(argv: list[str] | None = None) -> None:
     if settings.replicas > 1 or settings.ray_address:
         from server.cluster import serve_cluster  # imports Ray: only on these flags
         return serve_cluster(settings)
-    app = create_app(settings, engine_factory(settings))
+    try:
+        app = create_app(settings, engine_factory(settings))
+    except KeyFileError as e:  # a broken key file: one plain line, not a traceback
+        logging.getLogger("qwen_vl").error("%s", e)
+        sys.exit(2)
     # uvicorn drains running requests on SIGTERM (--shutdown-timeout), then restores the
     # previous handler and re-raises the signal: make that handler a clean exit, so that a
     # drained shutdown exits 0 for service managers
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False, timeout_graceful_shutdown=int(settings.shutdown_timeout))
+                access_log=False, timeout_graceful_shutdown=int(settings.shutdown_timeout),
+                http=guarded_protocol(settings))  # header deadline, connections per address
 
 
 if __name__ == "__main__":

@@ -236,7 +236,7 @@ class ChatService:
             top_logprobs=req.top_logprobs or 0, logit_bias=bias, grammar=grammar)
 
     async def start(self, req: p.ChatCompletionRequest, request_id: str,
-                    stats: RequestStats) -> AsyncIterator[Output]:
+                    stats: RequestStats, key: str = "") -> AsyncIterator[Output]:
         """Validate, reserve, fetch; returns the engine's output stream, already started
         so that errors before the first token still become a plain JSON error."""
         self._check(req)
@@ -251,7 +251,7 @@ class ChatService:
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if (
             req.tools and req.tool_choice != "none") else None
         stream = self.engine.generate(
-            EngineRequest(request_id, messages, images, params, tools), reservation)
+            EngineRequest(request_id, messages, images, params, tools, key=key), reservation)
         first = await anext(stream)  # raises context/engine errors before any byte is sent
         stats.ttft = time.perf_counter() - stats.t0
         return _prepend(first, stream)

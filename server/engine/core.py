@@ -18,6 +18,9 @@ Two schedulers run on the worker:
 * ``SequentialScheduler`` — the baseline the benchmark compares against: one request at
   a time through ``model.generate()``.
 
+Waiting requests queue per API key and are admitted in turns (``FairQueue``); with
+``--max-queue-wait`` one that waited longer without starting gets 503 instead.
+
 A failure inside a step fails only the requests in that forward pass (503 for out of
 memory, 500 otherwise) and frees their memory; after repeated consecutive failures the
 engine reports itself unhealthy.
@@ -29,10 +32,10 @@ import asyncio
 import dataclasses
 import gc
 import logging
+import math
 import queue
 import threading
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -40,12 +43,13 @@ import torch
 from tokenizers import Tokenizer
 
 from server.engine.batch import DecodeBatch, new_cache
+from server.engine.fairqueue import FairQueue
 from server.engine.interface import EngineRequest, Output, TokenLogprob
 from server.engine.prompt import Prepared, PromptBuilder
 from server.engine.sampler import row_generator, sample
 from server.engine.sequence import Sequence
 from server.engine.structured import GrammarCache, GrammarLogitsProcessor
-from server.errors import APIError, InternalError, Overloaded, ServiceUnavailable
+from server.errors import APIError, InternalError, Overloaded, QueueTimeout, ServiceUnavailable
 
 log = logging.getLogger("qwen_vl.engine")
 
@@ -62,6 +66,7 @@ class Entry:
     reservation: object
     seqs: list[Sequence] = field(default_factory=list)
     t_arrival: float = field(default_factory=time.perf_counter)
+    key: str = ""                  # API key name: the fair queue's unit of turn
 
     @property
     def n(self) -> int:
@@ -97,7 +102,7 @@ class _SchedulerBase:
     def __init__(self, engine: "AsyncEngine"):
         self.engine = engine
         self.model = engine.model
-        self.waiting: deque[Entry] = deque()
+        self.waiting = FairQueue()  # round robin between API keys
         self.eos_ids = engine.eos_ids
 
     def add(self, entry: Entry):
@@ -106,7 +111,22 @@ class _SchedulerBase:
     def abort(self, request_id: str):
         """The client left: forget the request if it still waits; a running one is
         dropped by the subclass."""
-        self.waiting = deque(e for e in self.waiting if e.request_id != request_id)
+        self.waiting.discard(request_id)
+
+    def _expire(self):
+        """``--max-queue-wait``: fail requests that waited that long without starting
+        (503 + Retry-After) rather than run them for a client that has given up."""
+        wait = getattr(self.engine.settings, "max_queue_wait", None)
+        if not wait or not self.waiting:
+            return
+        late = self.waiting.expire(time.perf_counter() - wait)
+        if late:
+            log.warning("%d request(s) waited over %.1f s in the queue: 503", len(late), wait)
+        for e in late:
+            e.reservation.release()
+            e.sink(QueueTimeout(f"The request waited more than {wait:g} s in the queue "
+                                "without starting; the server is busy, retry later.",
+                                retry_after=max(1, math.ceil(wait))))
 
     def _start(self, entry: Entry) -> list[Sequence]:
         entry.reservation.release()  # running now: no longer counts against the queue
@@ -193,6 +213,7 @@ class BatchingScheduler(_SchedulerBase):
         self.steps += 1
         outputs: dict[int, tuple[Entry, list[Output]]] = {}
         self._filter_finished()  # (1) rows of clients that left
+        self._expire()
         group = self._admit()
         if group:
             try:
@@ -325,6 +346,9 @@ class SequentialScheduler(_SchedulerBase):
     def step(self):
         from transformers import StoppingCriteria, StoppingCriteriaList
 
+        self._expire()
+        if not self.waiting:
+            return
         entry = self.waiting.popleft()
         seqs = self._start(entry)
         self.num_running = len(seqs)
@@ -488,7 +512,8 @@ class AsyncEngine:
             raise
         q: asyncio.Queue = asyncio.Queue()
         entry = Entry(request.request_id, prepared,
-                      lambda item: loop.call_soon_threadsafe(q.put_nowait, item), reservation)
+                      lambda item: loop.call_soon_threadsafe(q.put_nowait, item), reservation,
+                      key=request.key)
         self._inbox.put(entry)
         remaining = prepared.params.n
         try:
