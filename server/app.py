@@ -22,8 +22,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import protocol as p
-from server.errors import (APIError, InternalError, InvalidRequest, NotFound,
-                           PayloadTooLarge, ServiceUnavailable, Unauthorized)
+from server.body import chat_body_reader
+from server.errors import (APIError, ClientClosedRequest, InternalError, InvalidRequest,
+                           NotFound, PayloadTooLarge, ServiceUnavailable, Unauthorized)
 from server.media import MediaFetcher, MediaPolicy
 from server.metrics import CONTENT_TYPE, Metrics
 from server.middleware import BodyLimit, RequestLog
@@ -41,7 +42,7 @@ class _State:
 
 def media_policy(s: Settings) -> MediaPolicy:
     return MediaPolicy(max_image_bytes=s.max_image_bytes, max_image_pixels=s.max_image_pixels,
-                       total_timeout=s.fetch_timeout,
+                       total_timeout=s.fetch_timeout, decode_timeout=s.decode_timeout,
                        allowed_media_hosts=tuple(s.allowed_media_hosts),
                        allowed_local_media_path=s.allowed_local_media_path)
 
@@ -51,6 +52,7 @@ def create_app(settings: Settings, engine_factory: Callable[[], object]) -> Fast
     fetcher = MediaFetcher(media_policy(settings))
     metrics = Metrics(lambda: state.engine.stats() if state.engine else {})
     keys = settings.all_api_keys()
+    read_chat_body = chat_body_reader(settings.max_json_elements)
 
     async def load():
         try:
@@ -66,8 +68,10 @@ def create_app(settings: Settings, engine_factory: Callable[[], object]) -> Fast
     @asynccontextmanager
     async def lifespan(app):
         task = asyncio.create_task(load())
+        fetcher.start()  # decode workers, ready before the first image
         yield
         task.cancel()
+        fetcher.close_pool()  # kill decodes in flight: shutdown never waits for them
         if state.engine is not None:
             await state.engine.shutdown(settings.shutdown_timeout)
         await fetcher.aclose()
@@ -109,11 +113,14 @@ def create_app(settings: Settings, engine_factory: Callable[[], object]) -> Fast
 
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)],
               response_model=p.ChatCompletion)
-    async def chat(body: p.ChatCompletionRequest, request: Request):
+    async def chat(request: Request,
+                   body: p.ChatCompletionRequest = Depends(read_chat_body)):
         svc = service()
         stats = request.scope["state"]["stats"] = RequestStats()
         cid = p.completion_id()
-        outputs = await svc.start(body, cid, stats)
+        # a client that leaves while its images are fetched or its grammar compiles
+        # cancels that work and frees its queue place at once
+        outputs = await _unless_disconnected(request, svc.start(body, cid, stats))
         if body.stream:
             return StreamingResponse(svc.stream(body, cid, outputs, stats),
                                      media_type="text/event-stream",
@@ -153,12 +160,6 @@ def create_app(settings: Settings, engine_factory: Callable[[], object]) -> Fast
     app.add_middleware(RequestLog, metrics=metrics)
     app.state.runtime = state
     return app
-
-
-class ClientClosedRequest(APIError):
-    """The client hung up before its answer was ready (nginx's 499).  Never reaches the
-    client; it only keeps access log and metrics from counting a hang-up as a 5xx."""
-    status, type, code = 499, "invalid_request_error", "client_closed_request"
 
 
 async def _unless_disconnected(request: Request, work):
