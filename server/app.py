@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import protocol as p
-from server.body import chat_body_reader
+from server.body import chat_body_reader, document_chat_body
 from server.errors import (APIError, ClientClosedRequest, InternalError, InvalidRequest,
                            NotFound, PayloadTooLarge, ServiceUnavailable, Unauthorized)
 from server.media import MediaFetcher, MediaPolicy
@@ -159,6 +159,7 @@ def create_app(settings: Settings, engine_factory: Callable[[], object]) -> Fast
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestLog, metrics=metrics)
     app.state.runtime = state
+    document_chat_body(app)
     return app
 
 

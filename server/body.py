@@ -63,3 +63,31 @@ def chat_body_reader(max_elements: int):
             return await asyncio.to_thread(_parse, raw)
         return _parse(raw)
     return read_chat_body
+
+
+def document_chat_body(app, path: str = "/v1/chat/completions") -> None:
+    """Put the chat request's schema back into ``/openapi.json``: the route reads its body
+    itself, so FastAPI no longer sees it.  The request body, responses and schemas are
+    taken from a shadow route with the typed body parameter, so the document is the one
+    FastAPI writes for it."""
+    from fastapi import FastAPI
+
+    shadow = FastAPI()
+
+    @shadow.post(path, response_model=p.ChatCompletion)
+    async def chat(body: p.ChatCompletionRequest):  # pragma: no cover - never served
+        raise NotImplementedError
+
+    base = app.openapi
+
+    def openapi():
+        if app.openapi_schema:
+            return app.openapi_schema
+        doc, typed = base(), shadow.openapi()
+        op, typed_op = doc["paths"][path]["post"], typed["paths"][path]["post"]
+        op["requestBody"], op["responses"] = typed_op["requestBody"], typed_op["responses"]
+        doc.setdefault("components", {}).setdefault("schemas", {}).update(
+            typed["components"]["schemas"])
+        return doc
+
+    app.openapi = openapi
