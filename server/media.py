@@ -419,8 +419,11 @@ class MediaFetcher:
                      "Accept-Encoding": "identity"})
 
     def start(self) -> None:
-        """Start the decode workers now (on the event loop) rather than at the first image."""
-        self._decode_pool.start()
+        """Start the decode workers in the background now rather than at the first image
+        (the first start boots the fork server: seconds, which the event loop must not
+        wait for)."""
+        threading.Thread(target=self._decode_pool.start, name="decode-start",
+                         daemon=True).start()
 
     def close_pool(self) -> None:
         self._decode_pool.close()

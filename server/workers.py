@@ -27,6 +27,7 @@ import asyncio
 import logging
 import multiprocessing as mp
 import os
+import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -99,6 +100,7 @@ class ProcessPool:
         self._queue: deque[_Job] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._start_lock = threading.Lock()
         self.killed = 0  # workers killed for a timeout or a cancelled job (tests read it)
 
     # --- public ------------------------------------------------------------------------
@@ -122,20 +124,25 @@ class ProcessPool:
 
     def start(self) -> None:
         """Start the workers now, from any thread (they then warm up while nobody waits);
-        ``run`` also does it lazily."""
-        if not self._closed:
-            while len(self._workers) < self.size:
+        ``run`` also does it lazily.  The first start of any pool boots the fork server,
+        which imports the workers' modules: seconds, so call it off the event loop."""
+        with self._start_lock:
+            while not self._closed and len(self._workers) < self.size:
                 self._workers.append(self._spawn())
 
     def close(self) -> None:
+        """Kill every worker; jobs running or queued fail (nobody is left waiting)."""
         self._closed = True
+        jobs = [w.job for w in self._workers if w.job is not None] + list(self._queue)
         for w in list(self._workers):
             self._kill(w)
         self._workers.clear()
-        for job in self._queue:
-            if not job.future.done():
-                job.future.set_exception(RuntimeError(f"{self.name} pool closed"))
         self._queue.clear()
+        for job in jobs:
+            if job.timer is not None:
+                job.timer.cancel()
+            if not job.future.done():
+                job.future.set_exception(WorkerDied(f"{self.name} pool closed"))
 
     @property
     def busy(self) -> int:
@@ -144,9 +151,10 @@ class ProcessPool:
     # --- workers -----------------------------------------------------------------------
     def _start(self):
         if self._loop is None:  # workers started before the loop: watch them from now on
-            self._loop = asyncio.get_running_loop()
-            for w in self._workers:
-                self._watch(w)
+            with self._start_lock:
+                self._loop = asyncio.get_running_loop()
+                for w in self._workers:
+                    self._watch(w)
         self.start()
 
     def _spawn(self) -> _Worker:
@@ -158,7 +166,14 @@ class ProcessPool:
         child.close()
         w = _Worker(proc, parent)
         if self._loop is not None:
-            self._watch(w)
+            try:
+                on_loop = asyncio.get_running_loop() is self._loop
+            except RuntimeError:
+                on_loop = False
+            if on_loop:
+                self._watch(w)
+            else:
+                self._loop.call_soon_threadsafe(self._watch, w)
         return w
 
     def _watch(self, w: _Worker):

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.errors import InvalidRequest
+from server.workers import ProcessPool, WorkerDied
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 
@@ -242,7 +243,6 @@ class GrammarCache:
     def start_workers(self, size: int) -> None:
         """Compile in ``size`` worker processes from now on (``compile_async``).  Builds
         the tokenizer description here (the caller's thread: seconds for a large vocab)."""
-        from server.workers import ProcessPool
         try:
             import xgrammar as xgr
         except ImportError:
@@ -289,6 +289,10 @@ class GrammarCache:
             raise RuntimeError("GrammarCache.start_workers was not called")
         try:
             text = await self._pool.run(_compile_job, spec, timeout=timeout)
+        except WorkerDied:  # e.g. killed for memory by a huge grammar
+            raise InvalidRequest("The grammar could not be compiled (its compile worker "
+                                 "ended); simplify the schema or tools.",
+                                 param=spec.param) from None
         except TimeoutError:
             raise InvalidRequest(f"The grammar took longer than {timeout:g} s to compile "
                                  "(--grammar-timeout); simplify the schema or tools.",
