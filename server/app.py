@@ -22,9 +22,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import protocol as p
+from server.body import chat_body_reader, document_chat_body
 from server.clients import BodyDeadline
-from server.errors import (APIError, InternalError, InvalidRequest, NotFound,
-                           PayloadTooLarge, RequestTimeout, ServiceUnavailable, Unauthorized)
+from server.errors import (APIError, ClientClosedRequest, InternalError, InvalidRequest,
+                           NotFound, PayloadTooLarge, RequestTimeout, ServiceUnavailable,
+                           Unauthorized)
 from server.keys import UNLIMITED_ANONYMOUS, ApiKey, KeyStore
 from server.media import MediaFetcher, MediaPolicy
 from server.metrics import CONTENT_TYPE, Metrics
@@ -44,7 +46,7 @@ class _State:
 
 def media_policy(s: Settings) -> MediaPolicy:
     return MediaPolicy(max_image_bytes=s.max_image_bytes, max_image_pixels=s.max_image_pixels,
-                       total_timeout=s.fetch_timeout,
+                       total_timeout=s.fetch_timeout, decode_timeout=s.decode_timeout,
                        allowed_media_hosts=tuple(s.allowed_media_hosts),
                        allowed_local_media_path=s.allowed_local_media_path)
 
@@ -55,6 +57,7 @@ def create_app(settings: Settings, engine_factory: Callable[[], object]) -> Fast
     metrics = Metrics(lambda: state.engine.stats() if state.engine else {})
     keys = KeyStore(settings.api_keys, settings.api_key_file)
     limiter = Limiter()
+    read_chat_body = chat_body_reader(settings.max_json_elements)
 
     async def load():
         try:
@@ -70,12 +73,15 @@ def create_app(settings: Settings, engine_factory: Callable[[], object]) -> Fast
     @asynccontextmanager
     async def lifespan(app):
         task = asyncio.create_task(load())
+        task = asyncio.create_task(load())
+        fetcher.start()  # decode workers, ready before the first image
         watcher = asyncio.create_task(keys.watch()) if keys.path else None
         _on_sighup(keys.reload if keys.path else None)
         yield
         task.cancel()
         if watcher is not None:
             watcher.cancel()
+        fetcher.close_pool()  # kill decodes in flight: shutdown never waits for them
         if state.engine is not None:
             await state.engine.shutdown(settings.shutdown_timeout)
         await fetcher.aclose()
@@ -114,8 +120,8 @@ def create_app(settings: Settings, engine_factory: Callable[[], object]) -> Fast
         return service().models()
 
     @app.post("/v1/chat/completions", response_model=p.ChatCompletion)
-    async def chat(body: p.ChatCompletionRequest, request: Request,
-                   key: ApiKey = Depends(auth)):
+    async def chat(request: Request, key: ApiKey = Depends(auth),
+                   body: p.ChatCompletionRequest = Depends(read_chat_body)):
         svc = service()
         stats = request.scope["state"]["stats"] = RequestStats()
         request.scope["state"]["key"] = key.name
@@ -123,7 +129,9 @@ def create_app(settings: Settings, engine_factory: Callable[[], object]) -> Fast
         request.scope["state"]["ticket"] = limiter.admit(key, estimate_tokens(
             body, settings.max_new_tokens, settings.max_pixels))
         cid = p.completion_id()
-        outputs = await svc.start(body, cid, stats, key=key.name)
+        # a client that leaves while its images are fetched or its grammar compiles
+        # cancels that work and frees its queue place at once
+        outputs = await _unless_disconnected(request, svc.start(body, cid, stats, key=key.name))
         if body.stream:
             return StreamingResponse(svc.stream(body, cid, outputs, stats),
                                      media_type="text/event-stream",
@@ -165,6 +173,7 @@ def create_app(settings: Settings, engine_factory: Callable[[], object]) -> Fast
     app.add_middleware(BodyDeadline, timeout=settings.body_timeout)
     app.add_middleware(RequestLog, metrics=metrics)
     app.state.runtime = state
+    document_chat_body(app)
     return app
 
 
@@ -177,12 +186,6 @@ def _on_sighup(reload):
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
     except (RuntimeError, ValueError, NotImplementedError):
         pass
-
-
-class ClientClosedRequest(APIError):
-    """The client hung up before its answer was ready (nginx's 499).  Never reaches the
-    client; it only keeps access log and metrics from counting a hang-up as a 5xx."""
-    status, type, code = 499, "invalid_request_error", "client_closed_request"
 
 
 async def _unless_disconnected(request: Request, work):

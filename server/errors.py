@@ -87,3 +87,9 @@ class QueueTimeout(ServiceUnavailable):
 
 class InternalError(APIError):
     status, type, code = 500, "server_error", "internal_error"
+
+
+class ClientClosedRequest(APIError):
+    """The client hung up before its answer was ready (nginx's 499).  Never reaches the
+    client; it only keeps access log and metrics from counting a hang-up as a 4xx/5xx."""
+    status, type, code = 499, "invalid_request_error", "client_closed_request"

@@ -79,6 +79,19 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(200_000, ge=1, description="Characters of text per request at most.")
     max_images_per_request: int = Field(16, ge=0, description="Images per request at most.")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Request body cap (413).")
+    max_json_elements: int = Field(500_000, ge=1000, description=(
+        "JSON values per request body at most, counted cheaply as commas and brackets "
+        "before parsing (413)."))
+    max_tools: int = Field(128, ge=0, description="Tools per request at most.")
+    max_grammar_repeat: int = Field(1000, ge=1, description=(
+        "Largest repetition bound in a schema (pattern {m,n}, maxLength, maxItems ...); "
+        "grammar compile time grows with it."))
+    grammar_timeout: float = Field(10.0, gt=0, description=(
+        "Seconds one grammar (response_format / forced tools) may take to compile; its "
+        "worker process is killed after that (400)."))
+    decode_timeout: float = Field(10.0, gt=0, description=(
+        "Seconds one image may take to decode, counted from when a decode worker takes "
+        "it (400)."))
 
     # --- images ----------------------------------------------------------------------
     min_pixels: int = Field(64 * 32 * 32, ge=32 * 32, description="Default per-image pixel floor.")

@@ -55,6 +55,7 @@ log = logging.getLogger("qwen_vl.engine")
 
 UNHEALTHY_AFTER = 3      # consecutive failed batch steps make /health 503 ...
 HEALTH_COOLDOWN_S = 30.0  # ... until this long without a new failure (then traffic may retry)
+GRAMMAR_WORKERS = 2       # compile processes: a slow compile leaves one for the others
 
 
 @dataclass
@@ -461,8 +462,10 @@ class AsyncEngine:
         eos = getattr(gen_cfg, "eos_token_id", None) or tok.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        # structured output: specs compile on the preparation thread (LRU-cached)
+        # structured output: specs compile in worker processes (LRU-cached), each within
+        # --grammar-timeout and killed when its client leaves
         self.grammars = GrammarCache(tok, vocab_size=self.vocab_size, stop_ids=self.eos_ids)
+        self.grammars.start_workers(GRAMMAR_WORKERS)
         # whether the chat template opens a <think> block itself (reasoning split)
         self.opens_think = self.builder.opens_think
         self.generator = torch.Generator().manual_seed(settings.seed)
@@ -506,8 +509,8 @@ class AsyncEngine:
     async def generate(self, request: EngineRequest, reservation):
         loop = asyncio.get_running_loop()
         try:
-            prepared = await loop.run_in_executor(self._prep, self._prepare, request)
-        except BaseException:
+            prepared = await self._prepare_async(request)
+        except BaseException:  # refused, or the client left (cancelled): free the place now
             reservation.release()
             raise
         q: asyncio.Queue = asyncio.Queue()
@@ -536,13 +539,20 @@ class AsyncEngine:
                 self.aborted.add(request.request_id)
                 self._inbox.put(("abort", request.request_id))
 
-    def _prepare(self, request: EngineRequest) -> Prepared:
-        """Preparation thread: compile the grammar (cached), then build the prompt."""
+    async def _prepare_async(self, request: EngineRequest) -> Prepared:
+        """Cheap checks first: (1) template, token count and context length on the
+        preparation thread; (2) the grammar in a compile worker process, within
+        --grammar-timeout; (3) image preprocessing on the preparation thread.  Each step
+        is abandoned at once when the client leaves (the awaiting task is cancelled)."""
+        loop = asyncio.get_running_loop()
+        plan = await loop.run_in_executor(self._prep, self.builder.plan, request)
         spec = request.params.grammar
         if spec is not None and not hasattr(spec, "matcher"):
+            compiled = await self.grammars.compile_async(
+                spec, timeout=self.settings.grammar_timeout)
             request = dataclasses.replace(
-                request, params=request.params.replace(grammar=self.grammars.compile(spec)))
-        return self.builder.build(request)
+                request, params=request.params.replace(grammar=compiled))
+        return await loop.run_in_executor(self._prep, self.builder.finish, request, plan)
 
     def stats(self) -> dict[str, float]:
         return {"queue_depth": self._waiting, "running_seqs": self.scheduler.num_running}
@@ -564,6 +574,7 @@ class AsyncEngine:
 
     async def shutdown(self, timeout: float) -> None:
         self._stopping = True
+        self.grammars.close()  # kill compiles in flight: shutdown never waits for them
         self._inbox.put(None)
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
         self._prep.shutdown(wait=False, cancel_futures=True)
