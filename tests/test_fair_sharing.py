@@ -310,9 +310,11 @@ def test_fair_queue_serves_the_other_key_in_turn(slow):
     done: list[str] = []
 
     async def one(c, name):
+        # a's requests long enough that 0.3 s is well within a's queue however fast the
+        # engine decodes
         await c.chat.completions.create(
             model="qwen3-vl", messages=[{"role": "user", "content": "x"}], temperature=0,
-            max_tokens=8, extra_body={"ignore_eos": True})
+            max_tokens=8 if name == "b" else 400, extra_body={"ignore_eos": True})
         done.append(name)
 
     async def main():
