@@ -63,6 +63,19 @@ def test_model_that_cannot_load_exits_with_one_line(tmp_path):
     assert time.time() - t0 < 90
 
 
+def test_load_error_lines():
+    from server.load_errors import describe_load_error
+
+    class OutOfMemoryError(RuntimeError):  # torch.OutOfMemoryError's name, torch-free
+        pass
+
+    line = describe_load_error(OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 "
+                                                "GiB\nmore detail"), "Qwen/x")
+    assert line.startswith("out of memory while loading Qwen/x (OutOfMemoryError: CUDA out")
+    assert "--quantization 4bit" in line and "\n" not in line
+    assert describe_load_error(ValueError("bad\nthings"), "/m") == "/m: ValueError: bad"
+
+
 # --- GET /v1/models/{model} -------------------------------------------------------------------
 
 def test_models_retrieve_served_name_and_aliases(keyed):

@@ -47,23 +47,30 @@ def test_cut_and_broken_calls_come_back_as_content():
 
 
 async def test_required_calls_at_temperature_1_always_parse(aclient):
-    """20 seeds of tool_choice="required" at temperature 1.0 on the tiny model: every
-    call of a "tool_calls" answer parses; nothing of a call leaks into content."""
+    """The issue's case: 20 seeds of tool_choice="required" at temperature 1.0 with the
+    README's tool.  Every call listed parses, whatever the finish reason; an answer cut
+    by max_tokens lists no unfinished call (its text is content)."""
+    tools = [{"type": "function", "function": {
+        "name": "get_order_status", "description": "Look up an order",
+        "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}},
+                       "required": ["order_id"]}}}]
+
     async def run(seed):
         return await aclient.chat.completions.create(
-            model=MODEL, messages=USER, tools=TOOLS, tool_choice="required", seed=seed,
-            temperature=1.0, max_tokens=400)
+            model=MODEL, messages=[{"role": "user", "content": "Where is order 48213?"}],
+            tools=tools, tool_choice="required", seed=seed, temperature=1.0, max_tokens=128)
     finishes = []
     for r in await asyncio.gather(*(run(s) for s in range(20))):
         c = r.choices[0]
         finishes.append(c.finish_reason)
+        for call in c.message.tool_calls or []:
+            assert "order_id" in json.loads(call.function.arguments)
         if c.finish_reason == "tool_calls":
             assert c.message.tool_calls and not c.message.content, c.message
-            for call in c.message.tool_calls:
-                json.loads(call.function.arguments)
         else:
             assert c.finish_reason == "length", c
-    assert finishes.count("tool_calls") >= 10, finishes
+            assert c.message.tool_calls or c.message.content.startswith("<tool_call>"), c
+    assert set(finishes) <= {"tool_calls", "length"}
 
 
 def test_call_cut_by_max_tokens_is_length_not_a_call(client):
