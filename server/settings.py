@@ -235,7 +235,7 @@ class _ListFriendlyEnv(PydanticBaseSettingsSource):
                                       "(use a JSON list or comma-separated values)") from None
                 if not (isinstance(items, list) and all(isinstance(i, str) for i in items)):
                     raise ConfigError(f"{env}: a JSON list must hold strings")
-                out[name] = items
+                out[name] = tuple(items)  # a tuple: _split_commas leaves its items whole
         return out
 
 

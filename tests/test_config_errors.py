@@ -82,8 +82,8 @@ def test_sizes_accept_units():
 
 
 def test_json_list_env_and_api_key_alias(monkeypatch):
-    monkeypatch.setenv("QWEN_VL_API_KEYS", '["x", "y"]')
-    assert Settings.load([]).api_keys == ["x", "y"]
+    monkeypatch.setenv("QWEN_VL_API_KEYS", '["x", "y,z"]')
+    assert Settings.load([]).api_keys == ["x", "y,z"]  # a JSON item is taken whole
     monkeypatch.setenv("QWEN_VL_API_KEYS", "x,y")
     assert Settings.load([]).api_keys == ["x", "y"]
     assert Settings.load(["--api-key", "z"]).api_keys == ["z"]
