@@ -401,7 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Base URL of the API, ending in /v1 [default: %(default)s; "
                          "env OPENAI_BASE_URL]")
     ap.add_argument("--ui-api-key", default=None,
-                    help="API key for the API [default: env OPENAI_API_KEY]")
+                    help="API key that every visitor of the UI uses (keep such a UI on "
+                         "127.0.0.1); without one the page asks for a key when the API "
+                         "needs one [default: env OPENAI_API_KEY, which "
+                         "launch_gradio_api.sh does not pass on]")
     ap.add_argument("--ui-host", default="127.0.0.1", help="Address the UI listens on "
                     "[default: %(default)s]")
     ap.add_argument("--ui-port", type=int, default=7860, help="UI port [default: %(default)s]")
