@@ -16,7 +16,9 @@ import uvicorn
 
 from server import startup
 from server.app import create_app
+from server.clients import guarded_protocol
 from server.config_errors import load_or_exit
+from server.keys import KeyFileError, build_keys
 from server.logs import json_library_logs, setup_logging
 from server.settings import Settings
 
@@ -38,31 +40,49 @@ def engine_factory(settings: Settings):
     return build
 
 
+def _exit_now(code: int) -> None:
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = load_or_exit(argv if argv is not None else sys.argv[1:])
     setup_logging(settings.log_level, settings.log_format)
-    startup.report(settings, settings.all_api_keys())
+    if settings.replicas > 1 or settings.ray_address:
+        from server.cluster import serve_cluster  # imports Ray: only on these flags
+        return serve_cluster(settings)
+    startup.report(settings, build_keys(settings.api_keys, settings.api_key_file))
     failed: list[str] = []
 
     def stop_on_load_error(reason: str):
         failed.append(reason)
         server.should_exit = True
 
-    app = create_app(settings, engine_factory(settings), on_load_error=stop_on_load_error)
+    try:
+        app = create_app(settings, engine_factory(settings), on_load_error=stop_on_load_error)
+    except KeyFileError as e:  # a broken key file: one plain line, not a traceback
+        logging.getLogger("qwen_vl").error("%s", e)
+        sys.exit(2)
     # log_config=None: uvicorn's loggers go through our handler (text or JSON)
     server = uvicorn.Server(uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         log_config=None, access_log=False,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout)))
+        timeout_graceful_shutdown=int(settings.shutdown_timeout),
+        http=guarded_protocol(settings)))  # header deadline, connections per address
     # uvicorn drains running requests on SIGTERM (--shutdown-timeout), then restores the
     # previous handler and re-raises the signal: make that handler a clean exit, so that a
-    # drained shutdown exits 0 for service managers
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # drained shutdown exits 0 for service managers.  os._exit, not sys.exit: the
+    # interpreter would otherwise join every pool thread still busy (a prompt being
+    # prepared), whatever the shutdown timeout says; the worker processes are killed
+    # by then (lifespan shutdown)
+    signal.signal(signal.SIGTERM, lambda *_: _exit_now(0))
     server.run()
     if failed:
-        sys.exit(EXIT_LOAD_FAILED)
+        _exit_now(EXIT_LOAD_FAILED)
     if not server.started:
-        sys.exit(EXIT_STARTUP_FAILED)
+        _exit_now(EXIT_STARTUP_FAILED)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import sys
 
 from pydantic import ValidationError
 
+from server.keys import KeyFileError, build_keys
 from server.settings import (ENV_PREFIX, ConfigError, Settings, build_parser,
                              read_yaml_config)
 
@@ -58,14 +59,13 @@ def problems(exc: ValidationError, argv: list[str]) -> list[str]:
 def load_or_exit(argv: list[str]) -> Settings:
     try:
         settings = Settings.load(argv)
-        settings.all_api_keys()  # an unreadable key file is a configuration problem too
+        # an unreadable or malformed key file is a configuration problem too
+        build_keys(settings.api_keys, settings.api_key_file)
         return settings
-    except ConfigError as e:
+    except (ConfigError, KeyFileError) as e:
         lines = [str(e)]
     except ValidationError as e:
         lines = problems(e, argv)
-    except OSError as e:
-        lines = [f"--api-key-file {e.filename}: {e.strerror}"]
     for line in lines:
         print(f"{PROG}: error: {line}", file=sys.stderr)
     sys.exit(2)

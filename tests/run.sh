@@ -4,7 +4,7 @@
 # (browser test), systemd-analyze and nginx (deploy/ checks) are there, and runs the whole
 # suite offline.
 set -euo pipefail
-EXTRAS="ui,test,structured,bench"
+EXTRAS="ui,test,structured,bench,cluster"
 source "$(dirname "$0")/../server/bootstrap.sh"
 
 if [ ! -x /usr/bin/chromium ] || ! dpkg -s fonts-noto-cjk >/dev/null 2>&1 \

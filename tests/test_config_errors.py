@@ -41,7 +41,7 @@ def broken_yaml(tmp_path):
     (["--max-body-bytes", "8XB"], {}, "--max-body-bytes: unknown size unit 'XB'"),
     ([], {"QWEN_VL_PORT": "abc"}, "QWEN_VL_PORT: Input should be a valid integer"),
     ([], {"QWEN_VL_API_KEYS": '["a", "b"'}, "QWEN_VL_API_KEYS: starts with '[' but is not"),
-    (["--api-key-file", "/nope/keys"], {}, "--api-key-file /nope/keys: No such file"),
+    (["--api-key-file", "/nope/keys"], {}, "key file /nope/keys: cannot read it"),
 ])
 def test_one_line_per_problem(argv, env, expect, capsys, monkeypatch):
     for k, v in env.items():
