@@ -4,9 +4,9 @@
 #   ./launch_gradio_api.sh [API flags] [--ui-port 7860] [--ui-host H] [--api-base-url URL]
 #                          [--ui-api-key K] [--ui-model M] [--ui-concurrency N] ...
 # Every --ui-* flag and --api-base-url go to the UI, everything else to the API (same
-# flags as ./launch_api.sh).  The UI listens on the API's --host unless --ui-host is given
-# and talks to http://127.0.0.1:<API port>/v1 unless --api-base-url is given; it uses the
-# API's first key (--api-key / --api-key-file / QWEN_VL_API_KEYS) or OPENAI_API_KEY.
+# flags as ./launch_api.sh).  The UI listens on 127.0.0.1 unless --ui-host is given and
+# talks to http://127.0.0.1:<API port>/v1 unless --api-base-url is given.  It is never
+# handed the API's keys: when the API has keys, the page asks each person for one.
 # Ctrl-C or SIGTERM stops both; if either process exits, the other is stopped too.
 EXTRAS="${EXTRAS:-ui,structured}"
 source "$(dirname "$0")/server/bootstrap.sh"
@@ -15,7 +15,7 @@ api_args=(); ui_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help)
-      echo "UI flags (here --ui-host defaults to the API's --host, --api-base-url to"
+      echo "UI flags (here --api-base-url defaults to"
       echo "http://127.0.0.1:<API --port>/v1 and --ui-max-tokens to --max-tokens-limit):"
       "$PY" -m server.ui --help | sed -n '/^options:/,$p' | grep -v -e '^options:' -e '-h, --help'
       echo; echo "API flags (same as ./launch_api.sh):"
@@ -28,24 +28,25 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-# Resolve the API's host, port and key exactly as the server will (YAML < env < flags).
+# Resolve the API's host and port exactly as the server will (YAML < env < flags); a
+# configuration error is printed by the same one-line reporter as the server's.
 info=$("$PY" - "${api_args[@]}" <<'PY'
 import sys
-from server.settings import Settings
-s = Settings.load(sys.argv[1:])
-keys = s.all_api_keys()
-print(s.host); print(s.port); print(s.max_tokens_limit); print(keys[0] if keys else "")
+from server.config_errors import load_or_exit
+s = load_or_exit(sys.argv[1:])
+print(s.host); print(s.port); print(s.max_tokens_limit)
 PY
-) || { echo "launch_gradio_api.sh: invalid API flags (see --help)" >&2; exit 2; }
-{ read -r api_host; read -r api_port; read -r max_tokens; read -r api_key || true; } <<<"$info"
+) || exit 2
+{ read -r api_host; read -r api_port; read -r max_tokens; } <<<"$info"
 case "$api_host" in 0.0.0.0|::|"") connect_host=127.0.0.1 ;; *:*) connect_host="[$api_host]" ;; *) connect_host="$api_host" ;; esac
+# without OPENAI_API_KEY: a key in the operator's shell must not become every visitor's
+# key (--ui-api-key does that, on purpose)
 ui_env=(GRADIO_ANALYTICS_ENABLED=False)
-[ -n "$api_key" ] && ui_env+=("OPENAI_API_KEY=$api_key")
 
 export PYTHONUNBUFFERED=1
 "$PY" -m server "${api_args[@]}" &
 api_pid=$!
-env "${ui_env[@]}" "$PY" -m server.ui --ui-host "$api_host" --ui-port 7860 \
+env -u OPENAI_API_KEY "${ui_env[@]}" "$PY" -m server.ui --ui-host 127.0.0.1 --ui-port 7860 \
   --api-base-url "http://$connect_host:$api_port/v1" --ui-max-tokens "$max_tokens" "${ui_args[@]}" &
 ui_pid=$!
 echo "[launch] api pid $api_pid on $api_host:$api_port, ui pid $ui_pid" >&2

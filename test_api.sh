@@ -1,14 +1,38 @@
 #!/usr/bin/env bash
-# Post-restart check of a running server: ./test_api.sh [BASE_URL] [IMAGE_URL]
-# Checks /health, /v1/models, a text question and an image question (a generated image
-# sent as a data URL, plus IMAGE_URL if given), printing each latency.  Needs curl and
-# python3 (standard library only).  Exit status is non-zero on any failure.
-# Set OPENAI_API_KEY when the server requires a key.
+# Post-restart check of a running server; ./test_api.sh --help says how to call it.
 set -uo pipefail
-BASE="${1:-http://127.0.0.1:8080}"; BASE="${BASE%/}"; BASE="${BASE%/v1}"
-IMAGE_URL="${2:-}"
+usage() {
+  cat <<'EOF'
+Usage: ./test_api.sh [--key KEY] [BASE_URL] [IMAGE_URL]
+
+Checks a running server: /health, /v1/models, a text question and an image question (a
+generated image sent as a data URL, plus IMAGE_URL if given), printing each latency.
+Exit status is non-zero on any failure.  Needs curl and python3 (standard library only).
+
+  BASE_URL      the server [default: http://127.0.0.1:8080; a trailing /v1 is fine]
+  IMAGE_URL     also ask about this image URL (the server fetches it)
+  --key KEY     API key, for a server started with --api-key / --api-key-file
+                [default: env OPENAI_API_KEY]
+  -h, --help    this text
+Env: MODEL (model name to ask for) [default: qwen3-vl].
+EOF
+}
+KEY="${OPENAI_API_KEY:-}"; args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --key) [ $# -ge 2 ] || { echo "test_api.sh: --key needs a value (see --help)" >&2; exit 2; }
+           KEY=$2; shift 2 ;;
+    --key=*) KEY=${1#--key=}; shift ;;
+    -*) echo "test_api.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+[ ${#args[@]} -le 2 ] || { echo "test_api.sh: too many arguments (see --help)" >&2; exit 2; }
+BASE="${args[0]:-http://127.0.0.1:8080}"; BASE="${BASE%/}"; BASE="${BASE%/v1}"
+IMAGE_URL="${args[1]:-}"
 MODEL="${MODEL:-qwen3-vl}"
-AUTH=(); [ -n "${OPENAI_API_KEY:-}" ] && AUTH=(-H "Authorization: Bearer $OPENAI_API_KEY")
+AUTH=(); [ -n "$KEY" ] && AUTH=(-H "Authorization: Bearer $KEY")
 fails=0
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 
@@ -33,7 +57,10 @@ if ok and isinstance(body, dict) and body.get("choices"):
 sys.exit(0 if ok else 1)
 PY
   then printf "ok    %-28s %6.0f ms\n" "$name" "$(python3 -c "print($secs*1000)")"
-  else echo "FAIL  $name (HTTP $code): $(head -c 300 "$tmp/body")"; fails=$((fails+1)); fi
+  else
+    echo "FAIL  $name (HTTP $code): $(head -c 300 "$tmp/body")"; fails=$((fails+1))
+    [ "$code" = 401 ] && echo "      the server requires an API key: pass --key KEY (or set OPENAI_API_KEY)"
+  fi
 }
 
 chat_body() {  # chat_body CONTENT_JSON

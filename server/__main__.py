@@ -1,5 +1,9 @@
 """``python -m server [flags]``: parse settings, start uvicorn, load the model in the
-background (``/health`` is 503 until it is ready)."""
+background (``/health`` is 503 until it is ready).
+
+Exit status: 0 after a clean shutdown (SIGTERM, drained), 1 if the model cannot be
+loaded (one log line says why), 2 for a configuration error (one line per problem on
+stderr), 3 if the server cannot start listening (port in use, like ``uvicorn.run``)."""
 
 from __future__ import annotations
 
@@ -10,15 +14,24 @@ import sys
 
 import uvicorn
 
+from server import startup
 from server.app import create_app
 from server.clients import guarded_protocol
-from server.keys import KeyFileError
+from server.config_errors import load_or_exit
+from server.keys import KeyFileError, build_keys
+from server.logs import json_library_logs, setup_logging
 from server.settings import Settings
+
+EXIT_LOAD_FAILED, EXIT_STARTUP_FAILED = 1, 3
 
 
 def engine_factory(settings: Settings):
     """Load the model and start the engine; the only place the launcher touches torch."""
     def build():
+        from server.load_errors import check_model_path
+        check_model_path(settings.model_path, timeout=settings.fetch_timeout)
+        if settings.log_format == "json":
+            json_library_logs()
         from models.loader import load_model
         from server.engine.core import AsyncEngine
         oom_at = os.environ.get("QWEN_VL_FAULT_OOM_AT")
@@ -36,17 +49,29 @@ def _exit_now(code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = Settings.load(argv if argv is not None else sys.argv[1:])
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load_or_exit(argv if argv is not None else sys.argv[1:])
+    setup_logging(settings.log_level, settings.log_format)
     if settings.replicas > 1 or settings.ray_address:
         from server.cluster import serve_cluster  # imports Ray: only on these flags
         return serve_cluster(settings)
+    startup.report(settings, build_keys(settings.api_keys, settings.api_key_file))
+    failed: list[str] = []
+
+    def stop_on_load_error(reason: str):
+        failed.append(reason)
+        server.should_exit = True
+
     try:
-        app = create_app(settings, engine_factory(settings))
+        app = create_app(settings, engine_factory(settings), on_load_error=stop_on_load_error)
     except KeyFileError as e:  # a broken key file: one plain line, not a traceback
         logging.getLogger("qwen_vl").error("%s", e)
         sys.exit(2)
+    # log_config=None: uvicorn's loggers go through our handler (text or JSON)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        log_config=None, access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout),
+        http=guarded_protocol(settings)))  # header deadline, connections per address
     # uvicorn drains running requests on SIGTERM (--shutdown-timeout), then restores the
     # previous handler and re-raises the signal: make that handler a clean exit, so that a
     # drained shutdown exits 0 for service managers.  os._exit, not sys.exit: the
@@ -54,9 +79,11 @@ def main(argv: list[str] | None = None) -> None:
     # prepared), whatever the shutdown timeout says; the worker processes are killed
     # by then (lifespan shutdown)
     signal.signal(signal.SIGTERM, lambda *_: _exit_now(0))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False, timeout_graceful_shutdown=int(settings.shutdown_timeout),
-                http=guarded_protocol(settings))  # header deadline, connections per address
+    server.run()
+    if failed:
+        _exit_now(EXIT_LOAD_FAILED)
+    if not server.started:
+        _exit_now(EXIT_STARTUP_FAILED)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 ``create_app(settings, engine_factory)`` returns an app that starts listening at once;
 ``engine_factory`` (which loads the model, in a thread) runs in the lifespan, and until
-it returns ``/health`` and the ``/v1`` routes answer 503.  Routes take a typed request,
+it returns ``/health`` and the ``/v1`` routes answer 503.  If it fails, one line says why
+(``server.load_errors``) and ``on_load_error(reason)`` is called: the launcher uses it
+to stop the process with a non-zero status, so a supervisor sees the failure.  Routes take a typed request,
 make one call into ``ChatService`` and return JSON or an SSE stream; every error is
 rendered by the handlers below in OpenAI's envelope.
 """
@@ -24,10 +26,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server import protocol as p
 from server.body import chat_body_reader, document_chat_body
 from server.clients import BodyDeadline
+from server.docs import add_offline_docs
 from server.errors import (APIError, ClientClosedRequest, InternalError, InvalidRequest,
                            NotFound, PayloadTooLarge, RequestTimeout, ServiceUnavailable,
                            Unauthorized)
 from server.keys import UNLIMITED_ANONYMOUS, ApiKey, KeyStore
+from server.load_errors import describe_load_error
 from server.media import MediaFetcher, MediaPolicy
 from server.metrics import CONTENT_TYPE, Metrics
 from server.middleware import BodyLimit, RequestLog
@@ -51,7 +55,8 @@ def media_policy(s: Settings) -> MediaPolicy:
                        allowed_local_media_path=s.allowed_local_media_path)
 
 
-def create_app(settings: Settings, engine_factory: Callable[[], object]) -> FastAPI:
+def create_app(settings: Settings, engine_factory: Callable[[], object],
+               on_load_error: Callable[[str], None] | None = None) -> FastAPI:
     state = _State()
     fetcher = MediaFetcher(media_policy(settings))
     metrics = Metrics(lambda: state.engine.stats() if state.engine else {})
@@ -62,9 +67,13 @@ def create_app(settings: Settings, engine_factory: Callable[[], object]) -> Fast
     async def load():
         try:
             engine = await asyncio.to_thread(engine_factory)
-        except Exception:
-            log.exception("model failed to load")
+        except Exception as e:
+            reason = describe_load_error(e, settings.model_path)
+            log.debug("model load traceback", exc_info=True)
+            log.error("model failed to load: %s", reason)
             state.load_error = "the model failed to load; see the server log"
+            if on_load_error is not None:
+                on_load_error(reason)
             return
         state.engine = engine
         state.service = ChatService(engine, settings, fetcher, metrics)
@@ -72,7 +81,6 @@ def create_app(settings: Settings, engine_factory: Callable[[], object]) -> Fast
 
     @asynccontextmanager
     async def lifespan(app):
-        task = asyncio.create_task(load())
         task = asyncio.create_task(load())
         fetcher.start()  # decode workers, ready before the first image
         watcher = asyncio.create_task(keys.watch()) if keys.path else None
@@ -86,7 +94,9 @@ def create_app(settings: Settings, engine_factory: Callable[[], object]) -> Fast
             await state.engine.shutdown(settings.shutdown_timeout)
         await fetcher.aclose()
 
-    app = FastAPI(title="Qwen3-VL OpenAI-compatible server", lifespan=lifespan)
+    app = FastAPI(title="Qwen3-VL OpenAI-compatible server", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    add_offline_docs(app)
 
     def service() -> ChatService:
         if state.service is None:
@@ -118,6 +128,11 @@ def create_app(settings: Settings, engine_factory: Callable[[], object]) -> Fast
     @app.get("/v1/models", dependencies=[Depends(auth)], response_model=p.ModelList)
     async def models():
         return service().models()
+
+    @app.get("/v1/models/{model:path}", dependencies=[Depends(auth)],
+             response_model=p.ModelCard)
+    async def model(model: str):
+        return service().model(model)
 
     @app.post("/v1/chat/completions", response_model=p.ChatCompletion)
     async def chat(request: Request, key: ApiKey = Depends(auth),
@@ -171,7 +186,8 @@ def create_app(settings: Settings, engine_factory: Callable[[], object]) -> Fast
                            allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"])
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(BodyDeadline, timeout=settings.body_timeout)
-    app.add_middleware(RequestLog, metrics=metrics)
+    app.add_middleware(RequestLog, metrics=metrics, access_log=settings.access_log,
+                       quiet_paths=() if settings.log_health_checks else ("/health",))
     app.state.runtime = state
     document_chat_body(app)
     return app

@@ -4,6 +4,8 @@
 the request if the client sent a sane one) and logs one structured line when the
 response ends: method, path, status, duration and, for chat requests, tokens and TTFT
 (read from ``scope["state"]["stats"]``).  Prompts and images are never logged.
+``access_log=False`` turns the lines off; paths in ``quiet_paths`` (``/health``, polled
+by load balancers and supervisors) are not logged.  Metrics count every request.
 ``BodyLimit`` answers 413 before parsing when a body is over the cap, by Content-Length
 or while it streams in.
 """
@@ -61,8 +63,9 @@ class BodyLimit:
 
 
 class RequestLog:
-    def __init__(self, app, metrics):
+    def __init__(self, app, metrics, access_log: bool = True, quiet_paths=("/health",)):
         self.app, self.metrics = app, metrics
+        self.access_log, self.quiet_paths = access_log, frozenset(quiet_paths)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -102,7 +105,8 @@ class RequestLog:
                 fields.update(prompt_tokens=stats.prompt_tokens,
                               completion_tokens=stats.completion_tokens, images=stats.images,
                               ttft_ms=None if stats.ttft is None else round(stats.ttft * 1000, 1))
-            log.info("request %s", json.dumps(fields))
+            if self.access_log and scope["path"] not in self.quiet_paths:
+                log.info("request %s", json.dumps(fields), extra={"fields": fields})
 
 
 class _NoStats:

@@ -56,6 +56,13 @@ class ChatService:
     def models(self) -> p.ModelList:
         return p.ModelList(data=[p.ModelCard(id=self.served_name, created=int(time.time()))])
 
+    def model(self, name: str) -> p.ModelCard:
+        """``GET /v1/models/{name}``: any name a request may use (aliases too), by that name."""
+        if name not in self.accepted_names:
+            raise ModelNotFound(f"The model '{name}' does not exist; this server serves "
+                                f"'{self.served_name}'.", param="model")
+        return p.ModelCard(id=name, created=int(time.time()))
+
     # --- request → engine ------------------------------------------------------------
     def _check(self, req: p.ChatCompletionRequest):
         s = self.settings
@@ -67,9 +74,7 @@ class ChatService:
         if problem is not None:
             raise InvalidRequest(f"The request is nested more than {MAX_JSON_DEPTH} levels "
                                  "deep.", param=_short_path(problem[1]) or None)
-        if req.model not in self.accepted_names:
-            raise ModelNotFound(f"The model '{req.model}' does not exist; this server serves "
-                                f"'{self.served_name}'.", param="model")
+        self.model(req.model)  # 404 for a name this server does not serve
         extra = sorted((req.model_extra or {}).keys())
         if extra:
             log.info("ignoring unknown request fields: %s", ", ".join(extra))
@@ -367,10 +372,12 @@ def _finish(reason: str | None, parser: toolparse.OutputParser) -> str | None:
 
 
 def _message(events: list[tuple], parser: toolparse.OutputParser) -> p.ResponseMessage:
-    content = "".join(e[1] for e in events if e[0] == "content")
+    # a call cut off or with broken arguments is not presented as a call: its raw text
+    # comes back as content (as vLLM does); finish_reason says "length" for a cut one
+    content = "".join(e[1] for e in events if e[0] == "content") + parser.incomplete_text
     reasoning = "".join(e[1] for e in events if e[0] == "reasoning")
     calls = [p.ToolCall(id=c.id, function=p.FunctionCall(name=c.name, arguments=c.arguments))
-             for c in parser.calls]
+             for c in parser.complete_calls]
     return p.ResponseMessage(content=content if (content or not calls) else None,
                              reasoning_content=reasoning if parser.saw_reasoning else None,
                              tool_calls=calls or None)

@@ -11,19 +11,52 @@ from __future__ import annotations
 
 import argparse
 import contextvars
+import json
 import os
+import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field, PrivateAttr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from server.keys import build_keys
 
 ENV_PREFIX = "QWEN_VL_"
 HUB_ID = "Qwen/Qwen3-VL-2B-Instruct"
+
+
+class ConfigError(Exception):
+    """A configuration problem the launcher reports as one line (exit status 2)."""
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+               "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def parse_size(v: Any) -> Any:
+    """``8MiB``, ``512 KB``, ``1.5GiB`` or plain bytes -> bytes (KB = 1000, KiB = 1024)."""
+    if not isinstance(v, str):
+        return v
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", v)
+    if not m:
+        raise ValueError("not a size (e.g. 8MiB, 512KB, 1048576)")
+    if m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"unknown size unit {m.group(2)!r} (use B, KB, KiB, MB, MiB, GB or GiB)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def format_size(n: int) -> str:
+    for unit, k in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= k and n % k == 0:
+            return f"{n // k}{unit}"
+    return str(n)
+
+
+# a byte count that also accepts "8MiB"-style values (flags, env and YAML alike)
+Bytes = Annotated[int, BeforeValidator(parse_size)]
 
 
 class Settings(BaseSettings):
@@ -52,13 +85,19 @@ class Settings(BaseSettings):
     port: int = Field(8080, ge=1, le=65535, description="API port.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     api_keys: list[str] = Field(default_factory=list, description=(
-        "Accepted API keys (Bearer). Empty = no auth. Also QWEN_VL_API_KEYS or --api-key-file."))
+        "Accepted API keys (Bearer); --api-key is the same flag. Empty = no auth. Also "
+        "QWEN_VL_API_KEYS (comma-separated or a JSON list) or --api-key-file."))
     api_key_file: str | None = Field(None, description=(
         "File with one API key per line, or a .yaml/.yml file of named keys with limits; "
         "reloaded on SIGHUP and when it changes."))
     cors_origins: list[str] = Field(default_factory=list, description="CORS origins; empty = CORS off.")
     shutdown_timeout: float = Field(30.0, ge=0, description=(
         "Seconds running requests may take to finish after SIGTERM."))
+    access_log: bool = Field(True, description="One access log line per request.")
+    log_health_checks: bool = Field(False, description=(
+        "Also log GET /health in the access log (off: health probes would flood it)."))
+    log_format: Literal["text", "json"] = Field("text", description=(
+        "Log lines as text, or as one JSON object per line (for log shippers)."))
 
     # --- generation defaults (used when a request leaves a field out) ---------------
     max_new_tokens: int = Field(1024, ge=1, description="Default max_tokens for a request.")
@@ -86,7 +125,7 @@ class Settings(BaseSettings):
     max_messages: int = Field(256, ge=1, description="Messages per request at most.")
     max_text_chars: int = Field(200_000, ge=1, description="Characters of text per request at most.")
     max_images_per_request: int = Field(16, ge=0, description="Images per request at most.")
-    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Request body cap (413).")
+    max_body_bytes: Bytes = Field(64 * 1024 * 1024, ge=1024, description="Request body cap (413).")
     max_json_elements: int = Field(500_000, ge=1000, description=(
         "JSON values per request body at most, counted cheaply as commas and brackets "
         "before parsing (413)."))
@@ -105,7 +144,7 @@ class Settings(BaseSettings):
     min_pixels: int = Field(64 * 32 * 32, ge=32 * 32, description="Default per-image pixel floor.")
     max_pixels: int = Field(1280 * 32 * 32, ge=32 * 32, description=(
         "Default per-image pixel budget (one token per 32x32 pixels)."))
-    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Image size cap (413).")
+    max_image_bytes: Bytes = Field(10 * 1024 * 1024, ge=1, description="Image size cap (413).")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Decoded pixel cap (bomb guard).")
     max_request_image_pixels: int = Field(200_000_000, ge=1, description=(
         "Decoded pixels of all images of one request together (memory guard)."))
@@ -144,6 +183,9 @@ class Settings(BaseSettings):
             return [s.strip() for i in items for s in i.split(",") if s.strip()]
         return v
 
+    # the --config file these settings came from (reported in the startup log)
+    _config_file: str | None = PrivateAttr(None)
+
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
                                    dotenv_settings, file_secret_settings):
@@ -156,15 +198,21 @@ class Settings(BaseSettings):
 
     @classmethod
     def load(cls, argv: list[str] | None = None, **overrides: Any) -> "Settings":
-        """Parse CLI flags (and ``--config``) and merge with YAML and env."""
+        """Parse CLI flags (and ``--config``) and merge with YAML and env.
+
+        Raises ``ConfigError`` for an unreadable or malformed config file or env value,
+        pydantic's ``ValidationError`` for a bad value; ``server.config_errors`` turns
+        both into one line per problem."""
         parser = build_parser()
         ns = vars(parser.parse_args(argv))
         config = ns.pop("config", None) or os.environ.get(ENV_PREFIX + "CONFIG")
         token = _YAML_FILE.set(config)
         try:
-            return cls(**{**ns, **overrides})
+            s = cls(**{**ns, **overrides})
         finally:
             _YAML_FILE.reset(token)
+        s._config_file = config
+        return s
 
 
 # --- sources ----------------------------------------------------------------------
@@ -180,24 +228,57 @@ class _YamlSource(PydanticBaseSettingsSource):
         path = _YAML_FILE.get()
         if not path:
             return {}
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a mapping")
-        return {k.replace("-", "_"): v for k, v in data.items()}
+        return {k: v for k, (v, _line) in read_yaml_config(path).items()}
+
+
+def read_yaml_config(path: str) -> dict[str, tuple[Any, int]]:
+    """The settings in a YAML file: ``{field: (value, line)}``; ``ConfigError`` names the
+    file (and the line) when it cannot be read or parsed."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path}: cannot read it ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+        node = yaml.compose(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {path}{where}: not valid YAML ({problem})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: must hold a mapping of settings (key: value)")
+    lines = {}
+    if isinstance(node, yaml.MappingNode):
+        lines = {str(k.value): k.start_mark.line + 1 for k, _ in node.value}
+    return {str(k).replace("-", "_"): (v, lines.get(str(k), 0)) for k, v in data.items()}
 
 
 class _ListFriendlyEnv(PydanticBaseSettingsSource):
-    """Env vars ``QWEN_VL_<FIELD>``; lists are comma-separated (not JSON)."""
+    """Env vars ``QWEN_VL_<FIELD>``; lists are comma-separated or a JSON list."""
 
     def get_field_value(self, field, field_name):  # pragma: no cover - unused by __call__
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        out = {}
-        for name in self.settings_cls.model_fields:
-            raw = os.environ.get(ENV_PREFIX + name.upper())
-            if raw is not None:
-                out[name] = raw
+        out: dict[str, Any] = {}
+        for name, field in self.settings_cls.model_fields.items():
+            env = ENV_PREFIX + name.upper()
+            raw = os.environ.get(env)
+            if raw is None:
+                continue
+            out[name] = raw
+            if _is_list(field.annotation) and raw.lstrip().startswith("["):
+                try:
+                    items = json.loads(raw)
+                except ValueError:
+                    raise ConfigError(f"{env}: starts with '[' but is not a JSON list "
+                                      "(use a JSON list or comma-separated values)") from None
+                if not (isinstance(items, list) and all(isinstance(i, str) for i in items)):
+                    raise ConfigError(f"{env}: a JSON list must hold strings")
+                out[name] = tuple(items)  # a tuple: _split_commas leaves its items whole
         return out
 
 
@@ -207,21 +288,50 @@ def _is_list(annotation: Any) -> bool:
     return typing.get_origin(annotation) is list
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but an error is one line (no usage block) and exits 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _flag_kwargs(name: str, field) -> dict[str, Any]:
+    """argparse options for one field: choices, a metavar saying the unit, the default."""
+    ann, desc = field.annotation, field.description or ""
+    default = field.get_default(call_default_factory=True)
+    kw: dict[str, Any] = {"dest": name}
+    if typing.get_origin(ann) is Literal:
+        kw["choices"] = list(typing.get_args(ann))
+    elif ann is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    elif _is_list(ann):
+        kw.update(action="append", metavar="VALUE")
+        desc += " (repeat or comma-separate)"
+    elif BeforeValidator(parse_size) in field.metadata:
+        kw["metavar"] = "SIZE"
+        desc += " Bytes; accepts 8MiB, 512KB, ..."
+        default = format_size(default)
+    elif ann in (int, float):
+        kw["type"] = ann
+        kw["metavar"] = ("SECONDS" if "seconds" in desc.lower() else
+                         "PIXELS" if name.endswith("pixels") else ann.__name__.upper())
+    else:
+        kw["metavar"] = "PATH" if name.endswith(("_path", "_file")) else "TEXT"
+    kw["help"] = f"{desc} [default: {default}]".replace("%", "%%")
+    return kw
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="python -m server",
         description="OpenAI-compatible server for Qwen3-VL. Precedence: YAML < env "
                     f"({ENV_PREFIX}<NAME>) < flags.",
-        argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", help="YAML file with any of the settings below.")
+        argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    parser.add_argument("--config", metavar="PATH",
+                        help=f"YAML file with any of the settings below (env {ENV_PREFIX}CONFIG).")
     for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        help_text = f"{field.description} [default: {field.get_default(call_default_factory=True)!r}]"
-        if _is_list(field.annotation):
-            parser.add_argument(flag, dest=name, action="append", metavar="VALUE",
-                                help=help_text + " (repeat or comma-separate)")
-        else:
-            parser.add_argument(flag, dest=name, metavar=name.upper(), help=help_text)
-    # the one alias the launch docs use
-    parser.add_argument("--api-key", dest="api_keys", action="append", help=argparse.SUPPRESS)
+        flags = ["--" + name.replace("_", "-")]
+        if name == "api_keys":  # the singular is what the docs and most users type
+            flags.append("--api-key")
+        parser.add_argument(*flags, **_flag_kwargs(name, field))
     return parser

@@ -25,6 +25,13 @@ not to be one.  Without tools and reasoning the parser passes text through uncha
   valid JSON with a name is handed back as plain content when it ends.
 * ``arguments`` is the exact JSON text the model wrote, so streamed fragments and the
   non-streamed string are identical.
+* A block that begins as a JSON object ends at the first ``</tool_call>`` outside a JSON
+  string: marker text inside an argument string is argument text, never the end.
+* Only a call whose block closed and whose arguments ``json.loads`` accepts is complete
+  (``complete_calls``, ``has_tool_calls``).  A call cut off (``max_tokens``) or with
+  broken arguments stays in ``calls`` (its fragments were streamed already), and its raw
+  block is kept in ``incomplete_text``: the non-streamed message returns that text as
+  ``content``, as vLLM does, and lists only complete calls.
 """
 
 from __future__ import annotations
@@ -61,11 +68,58 @@ def _args_visible(rest: str) -> str:
     return r
 
 
+class _JsonCloseScanner:
+    """Finds ``</tool_call>`` outside JSON strings, incrementally over a growing block."""
+
+    def __init__(self):
+        self.pos, self.in_str, self.escaped, self.json = 0, False, False, None
+
+    def find(self, body: str) -> int:
+        if self.json is None:  # decided by the block's first non-space character
+            head = body.lstrip()
+            if not head:
+                return -1
+            self.json = head.startswith("{")
+        if not self.json:
+            return body.find(TOOL_CLOSE)
+        i = self.pos
+        while i < len(body):
+            ch = body[i]
+            if self.in_str:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.in_str = False
+            elif ch == '"':
+                self.in_str = True
+            elif ch == "<" and body.startswith(TOOL_CLOSE[:len(body) - i], i):
+                if len(body) - i < len(TOOL_CLOSE):
+                    break  # maybe the marker, not complete yet: look again when it grows
+                self.pos = i
+                return i
+            i += 1
+        self.pos = i
+        return -1
+
+
+def _valid_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass
 class ToolCallOut:
     id: str
     name: str
     arguments: str = ""
+    complete: bool = False    # its block closed and the arguments parse
+    raw: str = ""             # the block's text, while it is not complete
+    lead: str = ""            # whitespace before the block (content, if it is not a call)
 
 
 @dataclass
@@ -88,6 +142,7 @@ class OutputParser:
         self._strip_lead = False      # drop whitespace before content (after </think>, calls)
         self._held_ws = ""            # content's trailing whitespace, held while tools are on
         self._reasoning_seen = opened_think
+        self._scanner = _JsonCloseScanner()
 
     # --- public -----------------------------------------------------------------------
     def feed(self, text: str) -> list[tuple]:
@@ -104,6 +159,7 @@ class OutputParser:
         if self.state == "call":
             if self._call is not None:  # cut off mid-call (length): send what there is
                 self._send_args(out, _args_visible(self.buf[self._args_at:]))
+                self._call.raw = self._call.lead + TOOL_OPEN + self.buf
             elif not (self.calls and not self.parallel):
                 self._content(out, TOOL_OPEN + self.buf)
             self.buf = ""
@@ -113,8 +169,18 @@ class OutputParser:
         return out
 
     @property
+    def complete_calls(self) -> list[ToolCallOut]:
+        return [c for c in self.calls if c.complete]
+
+    @property
+    def incomplete_text(self) -> str:
+        """The raw blocks of calls that did not complete (cut off, or broken arguments)."""
+        return "".join(c.raw for c in self.calls if not c.complete)
+
+    @property
     def has_tool_calls(self) -> bool:
-        return bool(self.calls)
+        """Calls were made and every one is complete (then finish_reason "tool_calls")."""
+        return bool(self.calls) and all(c.complete for c in self.calls)
 
     @property
     def saw_reasoning(self) -> bool:
@@ -162,6 +228,7 @@ class OutputParser:
                 self._content(out, self.buf[:at])
                 self.buf = self.buf[at + len(TOOL_OPEN):]
                 self.state, self._call, self._sent = "call", None, 0
+                self._scanner = _JsonCloseScanner()
                 return True
             keep = 0 if final else _partial_suffix(self.buf, TOOL_OPEN)
             self._content(out, self.buf[:len(self.buf) - keep])
@@ -181,7 +248,7 @@ class OutputParser:
             self._held_ws += text
 
     def _step_call(self, out: list, final: bool) -> bool:
-        end = self.buf.find(TOOL_CLOSE)
+        end = self._scanner.find(self.buf)
         body = self.buf if end == -1 else self.buf[:end]
         if end == -1 and not final:
             body = body[:len(body) - _partial_suffix(body, TOOL_CLOSE)]
@@ -194,7 +261,7 @@ class OutputParser:
                 except ValueError:
                     name = None
                 if name is not None:
-                    self._call = ToolCallOut(new_call_id(), name)
+                    self._call = ToolCallOut(new_call_id(), name, lead=self._held_ws)
                     self._held_ws = ""  # whitespace before a call is not content
                     self._args_at, self._sent = m.end(), 0
                     self.calls.append(self._call)
@@ -204,6 +271,10 @@ class OutputParser:
         if end == -1:
             return False
         # the block is complete
+        if self._call is not None:
+            self._call.complete = _valid_json(self._call.arguments)
+            if not self._call.complete:
+                self._call.raw = self._call.lead + TOOL_OPEN + body + TOOL_CLOSE
         if self._call is None and not skip:
             call = self._whole_call(body)
             if call is None:  # not a tool call after all: it was text
@@ -239,8 +310,9 @@ class OutputParser:
         if not (isinstance(obj, dict) and isinstance(obj.get("name"), str)):
             return None
         args = obj.get("arguments", obj.get("parameters", {}))
-        return ToolCallOut(new_call_id(), obj["name"],
-                           args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
+        args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+        return ToolCallOut(new_call_id(), obj["name"], args, complete=_valid_json(args),
+                           raw=TOOL_OPEN + body + TOOL_CLOSE)
 
 
 def parse(text: str, *, tools: bool = False, opened_think: bool = False,
@@ -248,8 +320,9 @@ def parse(text: str, *, tools: bool = False, opened_think: bool = False,
     """The whole text of a choice → content, reasoning, tool calls."""
     p = OutputParser(tools=tools, opened_think=opened_think, parallel=parallel)
     events = p.feed(text) + p.finish()
-    content = "".join(e[1] for e in events if e[0] == "content")
+    content = "".join(e[1] for e in events if e[0] == "content") + p.incomplete_text
     reasoning = "".join(e[1] for e in events if e[0] == "reasoning")
-    return Parsed(content=content if (content or not p.calls) else None,
+    calls = p.complete_calls
+    return Parsed(content=content if (content or not calls) else None,
                   reasoning=reasoning if p.saw_reasoning else None,
-                  tool_calls=p.calls)
+                  tool_calls=calls)

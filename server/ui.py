@@ -7,6 +7,12 @@ as base64 data URLs, ``stream=True`` with ``include_usage``), so it works agains
 server on any box and adds no second generation path.  It never imports torch.
 ``./launch_gradio_api.sh`` starts it next to the API; it tolerates an API that is still
 loading (a status line polls ``/v1/models`` until the model is ready).
+
+Auth: when the API answers 401, the page shows an "API key" field and each chat request
+carries the key the person typed (as the Bearer token); without one the chat answers
+with a readable "API key required" line, so the UI never opens a door the API's keys
+closed.  ``--ui-api-key`` / ``OPENAI_API_KEY`` give every visitor one key: meant for a
+UI bound to 127.0.0.1 (the default), and the UI warns at startup otherwise.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import gradio as gr
 import httpx
 import openai
 from openai import AsyncOpenAI
+
+from server.startup import is_loopback
 
 log = logging.getLogger("qwen_vl.ui")
 
@@ -222,7 +230,7 @@ def describe_error(e: BaseException, base_url: str) -> str:
         detail, status = _api_message(e), e.status_code
         title = {
             400: "Request rejected (400)",
-            401: "Not authorized (401): set OPENAI_API_KEY or --ui-api-key",
+            401: "API key required (401): enter a valid key in the API key field",
             403: "Forbidden (403)",
             404: "Not found (404)",
             413: "Too large (413): use a smaller image or fewer images",
@@ -257,31 +265,48 @@ class ChatBackend:
         self.fixed_model = model
         self.model: str | None = model
 
-    async def resolve_model(self) -> str:
+    def _client(self, api_key: str = "") -> AsyncOpenAI:
+        """The client, with the key the person typed (if any) as the Bearer token."""
+        key = (api_key or "").strip()
+        return self.client.with_options(api_key=key) if key else self.client
+
+    async def resolve_model(self, client: AsyncOpenAI | None = None) -> str:
         if self.model is None:
-            models = await self.client.models.list()
+            models = await (client or self.client).models.list()
             if not models.data:
                 raise UserFacingError("The API lists no model", self.base_url)
             self.model = models.data[0].id
         return self.model
 
-    async def status(self) -> tuple[str, bool]:
+    async def status(self) -> tuple[str, bool, bool]:
+        """(status line, ready, the API wants a key the UI does not have)."""
         try:
             models = await self.client.models.list()
+        except openai.AuthenticationError:
+            try:  # /health is open: it tells loading from ready without a key
+                async with httpx.AsyncClient(timeout=5) as http:
+                    health = await http.get(self.base_url.removesuffix("/v1") + "/health")
+                ok = health.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if not ok:
+                return f"○ API at `{self.base_url}`: model loading…", False, True
+            return (f"● API at `{self.base_url}` ready · it requires an API key: enter "
+                    "yours in the API key field", True, True)
         except openai.APIStatusError as e:
             if e.status_code == 503:
-                return f"○ API at `{self.base_url}`: model loading… (the chat works once it has loaded)", False
-            return f"⚠ API at `{self.base_url}`: HTTP {e.status_code} — {_api_message(e)}", False
+                return f"○ API at `{self.base_url}`: model loading… (the chat works once it has loaded)", False, False
+            return f"⚠ API at `{self.base_url}`: HTTP {e.status_code} — {_api_message(e)}", False, False
         except openai.APIConnectionError:
-            return f"○ API at `{self.base_url}`: not reachable yet…", False
+            return f"○ API at `{self.base_url}`: not reachable yet…", False, False
         ids = [m.id for m in models.data]
         if self.fixed_model is None and ids:
             self.model = ids[0]
-        return f"● API at `{self.base_url}` ready · model `{self.model or '?'}`", True
+        return f"● API at `{self.base_url}` ready · model `{self.model or '?'}`", True, False
 
     async def chat(self, message: Any, history: list[dict], system_prompt: str,
                    temperature: float, top_p: float, max_tokens: int,
-                   detail: str) -> AsyncIterator[str]:
+                   detail: str, api_key: str = "") -> AsyncIterator[str]:
         """The ChatInterface function: yields the growing answer, then answer + usage."""
         text = ""
         t0 = time.perf_counter()
@@ -289,9 +314,10 @@ class ChatBackend:
             messages = to_openai_messages(message, history, detail or "auto", system_prompt or "")
             if not messages or messages[-1]["role"] != "user":
                 raise UserFacingError("Nothing to send", "type a question or attach an image")
-            model = await self.resolve_model()
+            client = self._client(api_key)
+            model = await self.resolve_model(client)
             first = usage = finish = None
-            stream = await self.client.chat.completions.create(
+            stream = await client.chat.completions.create(
                 model=model, messages=messages, stream=True,
                 stream_options={"include_usage": True},
                 temperature=float(temperature), top_p=float(top_p),
@@ -324,6 +350,9 @@ def build_ui(backend: ChatBackend, *, concurrency: int = 16,
                    delete_cache=(3600, 24 * 3600)) as demo:  # uploads live a day
         gr.Markdown("## Qwen3-VL chat")
         status = gr.Markdown("○ connecting to the API…", elem_id="api-status")
+        # shown once the API turns out to require a key; the typed key stays in the page
+        api_key = gr.Textbox(label="API key", type="password", elem_id="api-key",
+                             placeholder="This server requires an API key", visible=False)
         chatbot = gr.Chatbot(
             elem_id="chat", height=560, label="Chat", show_label=False,
             buttons=["copy", "copy_all"], feedback_options=None, layout="bubble",
@@ -341,6 +370,7 @@ def build_ui(backend: ChatBackend, *, concurrency: int = 16,
             gr.Slider(1, max_tokens_limit, value=min(1024, max_tokens_limit), step=1,
                       label="Max tokens", render=False),
             gr.Radio(DETAIL_CHOICES, value="auto", label="Image detail", render=False),
+            api_key,  # rendered above, so ChatInterface leaves it where it is
         ]
         gr.ChatInterface(
             backend.chat, multimodal=True, chatbot=chatbot, textbox=textbox,
@@ -351,11 +381,12 @@ def build_ui(backend: ChatBackend, *, concurrency: int = 16,
         timer = gr.Timer(2.0)
 
         async def poll():
-            text, ready = await backend.status()
-            return text, gr.Timer(active=not ready)
+            text, ready, needs_key = await backend.status()
+            return text, gr.Timer(active=not ready), gr.Textbox(visible=needs_key)
 
-        demo.load(poll, outputs=[status, timer], show_progress="hidden", queue=False)
-        timer.tick(poll, outputs=[status, timer], show_progress="hidden", queue=False)
+        outputs = [status, timer, api_key]
+        demo.load(poll, outputs=outputs, show_progress="hidden", queue=False)
+        timer.tick(poll, outputs=outputs, show_progress="hidden", queue=False)
     return demo
 
 
@@ -370,7 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Base URL of the API, ending in /v1 [default: %(default)s; "
                          "env OPENAI_BASE_URL]")
     ap.add_argument("--ui-api-key", default=None,
-                    help="API key for the API [default: env OPENAI_API_KEY]")
+                    help="API key that every visitor of the UI uses (keep such a UI on "
+                         "127.0.0.1); without one the page asks for a key when the API "
+                         "needs one [default: env OPENAI_API_KEY, which "
+                         "launch_gradio_api.sh does not pass on]")
     ap.add_argument("--ui-host", default="127.0.0.1", help="Address the UI listens on "
                     "[default: %(default)s]")
     ap.add_argument("--ui-port", type=int, default=7860, help="UI port [default: %(default)s]")
@@ -393,6 +427,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("httpx", "httpx2", "httpcore"):  # one INFO line per API call otherwise
         logging.getLogger(name).setLevel(logging.WARNING)
     api_key = args.ui_api_key or os.environ.get("OPENAI_API_KEY", "")
+    if not is_loopback(args.ui_host):
+        log.warning("the UI listens on %s: anyone who can reach it can chat%s", args.ui_host,
+                    " with the configured API key (--ui-api-key / OPENAI_API_KEY)" if api_key
+                    else " if the API has no keys")
     backend = ChatBackend(args.api_base_url, api_key, args.ui_model, args.ui_timeout)
     demo = build_ui(backend, concurrency=args.ui_concurrency,
                     max_tokens_limit=args.ui_max_tokens)

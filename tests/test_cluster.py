@@ -113,7 +113,8 @@ def test_plain_launch_never_imports_ray():
     """Without --replicas/--ray-address, ``python -m server``'s main runs to uvicorn
     without Ray in sys.modules."""
     code = ("import sys, uvicorn, server.__main__ as m\n"
-            "uvicorn.run = lambda app, **kw: print('RAY' if 'ray' in sys.modules else 'NO-RAY')\n"
+            "uvicorn.Server.run = lambda self, *a, **kw: print('RAY' if 'ray' in sys.modules "
+            "else 'NO-RAY')\n"
             "m.main(['--model-path', 'nowhere', '--port', '1'])\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)

@@ -1,9 +1,11 @@
 """The Gradio UI in a real browser: ./launch_gradio_api.sh + headless Debian Chromium.
 
-Starts the launcher with the tiny model, attaches an image, asks a question (English and
-Chinese), waits for the streamed answer and its usage line, provokes a 413 and checks it
-reads as a message, checks the API still answers (test_api.sh), saves a screenshot (to
-docs/ui.png too when UPDATE_SCREENSHOT=1) and stops everything with SIGTERM.  Needs /usr/bin/chromium (tests/run.sh
+Starts the launcher with the tiny model and an API key (API on 0.0.0.0, the UI on its
+default 127.0.0.1), checks the page refuses to chat until a key is typed, attaches an
+image, asks a question (English and Chinese), waits for the streamed answer and its usage
+line, provokes a 413 and checks it reads as a message, opens /docs and /redoc with every
+outside request blocked, checks the API still answers (test_api.sh --key), saves a
+screenshot (to docs/ui.png too when UPDATE_SCREENSHOT=1) and stops everything with SIGTERM.  Needs /usr/bin/chromium (tests/run.sh
 installs it) and the `playwright` package; it never downloads a browser.
 """
 
@@ -29,6 +31,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-component-update", "--disable-sync"]
 QUESTION = "What is in this picture? 这张图片里有什么？"
 MAX_IMAGE_BYTES = 20_000  # the API's cap in this test; the second image is larger → 413
+API_KEY = "sk-browser-test"
 # records [length, has usage line] of the last answer on every DOM change of the chat
 WATCH_ANSWER = """() => {
   window.__seen = [];
@@ -103,7 +106,8 @@ def test_ui_in_browser(tiny_model, tmp_path):
            "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("OPENAI_API_KEY", None)
     cmd = ["./launch_gradio_api.sh", "--model-path", tiny_model, "--port", str(api_port),
-           "--ui-port", str(ui_port), "--host", "127.0.0.1", "--min-pixels", "4096",
+           "--ui-port", str(ui_port), "--host", "0.0.0.0", "--api-key", API_KEY,
+           "--min-pixels", "4096",
            "--max-pixels", "65536", "--max-image-bytes", str(MAX_IMAGE_BYTES)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -126,10 +130,23 @@ def test_ui_in_browser(tiny_model, tmp_path):
                 children = [int(pids.group(1)), int(pids.group(2))]
                 # one model, in the API process: the UI process never loads torch
                 assert "libtorch" not in Path(f"/proc/{children[1]}/maps").read_text()
+                # the UI listens on loopback only, although the API is on 0.0.0.0
+                assert re.search(rf"UI on http://127\.0\.0\.1:{ui_port} ", log.read_text())
                 page = ctx.new_page()
                 page.goto(ui)
-                expect(page.locator("#api-status")).to_contain_text("ready · model", timeout=90_000)
+                expect(page.locator("#api-status")).to_contain_text(
+                    "requires an API key", timeout=90_000)
                 assert httpx.get(api + "/health", timeout=5).status_code == 200
+
+                # no key typed: the chat is refused with a readable line, no answer
+                bot = page.locator("#chat [data-testid=bot]")
+                page.locator("#msg textarea").fill("Hello without a key?")
+                page.locator("#msg textarea").press("Enter")
+                expect(bot.last).to_contain_text("API key required (401)", timeout=30_000)
+                assert "tokens:" not in bot.last.inner_text()
+                page.locator("#chat").get_by_role("button", name="Clear").click()
+                expect(bot).to_have_count(0, timeout=10_000)
+                page.locator("#api-key input").fill(API_KEY)
 
                 # sampling settings: short, greedy answers keep the test fast
                 page.get_by_text("Sampling settings").click()
@@ -145,7 +162,6 @@ def test_ui_in_browser(tiny_model, tmp_path):
                 page.locator("#msg textarea").fill(QUESTION)
                 page.evaluate(WATCH_ANSWER)
                 page.locator("#msg textarea").press("Enter")
-                bot = page.locator("#chat [data-testid=bot]")
                 expect(bot.last).to_contain_text("tokens:", timeout=60_000)
                 lengths = [n for n, _ in page.evaluate("window.__seen")]
                 answer = bot.last.inner_text()
@@ -193,12 +209,33 @@ def test_ui_in_browser(tiny_model, tmp_path):
                 # clear
                 page.locator("#chat").get_by_role("button", name="Clear").click()
                 expect(bot).to_have_count(0, timeout=10_000)
+
+                # /docs and /redoc render with every request off this box refused
+                outside: list[str] = []
+
+                def only_local(route):
+                    if httpx.URL(route.request.url).host in ("127.0.0.1", "localhost"):
+                        return route.continue_()
+                    outside.append(route.request.url)
+                    return route.abort()
+
+                docs = ctx.new_page()
+                docs.route("**/*", only_local)
+                docs.goto(api + "/docs")
+                expect(docs.locator(".swagger-ui .info .title")).to_contain_text(
+                    "Qwen3-VL", timeout=30_000)
+                expect(docs.locator(".opblock-summary-path").filter(
+                    has_text="/v1/models/{model}")).to_have_count(1)
+                docs.goto(api + "/redoc")
+                expect(docs.locator("h1").first).to_contain_text("Qwen3-VL", timeout=30_000)
+                expect(docs.get_by_text("/v1/chat/completions").first).to_be_attached()
+                assert not outside, outside
             finally:
                 ctx.close()
 
         # the API still answers next to the UI
-        check = subprocess.run(["./test_api.sh", api], cwd=ROOT, capture_output=True,
-                               text=True, timeout=90)
+        check = subprocess.run(["./test_api.sh", "--key", API_KEY, api], cwd=ROOT,
+                               capture_output=True, text=True, timeout=90)
         assert check.returncode == 0, check.stdout + check.stderr
 
         if os.environ.get("UPDATE_SCREENSHOT"):  # refresh the README's picture on request

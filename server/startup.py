@@ -1,0 +1,32 @@
+"""What the operator must know at startup, as log lines: which config file was loaded,
+whether API keys are required, and a warning when the API is open to the network."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+log = logging.getLogger("qwen_vl.startup")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def report(settings, keys: list[str]) -> None:
+    config = settings._config_file
+    log.info("config: %s", f"loaded {config}" if config else "no config file (defaults, env, flags)")
+    if keys:
+        log.info("auth: on (%d API key%s; /v1 and /metrics need one)", len(keys),
+                 "" if len(keys) == 1 else "s")
+    else:
+        log.info("auth: off (no --api-key, --api-key-file or QWEN_VL_API_KEYS)")
+        if not is_loopback(settings.host):
+            log.warning("the API listens on %s with no API key: anyone who can reach this "
+                        "box can use the model; set --api-key-file or --host 127.0.0.1",
+                        settings.host)
