@@ -32,11 +32,14 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_path: str, scheduler: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(model_path: str, scheduler: str, extra: list[str],
+                 root: Path = ROOT) -> tuple[subprocess.Popen, str]:
+    """The server of the checkout at ``root`` (this one by default)."""
     port = _port()
     cmd = [sys.executable, "-m", "server", "--model-path", model_path, "--host", "127.0.0.1",
            "--port", str(port), "--scheduler", scheduler, "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(cmd, cwd=root, env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                                "PYTHONPATH": str(root)})
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:

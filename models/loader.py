@@ -2,7 +2,10 @@
 
 ``load_model(settings)`` honours ``--dtype``, ``--device-map``, ``--attn-implementation``
 and ``--quantization``; with no CUDA device it says so and falls back to CPU and float32
-instead of failing.  It logs progress and the time the load took.
+instead of failing.  It logs progress and the time the load took.  ``--device-map``
+defaults to one device (``cuda:0``): the batch's index tensors must live with every
+layer, and a 2B model split across GPUs only gets slower; ``auto``/``balanced`` split it
+when asked.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def load_model(settings) -> LoadedModel:
     cuda = torch.cuda.is_available()
     device_map = settings.device_map
     if not cuda:
-        if device_map not in ("auto", "cpu"):
+        if device_map not in ("auto", "cpu", "cuda:0"):
             log.warning("device_map %s requested but no CUDA device is present", device_map)
         log.warning("No CUDA device found: running on CPU in float32. Generation will be slow.")
         device_map = "cpu"

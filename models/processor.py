@@ -171,9 +171,14 @@ def _load_image_only(model_path: str, **hub_kwargs: Any) -> ImageOnlyQwen3VLProc
     tokenizer = AutoTokenizer.from_pretrained(model_path, **hub_kwargs)
     if not getattr(tokenizer, "is_fast", True):
         raise TypeError(f"expected a fast tokenizer for {model_path}, got {type(tokenizer).__name__}")
-    image_processor = AutoImageProcessor.from_pretrained(
-        model_path, backend="torchvision" if has_video_support() else "pil", **hub_kwargs
-    )
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(
+            model_path, backend="torchvision" if has_video_support() else "pil", **hub_kwargs
+        )
+    except ImportError:  # transformers < 5.2x has no backend= and asks for torchvision
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil)
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(model_path, **hub_kwargs)
     # Chat template: processor-level files (chat_template.jinja / chat_template.json /
     # processor_config.json) first, then the tokenizer's own.
     processor_dict, _ = ProcessorMixin.get_processor_dict(model_path, **hub_kwargs)

@@ -36,7 +36,8 @@ def engine_factory(settings: Settings):
         from server.engine.core import AsyncEngine
         oom_at = os.environ.get("QWEN_VL_FAULT_OOM_AT")
         return AsyncEngine(load_model(settings), settings,
-                           fault_oom_at=int(oom_at) if oom_at else None)
+                           fault_oom_at=int(oom_at) if oom_at else None,
+                           fault=os.environ.get("QWEN_VL_FAULT"))
     return build
 
 

@@ -419,10 +419,13 @@ def _usage(stats: RequestStats) -> p.Usage:
 
 
 def _wire_logprob(lp) -> p.TokenLogprob:
-    return p.TokenLogprob(token=lp.token, logprob=lp.logprob,
-                          bytes=lp.bytes if lp.bytes is not None else list(lp.token.encode()),
-                          top_logprobs=[p.TopLogprob(token=t, logprob=v, bytes=b)
-                                        for t, v, b in lp.top])
+    # built without validation: the engine's values are already typed, and validating
+    # 1 + top_logprobs models per token is most of the cost of a logprobs request
+    return p.TokenLogprob.model_construct(
+        token=lp.token, logprob=lp.logprob,
+        bytes=lp.bytes if lp.bytes is not None else list(lp.token.encode()),
+        top_logprobs=[p.TopLogprob.model_construct(token=t, logprob=v, bytes=b)
+                      for t, v, b in lp.top])
 
 
 MAX_JSON_DEPTH = 64   # request nesting (tool schemas are the deep part); deeper → 400

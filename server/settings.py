@@ -70,7 +70,9 @@ class Settings(BaseSettings):
         "Extra names accepted as `model` (the served name and the model's hub id always are)."))
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights dtype; auto = bfloat16 on CUDA, float32 on CPU.")
-    device_map: str = Field("auto", description="auto, cuda:0, cpu, ... (no CUDA → cpu).")
+    device_map: str = Field("cuda:0", description=(
+        "One device (cuda:0, cuda:1, cpu) or a split across GPUs (auto, balanced: slower "
+        "for a 2B model). No CUDA → cpu."))
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
         "sdpa", description="Attention kernel.")
     quantization: Literal["none", "4bit", "8bit"] = Field(
@@ -110,6 +112,12 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(64, ge=1, description="Sequences decoded together at most.")
     max_batch_tokens: int = Field(8192, ge=64, description="Prefill token budget per step.")
     max_queue: int = Field(256, ge=1, description="Requests waiting at most; beyond → 429.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description=(
+        "Share of the GPU's memory this server may use (weights + KV cache); the KV budget "
+        "is what is left of it after loading."))
+    kv_cache_tokens: int | None = Field(None, ge=1, description=(
+        "KV cache budget in tokens (overrides --gpu-memory-utilization; on CPU the "
+        "default is max_num_seqs x max_model_len)."))
 
     # --- request limits ----------------------------------------------------------------
     max_tokens_limit: int = Field(8192, ge=1, description="Largest max_tokens a request may ask.")

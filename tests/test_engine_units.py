@@ -9,7 +9,7 @@ from tokenizers import Tokenizer
 from server.engine.batch import DecodeBatch, SlabLayer, new_cache
 from server.engine.core import _coalesce
 from server.engine.interface import Output, SamplingParams
-from server.engine.sampler import row_generator, sample
+from server.engine.sampler import SamplingState, mix32, sample, stream_key, uniform
 from server.engine.sequence import Sequence
 
 
@@ -23,7 +23,7 @@ def feed(tok, text, **params):
     p = SamplingParams(max_tokens=len(ids) + 5, **params)
     seq = Sequence(request_id="r", index=0, prompt_len=3, params=p, tokenizer=tok,
                    eos_ids={10**6}, sink=None)
-    outs = [seq.append(i) for i in ids]
+    outs = [o for o in map(seq.append, ids) if o is not None]  # None once the choice closed
     return seq, outs, ids
 
 
@@ -68,7 +68,7 @@ def test_eos_finishes_with_stop_unless_ignored(tok):
 class Row:
     def __init__(self, seed=None, **kw):
         self.params = SamplingParams(**kw)
-        self.generator = row_generator(seed, 0, torch.Generator().manual_seed(0))
+        self.key = stream_key(seed, 0, torch.Generator().manual_seed(0))
         self.prompt_ids = torch.tensor([1, 2, 3])
         self.output_ids = [4]
 
@@ -105,8 +105,9 @@ def test_repetition_penalty_discourages_seen_tokens():
 def test_logprobs_shape():
     logits = torch.randn(2, 30)
     res = sample(logits, [Row(temperature=0, logprobs=True, top_logprobs=5), Row(temperature=0)])
-    assert res.top_ids.shape == (2, 5) and (res.logprobs <= 0).all()
-    assert torch.allclose(res.logprobs[0], res.top_logprobs[0, 0])
+    toks, lps = res.unpack(res.packed.tolist())
+    assert len(lps[0][1]) == 5 and all(lp[0] <= 0 for lp in lps)
+    assert abs(lps[0][0] - lps[0][2][0]) < 1e-6 and lps[0][1][0] == toks[0]
 
 
 def _kv(b, t, fill):

@@ -47,7 +47,7 @@ keys:
 """
 SECRETS = ("sk-support-1234", "sk-tagger-5678", "sk-slowpoke-0000", "sk-hashed-9999")
 BODY_TIMEOUT = HEADER_TIMEOUT = 3.0
-QUEUE_WAIT = 6.0  # long enough for the fairness test's queue, shorter than 3000 tokens
+QUEUE_WAIT = 6.0  # long enough for the fairness test's queue, shorter than 4000 tokens
 CONN_CAP = 60
 NOISE_S = 0.15  # absolute allowance on top of "within 2x" for a noisy shared box
 
@@ -288,7 +288,7 @@ def test_max_queue_wait_503_with_retry_after(slow):
     """One slot: a request queued behind a long one gets 503 after --max-queue-wait."""
     long = client(slow, "sk-a").chat.completions.create(
         model="qwen3-vl", messages=[{"role": "user", "content": "long"}], temperature=0,
-        max_tokens=3000, stream=True, extra_body={"ignore_eos": True})
+        max_tokens=4000, stream=True, extra_body={"ignore_eos": True})  # ~the context
     next(iter(long))
     try:
         t0 = time.perf_counter()
@@ -311,9 +311,11 @@ def test_fair_queue_serves_the_other_key_in_turn(slow):
     done: list[str] = []
 
     async def one(c, name):
+        # a's requests long enough that 0.3 s is well within a's queue however fast the
+        # engine decodes
         await c.chat.completions.create(
             model="qwen3-vl", messages=[{"role": "user", "content": "x"}], temperature=0,
-            max_tokens=8, extra_body={"ignore_eos": True})
+            max_tokens=8 if name == "b" else 400, extra_body={"ignore_eos": True})
         done.append(name)
 
     async def main():

@@ -3,27 +3,37 @@
 Contract (see ``server.engine.interface``): ``reserve()`` takes a queue place or raises
 ``Overloaded``; ``generate()`` prepares the prompt on a preparation thread, hands it to
 the worker and yields ``Output`` events as the worker produces them; leaving the
-iteration early aborts the request.  All model work happens on the worker thread;
-results cross back to the event loop with ``call_soon_threadsafe``, once per step per
-request.
+iteration early aborts the request.  All model work happens on the worker thread; text
+and events are produced on the output thread (``server.engine.output``), which wakes the
+event loop once per step.
 
 Two schedulers run on the worker:
 
-* ``BatchingScheduler`` — continuous batching.  Each step: (1) drop aborted rows;
-  (2) admit waiting requests within ``max_num_seqs`` and ``max_batch_tokens`` and prefill
-  them together in one left-padded forward pass (one vision-encoder call for all their
-  images), sampling each choice's first token; (3) join them to the running batch;
-  (4) one decode step for every running row in one forward pass; (5) drop finished rows,
-  whose places are refilled at the next step.
+* ``BatchingScheduler`` — continuous batching.  Each step: (1) finished and aborted rows
+  leave; (2) admit waiting requests within ``max_num_seqs``, ``max_batch_tokens`` and the
+  KV budget (``server.engine.kv_budget``: what the layout allocates, padding included)
+  and prefill them together in one left-padded forward pass (one vision-encoder call for
+  all their images), sampling each choice's first token; (3) join them to the running
+  batch; (4) one decode step for every running row in one forward pass; (5) drop
+  finished rows, whose places are refilled at the next step.  Sampling state lives on
+  the device (``server.engine.sampler``); a decode step makes one device-to-host copy
+  (the sampled tokens, with the logprob data packed in when a row asked for it).
 * ``SequentialScheduler`` — the baseline the benchmark compares against: one request at
   a time through ``model.generate()``.
 
 Waiting requests queue per API key and are admitted in turns (``FairQueue``); with
 ``--max-queue-wait`` one that waited longer without starting gets 503 instead.
 
-A failure inside a step fails only the requests in that forward pass (503 for out of
-memory, 500 otherwise) and frees their memory; after repeated consecutive failures the
-engine reports itself unhealthy.
+Every stage is guarded: prefill (fails its group), join and leave (fail the rows whose
+batch they build), decode and sampling (fail the batch), output (fails the request whose
+events failed).  Out of memory is a 503, anything else a 500; memory is freed; failures
+of shared stages count toward the health circuit: after repeated consecutive failures the
+engine reports itself unhealthy.  ``FaultInjector`` reaches each stage for tests.
+
+A request that could never fit in the KV budget, even alone, gets a 400 before any model
+work.  At startup one short prefill checks that the model wrote into the engine's own
+cache (``server.engine.compat``): a transformers that ignores the cache keyword would
+otherwise serve garbage silently.
 """
 
 from __future__ import annotations
@@ -43,13 +53,17 @@ import torch
 from tokenizers import Tokenizer
 
 from server.engine.batch import DecodeBatch, new_cache
+from server.engine.compat import cache_keyword, check_cache_used
 from server.engine.fairqueue import FairQueue
-from server.engine.interface import EngineRequest, Output, TokenLogprob
+from server.engine.interface import EngineRequest, Output
+from server.engine.kv_budget import KVBudget, slab_tokens
+from server.engine.output import OutputStage, Sink
 from server.engine.prompt import Prepared, PromptBuilder
-from server.engine.sampler import row_generator, sample
+from server.engine.sampler import SamplingState, stream_key
 from server.engine.sequence import Sequence
 from server.engine.structured import GrammarCache, GrammarLogitsProcessor
-from server.errors import APIError, InternalError, Overloaded, QueueTimeout, ServiceUnavailable
+from server.errors import (APIError, InternalError, InvalidRequest, Overloaded, QueueTimeout,
+                           ServiceUnavailable)
 
 log = logging.getLogger("qwen_vl.engine")
 
@@ -87,16 +101,34 @@ class _Reservation:
 
 
 class FaultInjector:
-    """Test hook (``QWEN_VL_FAULT_OOM_AT``): raise an out-of-memory error inside the
-    Nth forward pass, once.  Off unless configured."""
+    """Test hook.  ``QWEN_VL_FAULT_OOM_AT=N``: the Nth forward pass raises out-of-memory,
+    once.  ``QWEN_VL_FAULT=stage:N[:error],...``: the Nth pass through ``stage`` (one of
+    ``STAGES``) raises, once: out-of-memory, or a plain error with ``:error``.  Off
+    unless configured."""
 
-    def __init__(self, oom_at: int | None):
-        self.oom_at, self.calls = oom_at, 0
+    STAGES = ("forward", "prefill", "join", "leave", "decode", "sample", "output")
 
-    def tick(self):
-        self.calls += 1
-        if self.oom_at is not None and self.calls == self.oom_at:
-            raise torch.OutOfMemoryError("injected out-of-memory fault")
+    def __init__(self, oom_at: int | None = None, spec: str | None = None):
+        self.calls = 0  # forward passes (tests read it)
+        self.counts: dict[str, int] = {}
+        self.plan: dict[str, tuple[int, bool, str]] = {}  # stage -> (n, and later, kind)
+        if oom_at is not None:
+            self.plan["forward"] = (oom_at, False, "oom")
+        for part in filter(None, (spec or "").split(",")):
+            stage, n, *kind = part.strip().split(":")
+            if stage not in self.STAGES:
+                raise ValueError(f"unknown fault stage {stage!r}: one of {self.STAGES}")
+            self.plan[stage] = (int(n.rstrip("*")), n.endswith("*"), kind[0] if kind else "oom")
+
+    def tick(self, stage: str = "forward"):
+        if stage == "forward":
+            self.calls += 1
+        n = self.counts[stage] = self.counts.get(stage, 0) + 1
+        at, later, kind = self.plan.get(stage, (0, False, ""))
+        if n == at or (later and at and n > at):
+            if kind == "oom":
+                raise torch.OutOfMemoryError(f"injected out-of-memory fault ({stage})")
+            raise RuntimeError(f"injected fault ({stage})")
 
 
 class _SchedulerBase:
@@ -132,14 +164,12 @@ class _SchedulerBase:
     def _start(self, entry: Entry) -> list[Sequence]:
         entry.reservation.release()  # running now: no longer counts against the queue
         p = entry.prepared.params
-        prompt_ids = entry.prepared.input_ids[0].to(self.engine.device)
         entry.seqs = []
         for i in range(p.n):
             s = Sequence(request_id=entry.request_id, index=i,
                          prompt_len=entry.prepared.num_tokens, params=p,
                          tokenizer=self.engine.detok, eos_ids=self.eos_ids, sink=entry)
-            s.generator = row_generator(p.seed, i, self.engine.generator)
-            s.prompt_ids = prompt_ids
+            s.key = stream_key(p.seed, i, self.engine.generator)
             s.matcher = p.grammar.matcher() if p.grammar is not None else None
             entry.seqs.append(s)
         return entry.seqs
@@ -148,6 +178,17 @@ class _SchedulerBase:
         self.engine.faults.tick()
         with torch.inference_mode():
             return self.model(**inputs)
+
+    def _guarded(self, stage: str, entries, fn, *, batch_step: bool = True):
+        """Run one stage; if it raises, fail ``entries()`` (called then: the rows it
+        concerns) and return None."""
+        try:
+            self.engine.faults.tick(stage)
+            return fn()
+        except Exception as exc:
+            log.warning("%s failed: %r", stage, exc)
+            self._fail(entries(), exc, batch_step=batch_step)
+            return None
 
     def _fail(self, entries, exc: BaseException, *, batch_step: bool = True):
         """Fail ``entries`` with a typed error.  Only failures of a shared batch step count
@@ -160,36 +201,15 @@ class _SchedulerBase:
             err = InternalError("The model failed on this request.")
         if batch_step:
             self.engine._note_failure()
+        entries = list(entries)
         for e in entries:
             e.reservation.release()
-            e.sink(err)
+            for s in e.seqs:
+                s.stopped = True
+        self.engine.output.put_fail(entries, err)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-    def _emit(self, outputs: dict[int, tuple[Entry, list[Output]]]):
-        for entry, outs in outputs.values():
-            entry.sink(outs)
-
-
-def _logprob_events(engine, res, rows) -> list[TokenLogprob | None]:
-    if res.logprobs is None:
-        return [None] * len(rows)
-    lp = res.logprobs.tolist()
-    top_ids = res.top_ids.tolist() if res.top_ids is not None else None
-    top_lp = res.top_logprobs.tolist() if res.top_logprobs is not None else None
-    tokens = res.tokens.tolist()
-    out = []
-    for i, s in enumerate(rows):
-        if not s.params.logprobs:
-            out.append(None)
-            continue
-        k = s.params.top_logprobs
-        top = [(engine.token_text(t), v, engine.token_bytes(t))
-               for t, v in zip(top_ids[i][:k], top_lp[i][:k])] if k else []
-        out.append(TokenLogprob(engine.token_text(tokens[i]), lp[i], top,
-                                engine.token_bytes(tokens[i])))
-    return out
 
 
 class BatchingScheduler(_SchedulerBase):
@@ -200,6 +220,8 @@ class BatchingScheduler(_SchedulerBase):
         self.max_num_seqs, self.max_batch_tokens = s.max_num_seqs, s.max_batch_tokens
         self.pad_id = engine.pad_id
         self.sdpa = self.model.config.get_text_config()._attn_implementation == "sdpa"
+        self.budget: KVBudget = engine.kv_budget
+        self.peak_kv_tokens = 0  # largest KV allocation so far, in token columns (tests)
 
     @property
     def num_running(self) -> int:
@@ -211,37 +233,65 @@ class BatchingScheduler(_SchedulerBase):
     steps = 0  # decode steps taken (tests and metrics read it)
 
     def step(self):
+        # the sampler updates its state and the logits in place: all of it in inference
+        # mode, like the forward whose outputs it works on
+        with torch.inference_mode():
+            self._step()
+
+    def add(self, entry: Entry):
+        need = self._alone_cost(entry)
+        if not self.budget.fits(need):  # would wait forever: say so before any model work
+            entry.reservation.release()
+            self.engine.output.put_fail([entry], InvalidRequest(
+                f"This request needs {need} tokens of KV cache (prompt "
+                f"{entry.prepared.num_tokens} + max_tokens {entry.prepared.params.max_tokens}"
+                f", x{entry.n} choices) but the server's KV budget is {self.budget.tokens} "
+                "tokens; shorten the prompt or lower max_tokens or n.",
+                param="max_tokens", code="kv_budget_exceeded"))
+            return
+        super().add(entry)
+
+    def _step(self):
         self.steps += 1
-        outputs: dict[int, tuple[Entry, list[Output]]] = {}
-        self._filter_finished()  # (1) rows of clients that left
+        self._leave()  # (1) rows that finished or whose client left
         self._expire()
         group = self._admit()
         if group:
-            try:
-                new = self._prefill(group, outputs)
-            except Exception as exc:  # only the requests in this prefill fail
-                self._fail(group, exc, batch_step=False)
-                new = None
-            if new is not None:
-                self.batch = new if self.batch is None else self.batch.concat(new)
-        self._filter_finished()
+            new = self._guarded("prefill", lambda: group, lambda: self._prefill(group),
+                                batch_step=False)  # a prefill fails on its own input
+            if new is not None and self.batch is None:
+                self.batch = new
+            elif new is not None:  # (3) a failed join leaves the running batch intact
+                cap = self._reserved_width(self.batch.rows + new.rows,
+                                           max(self.batch.width, new.width))
+                joined = self._guarded("join", lambda: _entries(new.rows),
+                                       lambda: self.batch.concat(new, cap))
+                self.batch = joined if joined is not None else self.batch
+            self._note_allocation()
+        self._leave()
         if self.batch is not None:
-            try:
-                self._decode(outputs)
-            except Exception as exc:  # only the requests in this decode batch fail
-                entries = {id(s.sink): s.sink for s in self.batch.rows}
-                self.batch = None
-                self._fail(entries.values(), exc)
-            self._filter_finished()
-        self._emit(outputs)
+            batch = self.batch
+            if self._guarded("decode", lambda: _entries(batch.rows), self._decode) is None:
+                self.batch = None if self.batch is batch else self.batch
+            self._leave()
 
     def abort(self, request_id: str):
         super().abort(request_id)
         for s in self.batch.rows if self.batch is not None else []:
             if s.request_id == request_id:
-                s.finish_reason = "abort"  # leaves the batch at the start of the next step
+                s.stopped = True  # leaves the batch at the start of the next step
 
     # (2)
+    def _alone_cost(self, e: Entry) -> int:
+        """KV columns ``e`` allocates when it runs alone (its prefill slab, and its
+        n copies when n > 1)."""
+        cap = e.prepared.num_tokens + e.prepared.params.max_tokens
+        return slab_tokens(1 + e.n if e.n > 1 else 1, cap, 0)
+
+    def _reserved_width(self, rows: list[Sequence], width: int) -> int:
+        """Columns a slab of ``rows`` needs so that every row can reach its max_tokens."""
+        return width + max((s.remaining for s in rows), default=0)
+
     def _admit(self) -> list[Entry]:
         group: list[Entry] = []
         rows, longest = self.num_running, 0
@@ -253,11 +303,32 @@ class BatchingScheduler(_SchedulerBase):
                 break
             if not group and rows + e.n > self.max_num_seqs and rows > 0:
                 break
+            if not self.budget.fits(self._join_cost(group + [e])):
+                break  # waits for rows to leave rather than over-allocate
             group.append(self.waiting.popleft())
             rows, longest = rows + e.n, width
         return group
 
-    def _prefill(self, group: list[Entry], outputs) -> DecodeBatch | None:
+    def _join_cost(self, group: list[Entry]) -> int:
+        """KV columns allocated at the peak of prefilling and joining ``group``: the
+        running slab, the group's prefill slab (and its n-fold copy), the joined slab."""
+        width = max(e.prepared.num_tokens for e in group)
+        reserve = max(e.prepared.params.max_tokens for e in group)
+        n_rows = sum(e.n for e in group)
+        prefill = slab_tokens(len(group) + (n_rows if n_rows > len(group) else 0), width, reserve)
+        b = self.batch
+        if b is None:
+            return prefill
+        running = len(b) * b.capacity
+        joined = slab_tokens(len(b) + n_rows, max(b.width, width),
+                             max(reserve, max(s.remaining for s in b.rows)))
+        return running + prefill + joined
+
+    def _note_allocation(self):
+        if self.batch is not None:
+            self.peak_kv_tokens = max(self.peak_kv_tokens, len(self.batch) * self.batch.capacity)
+
+    def _prefill(self, group: list[Entry]) -> DecodeBatch:
         dev = self.engine.device
         width = max(e.prepared.num_tokens for e in group)
         b = len(group)
@@ -277,45 +348,66 @@ class BatchingScheduler(_SchedulerBase):
         pos, deltas = self.model.model.get_rope_index(
             ids, mm_token_type_ids=types, image_grid_thw=grid.to(dev) if grid is not None else None,
             attention_mask=mask)
-        cache = new_cache(self.model.config.get_text_config().num_hidden_layers)
+        cap = width + max(e.prepared.params.max_tokens for e in group)
+        cache = new_cache(self.model.config.get_text_config().num_hidden_layers, cap)
         out = self._forward(
-            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-            use_cache=True, logits_to_keep=1,
-            pixel_values=torch.cat(pix).to(dev) if pix else None,
+            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+            logits_to_keep=1, pixel_values=torch.cat(pix).to(dev) if pix else None,
             image_grid_thw=grid.to(dev) if grid is not None else None,
-            mm_token_type_ids=types)
+            mm_token_type_ids=types, **{self.engine.cache_kw: cache})
         lengths = torch.tensor([e.prepared.num_tokens for e in group], device=dev)
         next_pos = lengths + deltas.view(-1).to(dev)
         counts = [e.n for e in group]
-        batch = DecodeBatch(cache, mask, next_pos, ids[:, -1], rows=[])
+        batch = DecodeBatch(cache, mask, next_pos, ids[:, -1], rows=[], cache_kw=self.engine.cache_kw)
         batch.repeat_rows(counts)
         logits = out.logits[:, -1]
         if any(c > 1 for c in counts):
             logits = logits.repeat_interleave(torch.tensor(counts, device=dev), dim=0)
         batch.rows = [s for e in group for s in self._start(e)]
-        self._sample_into(batch, logits, outputs)
+        batch.lens = [s.prompt_len for s in batch.rows]
+        prompts = {id(e): e.prepared.input_ids[0] for e in group}
+        batch.sampling = SamplingState.build(
+            [s.params for s in batch.rows], [s.key for s in batch.rows],
+            [prompts[id(s.sink)] for s in batch.rows], self.engine.vocab_size, dev)
+        self._sample_into(batch, logits)
         return batch
 
     # (4)
-    def _decode(self, outputs):
+    def _decode(self):
         out = self._forward(**self.batch.decode_inputs(sdpa_mask=self.sdpa))
-        self._sample_into(self.batch, out.logits[:, -1], outputs)
+        self.engine.faults.tick("sample")
+        self._sample_into(self.batch, out.logits[:, -1])
+        return True
 
-    def _sample_into(self, batch: DecodeBatch, logits, outputs):
-        res = sample(logits, batch.rows)
+    def _sample_into(self, batch: DecodeBatch, logits):
+        rows = batch.rows
+        matchers = [s.matcher for s in rows]
+        res = batch.sampling.sample(logits, matchers if any(matchers) else None)
         batch.advance(res.tokens)
-        lps = _logprob_events(self.engine, res, batch.rows)
-        for s, tok, lp in zip(batch.rows, res.tokens.tolist(), lps):
-            o = s.append(tok, lp)
-            outputs.setdefault(id(s.sink), (s.sink, []))[1].append(o)
+        tokens, lps = res.unpack(res.packed.tolist())  # the step's one device-to-host copy
+        finishes = [s.accept(t) for s, t in zip(rows, tokens)]
+        self.engine.output.put_step(list(rows), tokens, finishes,
+                                    [s.hide_last for s in rows], lps)
 
     # (5)
-    def _filter_finished(self):
-        if self.batch is None:
+    def _leave(self):
+        batch = self.batch
+        if batch is None:
             return
-        rows = self.batch.rows
-        keep = [i for i, s in enumerate(rows) if not s.finished]
-        self.batch = self.batch.filter(keep)
+        keep = [i for i, s in enumerate(batch.rows) if not s.finished]
+        if len(keep) == len(batch.rows):
+            return
+        if not keep:
+            self.batch = None
+            return
+        kept = self._guarded("leave", lambda: _entries(batch.rows[i] for i in keep),
+                             lambda: batch.filter(keep))
+        self.batch = kept  # None when the leave failed: its rows were failed with it
+
+
+def _entries(rows) -> list[Entry]:
+    """The distinct requests of ``rows``."""
+    return list({id(s.sink): s.sink for s in rows}.values())
 
 
 class _Streamer:
@@ -443,7 +535,8 @@ def _coalesce(outs: list[Output]) -> list[Output]:
 class AsyncEngine:
     """Implements ``server.engine.interface.Engine``."""
 
-    def __init__(self, loaded, settings, *, fault_oom_at: int | None = None):
+    def __init__(self, loaded, settings, *, fault_oom_at: int | None = None,
+                 fault: str | None = None):
         self.settings = settings
         self.model = loaded.model
         self.device = loaded.device
@@ -469,7 +562,12 @@ class AsyncEngine:
         # whether the chat template opens a <think> block itself (reasoning split)
         self.opens_think = self.builder.opens_think
         self.generator = torch.Generator().manual_seed(settings.seed)
-        self.faults = FaultInjector(fault_oom_at)
+        self.faults = FaultInjector(fault_oom_at, fault)
+        self.cache_kw = cache_keyword(self.model)
+        if settings.scheduler == "batching":  # the sequential baseline uses generate()'s cache
+            check_cache_used(self.model, self.cache_kw, self.device)
+        self.kv_budget = KVBudget.measure(self.model, settings, self.device)
+        self.output = OutputStage(self)
         # request ids whose client left; read by the sequential scheduler's stopping
         # criterion while generate() blocks the worker.  The worker itself learns of an
         # abort from the inbox, where it is queued behind the request's own entry.
@@ -514,8 +612,7 @@ class AsyncEngine:
             reservation.release()
             raise
         q: asyncio.Queue = asyncio.Queue()
-        entry = Entry(request.request_id, prepared,
-                      lambda item: loop.call_soon_threadsafe(q.put_nowait, item), reservation,
+        entry = Entry(request.request_id, prepared, Sink(loop, q.put_nowait), reservation,
                       key=request.key)
         self._inbox.put(entry)
         remaining = prepared.params.n
@@ -577,6 +674,7 @@ class AsyncEngine:
         self.grammars.close()  # kill compiles in flight: shutdown never waits for them
         self._inbox.put(None)
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
+        self.output.stop()
         self._prep.shutdown(wait=False, cancel_futures=True)
 
     # --- worker thread ---------------------------------------------------------------

@@ -1,12 +1,25 @@
-"""Per-row sampling for a whole batch in one pass.
+"""Per-row sampling for a whole batch, with its state on the model's device.
 
-Each row keeps its own temperature, top_k, top_p, min_p, penalties, logit bias and
-random generator; the work is vectorised over the batch, and the expensive parts (sort
-for top_p/min_p, penalty counts) run only when some row asks for them.
+Contract:
 
-Randomness: a row draws one uniform number per token from *its own* generator (seeded
-rows) and picks the token by inverse CDF.  A seeded row therefore gives the same tokens
-whatever else shares its batch.
+* ``SamplingState`` holds every row's parameters as device tensors (temperature, top_k,
+  top_p, min_p, penalties, greedy flag, the key of its random stream and its step
+  counter), plus the per-row token counts that presence/frequency/repetition penalties
+  need and the dense logit bias.  They are built when rows join (``build``), and
+  re-indexed when rows join or leave (``cat``, ``select``); nothing in a step
+  turns a Python list into a tensor.
+* ``SamplingState.sample(logits)`` is a pure function of device tensors (plus Python
+  flags derived from the parameters, never from device values): no host sync.  It
+  returns a ``SampleResult`` whose ``packed`` tensor is the one thing the engine copies
+  to the host per step (tokens, and logprob data when a row asked for it).
+* Randomness is counter-based: the uniform number of row r at its step s is a hash of
+  (r's key, s) computed with integer tensor ops, identical on CPU and GPU.  The key is
+  derived from (seed, choice) for seeded requests, from the engine's generator
+  otherwise.  A seeded row draws the same numbers alone or in any batch.
+* Top-k/top-p/min-p work on the top-k candidates when every sampling row bounds them
+  with top_k; a full vocabulary sort happens only when a sampling row has no top_k.
+  Probabilities are never normalised over the batch: each row's candidates are weighed
+  by ``exp(logit - row max)``, so a row's draw does not depend on its neighbours.
 """
 
 from __future__ import annotations
@@ -18,129 +31,248 @@ import torch
 from server.engine.interface import SamplingParams
 from server.engine.structured import apply_masks
 
+_M32 = 0xFFFFFFFF
 
-def row_generator(seed: int | None, choice: int, fallback: torch.Generator) -> torch.Generator:
+
+def _mul32(x: torch.Tensor | int, c: int):
+    """``x * c mod 2**32`` for 32-bit ``x`` held in int64, without signed overflow (the
+    product is split in 16-bit halves), so every backend computes the same bits."""
+    lo, hi = x & 0xFFFF, x >> 16
+    return ((((hi * c) & 0xFFFF) << 16) + lo * c) & _M32
+
+
+def mix32(x):
+    """A 32-bit integer hash (the 'lowbias32' xorshift-multiply construction).  Works on
+    Python ints and on int64 tensors alike."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniform(key_lo, key_hi, step):
+    """The draw of stream (key_lo, key_hi) at ``step``: a float in [0, 1) with 24 bits."""
+    h = mix32((mix32(mix32(key_lo) ^ key_hi) + step) & _M32)
+    if isinstance(h, int):
+        return (h >> 8) / float(1 << 24)
+    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def stream_key(seed: int | None, choice: int, fallback: torch.Generator) -> tuple[int, int]:
+    """(lo, hi) 32-bit halves of a row's stream key."""
     if seed is None:
-        return fallback
-    g = torch.Generator()
-    g.manual_seed((seed * 1_000_003 + choice) % (2**63))
-    return g
-
-
-@dataclass
-class RowState:
-    """What the sampler needs of one row."""
-    params: SamplingParams
-    generator: torch.Generator
-    prompt_ids: torch.Tensor          # 1-D, on the model's device (for repetition_penalty)
-    output_ids: list[int]
-    matcher: object = None            # xgrammar.GrammarMatcher of a constrained row
+        k = int(torch.randint(0, 2**62, (1,), generator=fallback))
+    else:
+        k = (seed * 1_000_003 + choice) % 2**64
+    return k & _M32, (k >> 32) & _M32
 
 
 @dataclass
 class SampleResult:
     tokens: torch.Tensor              # (B,) long, on the logits' device
-    logprobs: torch.Tensor | None     # (B,) chosen-token logprobs, when any row asked
-    top_ids: torch.Tensor | None      # (B, K)
-    top_logprobs: torch.Tensor | None
+    packed: torch.Tensor              # what the engine copies to the host (see unpack)
+    top_k: int = 0                    # top logprobs packed per row
+    with_logprobs: bool = False
+
+    def unpack(self, host: list) -> tuple[list[int], list | None]:
+        """``host`` = ``packed.tolist()``: token ids, and per row ``(logprob, top_ids,
+        top_logprobs)`` when logprobs were asked for."""
+        if not self.with_logprobs:
+            return host, None
+        k = self.top_k
+        toks = [int(r[0]) for r in host]
+        lps = [(r[1], [int(t) for t in r[2:2 + k]], r[2 + k:2 + 2 * k]) for r in host]
+        return toks, lps
 
 
-def _penalise(logits: torch.Tensor, rows: list[RowState]) -> None:
-    for i, r in enumerate(rows):
-        p = r.params
-        if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), device=logits.device)
-            logits[i].index_add_(0, ids, torch.tensor(list(p.logit_bias.values()),
-                                                      device=logits.device, dtype=logits.dtype))
-        if p.repetition_penalty != 1.0:
-            seen = torch.cat([r.prompt_ids, torch.tensor(r.output_ids, dtype=torch.long,
-                                                         device=logits.device)]).unique()
-            vals = logits[i, seen]
-            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty,
-                                          vals * p.repetition_penalty)
-        if (p.presence_penalty or p.frequency_penalty) and r.output_ids:
-            out = torch.tensor(r.output_ids, device=logits.device)
-            counts = torch.zeros_like(logits[i]).index_add_(
-                0, out, torch.ones(len(out), device=logits.device, dtype=logits.dtype))
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+_FLOAT = ("temperature", "top_p", "min_p", "presence", "frequency", "repetition")
+_LONG = ("top_k", "key_lo", "key_hi", "step")
+_OPTIONAL = ("counts", "hist", "seen", "bias")  # present only when a row needs one
 
 
-def sample(logits: torch.Tensor, rows: list[RowState]) -> SampleResult:
-    """``logits``: (B, V) for the last position of each row."""
-    logits = logits.float()
-    raw_logprobs = None
-    want_logprobs = any(r.params.logprobs for r in rows)
-    if want_logprobs:
-        # OpenAI reports the model's distribution, before sampling filters
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
-    penalised = any(r.params.logit_bias or r.params.repetition_penalty != 1.0
-                    or r.params.presence_penalty or r.params.frequency_penalty for r in rows)
-    constrained = [i for i, r in enumerate(rows) if getattr(r, "matcher", None) is not None]
-    if penalised or constrained:
-        logits = logits.clone()
-    if penalised:
-        _penalise(logits, rows)
-    if constrained:  # grammar rows: a bitmask per row; free rows share the batch untouched
-        apply_masks(logits, [rows[i].matcher for i in constrained], constrained)
+class SamplingState:
+    """The sampling parameters and penalty state of the batch's rows, in batch order."""
 
-    greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
-    tokens = logits.argmax(dim=-1)
-    if not bool(greedy.all()):
-        tokens = torch.where(greedy, tokens, _sample_rows(logits, rows))
+    def __init__(self, params: list[SamplingParams], t: dict[str, torch.Tensor], vocab: int,
+                 steps: list[int] | None = None):
+        self.params, self.t, self.vocab = params, t, vocab
+        self.steps = steps if steps is not None else [0] * len(params)  # Python mirror of t["step"]
+        self._derive_flags()
 
-    result = SampleResult(tokens, None, None, None)
-    if want_logprobs:
-        result.logprobs = raw_logprobs.gather(1, tokens.view(-1, 1)).squeeze(1)
-        k = max(r.params.top_logprobs for r in rows)
+    # --- building and re-indexing (rows join or leave) ------------------------------------
+    @classmethod
+    def build(cls, params: list[SamplingParams], keys: list[tuple[int, int]],
+              prompt_ids: list[torch.Tensor], vocab: int, device) -> "SamplingState":
+        """State for new rows; ``prompt_ids[i]`` seeds row i's repetition-penalty mask."""
+        b = len(params)
+        rows = [dict(temperature=1.0 if p.greedy else max(p.temperature, 1e-5),
+                     top_p=p.top_p, min_p=p.min_p, presence=p.presence_penalty,
+                     frequency=p.frequency_penalty, repetition=p.repetition_penalty,
+                     top_k=p.top_k if 0 < p.top_k < vocab else vocab,
+                     key_lo=k[0], key_hi=k[1], step=0) for p, k in zip(params, keys)]
+        t = {n: torch.tensor([r[n] for r in rows], dtype=torch.float32, device=device)
+             for n in _FLOAT}
+        t.update({n: torch.tensor([r[n] for r in rows], dtype=torch.long, device=device)
+                  for n in _LONG})
+        t["greedy"] = torch.tensor([p.greedy for p in params], device=device)
+        if any(p.presence_penalty or p.frequency_penalty for p in params):
+            t["counts"] = torch.zeros(b, vocab, device=device)
+            # the tokens sampled so far, by step: penalties touch only these columns
+            t["hist"] = torch.zeros(b, max(p.max_tokens or 1 for p in params), dtype=torch.long,
+                                    device=device)
+        if any(p.repetition_penalty != 1.0 for p in params):
+            seen = torch.zeros(b, vocab, dtype=torch.bool, device=device)
+            for i, ids in enumerate(prompt_ids):
+                seen[i, ids.to(device)] = True
+            t["seen"] = seen
+        if any(p.logit_bias for p in params):  # one scatter for all rows' biases
+            rows_i = [i for i, p in enumerate(params) for _ in p.logit_bias]
+            cols = [c for p in params for c in p.logit_bias]
+            vals = [v for p in params for v in p.logit_bias.values()]
+            t["bias"] = torch.zeros(b, vocab, device=device).index_put_(
+                (torch.tensor(rows_i, device=device), torch.tensor(cols, device=device)),
+                torch.tensor(vals, device=device), accumulate=True)
+        return cls(params, t, vocab)
+
+    def _derive_flags(self):
+        ps = self.params
+        sampling = [p for p in ps if not p.greedy]
+        self.any_sampling = bool(sampling)
+        self.any_greedy = len(sampling) < len(ps)
+        self.bounded = all(0 < p.top_k < self.vocab for p in sampling)
+        self.kmax = max((p.top_k for p in sampling), default=0) if self.bounded else self.vocab
+        self.any_top_p = any(p.top_p < 1.0 for p in sampling)
+        self.any_min_p = any(p.min_p > 0 for p in sampling)
+        self.any_penalty = any(p.presence_penalty or p.frequency_penalty for p in ps)
+        self.any_repetition = any(p.repetition_penalty != 1.0 for p in ps)
+        self.any_bias = any(p.logit_bias for p in ps)
+        self.want_logprobs = any(p.logprobs for p in ps)
+        self.top_logprobs = max((p.top_logprobs for p in ps), default=0)
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def select(self, idx: torch.Tensor, keep: list[int]) -> "SamplingState":
+        """Rows ``keep`` (``idx`` is the same list on the device)."""
+        params = [self.params[i] for i in keep]
+        t = {n: v.index_select(0, idx) for n, v in self.t.items()}
+        out = SamplingState(params, t, self.vocab, [self.steps[i] for i in keep])
+        out._drop_unused()
+        return out
+
+    def cat(self, other: "SamplingState") -> "SamplingState":
+        t = {}
+        for n in set(self.t) | set(other.t):
+            a, b = self.t.get(n), other.t.get(n)
+            if a is None or b is None:  # an optional tensor only one side needs
+                like = a if a is not None else b
+                a = a if a is not None else like.new_zeros((len(self),) + like.shape[1:])
+                b = b if b is not None else like.new_zeros((len(other),) + like.shape[1:])
+            if a.dim() == 2 and a.shape[1] != b.shape[1]:  # histories of different lengths
+                w = max(a.shape[1], b.shape[1])
+                a, b = (torch.nn.functional.pad(x, (0, w - x.shape[1])) for x in (a, b))
+            t[n] = torch.cat([a, b])
+        return SamplingState(self.params + other.params, t, self.vocab, self.steps + other.steps)
+
+    def _drop_unused(self):
+        for n, needed in (("counts", self.any_penalty), ("hist", self.any_penalty),
+                          ("seen", self.any_repetition),
+                          ("bias", self.any_bias)):
+            if not needed:
+                self.t.pop(n, None)
+
+    # --- one step ------------------------------------------------------------------------
+    def sample(self, logits: torch.Tensor, matchers: list | None = None) -> SampleResult:
+        """``logits``: (B, V) for the last position of each row, owned by the caller and
+        modified in place.  ``matchers``: per row an xgrammar matcher or None (the
+        grammar rows' masks are applied in place)."""
+        t = self.t
+        logits = logits.float()
+        constrained = [i for i, m in enumerate(matchers or ()) if m is not None]
+        if self.want_logprobs:  # OpenAI reports the model's distribution, before any filter
+            # (log_softmax is the fastest fused way to the normaliser on CPU, and a copy,
+            # so the filters below may work in place)
+            raw = torch.log_softmax(logits, dim=-1)
+            if self.top_logprobs:
+                top_lp, top_ids = raw.topk(self.top_logprobs, dim=-1)
+        if self.any_bias:
+            logits += t["bias"]
+        if self.any_repetition:
+            rep = t["repetition"].view(-1, 1)
+            logits = torch.where(t["seen"], torch.where(logits > 0, logits / rep, logits * rep),
+                                 logits)
+        if self.any_penalty and max(self.steps) > 0:
+            # only the columns of tokens already sampled (a duplicate writes the same value)
+            hist = t["hist"][:, :max(self.steps)]
+            c = t["counts"].gather(1, hist)
+            pen = t["frequency"].view(-1, 1) * c + t["presence"].view(-1, 1) * (c > 0)
+            logits.scatter_(1, hist, logits.gather(1, hist) - pen)
+        if constrained:
+            apply_masks(logits, [matchers[i] for i in constrained], constrained)
+
+        if not self.any_sampling:
+            tokens = logits.argmax(dim=-1)
+        elif not self.any_greedy:
+            tokens = self._draw(logits)
+        else:
+            tokens = torch.where(t["greedy"], logits.argmax(dim=-1), self._draw(logits))
+        if self.any_penalty:
+            if max(self.steps) >= t["hist"].shape[1]:  # a row past the planned length
+                t["hist"] = torch.nn.functional.pad(t["hist"], (0, t["hist"].shape[1] + 64))
+            t["hist"].scatter_(1, t["step"].view(-1, 1), tokens.view(-1, 1))
+            t["counts"].scatter_add_(1, tokens.view(-1, 1),
+                                     torch.ones_like(tokens, dtype=torch.float32).view(-1, 1))
+        if self.any_repetition:
+            t["seen"].scatter_(1, tokens.view(-1, 1), True)
+        t["step"] += 1
+        self.steps = [n + 1 for n in self.steps]
+
+        if not self.want_logprobs:
+            return SampleResult(tokens, tokens)
+        parts = [tokens.view(-1, 1).float(), raw.gather(1, tokens.view(-1, 1))]
+        k = self.top_logprobs
         if k:
-            result.top_logprobs, result.top_ids = raw_logprobs.topk(k, dim=-1)
-    return result
+            parts += [top_ids.float(), top_lp]  # ids < 2**24 are exact in float32
+        return SampleResult(tokens, torch.cat(parts, dim=1), k, True)
+
+    def _draw(self, logits: torch.Tensor) -> torch.Tensor:
+        t = self.t
+        # candidates by raw logit (a positive temperature keeps the order); only they
+        # are scaled
+        if self.bounded:
+            vals, idx = logits.topk(self.kmax, dim=-1)        # sorted, descending
+        else:
+            vals, idx = logits.sort(dim=-1, descending=True)
+        k = vals.shape[-1]
+        inside = torch.arange(k, device=vals.device).view(1, -1) < t["top_k"].view(-1, 1)
+        # weights relative to the row's best candidate: no normalisation across the batch
+        w = torch.exp((vals - vals[:, :1]) / t["temperature"].view(-1, 1)).masked_fill(~inside, 0.0)
+        if self.any_top_p:
+            cum = w.cumsum(dim=-1)
+            above = cum - w                                   # mass strictly above each one
+            w = w.masked_fill(above > t["top_p"].view(-1, 1) * cum[:, -1:], 0.0)
+        if self.any_min_p:  # the best candidate has weight 1: min_p is the floor itself
+            w = w.masked_fill(w < t["min_p"].view(-1, 1), 0.0)
+        cum = w.cumsum(dim=-1)
+        u = uniform(t["key_lo"], t["key_hi"], t["step"])
+        pick = torch.searchsorted(cum, (u * cum[:, -1]).view(-1, 1), right=True)
+        return idx.gather(1, pick.clamp_(max=k - 1)).view(-1)
 
 
-def _sample_rows(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
-    dev = logits.device
-    temp = torch.tensor([max(r.params.temperature, 1e-5) for r in rows], device=dev)
-    logits = logits / temp.view(-1, 1)
-    vocab = logits.shape[-1]
-
-    ks = [r.params.top_k if r.params.top_k and r.params.top_k > 0 else vocab for r in rows]
-    if min(ks) < vocab:
-        kmax = max(k for k in ks if k < vocab)
-        kth = logits.topk(kmax, dim=-1).values  # (B, kmax)
-        k_idx = torch.tensor([min(k, kmax) - 1 for k in ks], device=dev)
-        thresh = kth.gather(1, k_idx.view(-1, 1))
-        thresh = torch.where(torch.tensor(ks, device=dev).view(-1, 1) >= vocab,
-                             torch.full_like(thresh, -float("inf")), thresh)
-        logits = logits.masked_fill(logits < thresh, -float("inf"))
-
-    probs = torch.softmax(logits, dim=-1)
-    top_p = torch.tensor([r.params.top_p for r in rows], device=dev)
-    min_p = torch.tensor([r.params.min_p for r in rows], device=dev)
-    if bool((top_p < 1).any()):
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        before = sorted_p.cumsum(dim=-1) - sorted_p      # mass strictly above each token
-        drop_sorted = before > top_p.view(-1, 1)
-        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-    if bool((min_p > 0).any()):
-        floor = probs.max(dim=-1, keepdim=True).values * min_p.view(-1, 1)
-        probs = probs.masked_fill(probs < floor, 0.0)
-
-    # one uniform per row from the row's own generator, then inverse CDF
-    u = _uniforms(rows).to(dev)
-    cdf = probs.cumsum(dim=-1)
-    target = (u * cdf[:, -1]).view(-1, 1)
-    idx = torch.searchsorted(cdf, target, right=True).clamp_(max=vocab - 1)
-    return idx.view(-1)
-
-
-def _uniforms(rows) -> torch.Tensor:
-    """One uniform per row: rows sharing a generator (unseeded ones share the engine's)
-    draw together, a seeded row draws from its own."""
-    u = torch.empty(len(rows))
-    by_gen: dict[int, list[int]] = {}
-    for i, r in enumerate(rows):
-        by_gen.setdefault(id(r.generator), []).append(i)
-    for idx in by_gen.values():
-        u[idx] = torch.rand(len(idx), generator=rows[idx[0]].generator)
-    return u
+def sample(logits: torch.Tensor, rows: list, vocab: int | None = None) -> SampleResult:
+    """One-off sampling of rows with ``params``, ``key``, ``prompt_ids`` and ``output_ids``
+    (unit tests and tools; the engine keeps a ``SamplingState`` per batch)."""
+    vocab = vocab or logits.shape[-1]
+    state = SamplingState.build([r.params for r in rows], [r.key for r in rows],
+                                [r.prompt_ids for r in rows], vocab, logits.device)
+    for i, r in enumerate(rows):  # replay the history into the penalty state
+        for j, tok in enumerate(r.output_ids):
+            if "counts" in state.t:
+                state.t["counts"][i, tok] += 1
+                state.t["hist"][i, j] = tok
+            if "seen" in state.t:
+                state.t["seen"][i, tok] = True
+        state.t["step"][i] = len(r.output_ids)
+    state.steps = [len(r.output_ids) for r in rows]
+    return state.sample(logits.clone(), [getattr(r, "matcher", None) for r in rows])

@@ -1,7 +1,17 @@
 """One choice of one request, token by token: detokenization, stop handling, finish reason.
 
-Shared by both schedulers.  ``Sequence.append(token)`` returns the ``Output`` event for
-that token.  Text is decoded incrementally with ``tokenizers``' ``DecodeStream`` (which
+Shared by both schedulers.  A token goes through two halves, which the batching engine
+runs on two threads:
+
+* ``accept(token)`` (model thread): counts it, advances the grammar matcher (the next
+  step's mask needs it) and decides what the token ids alone decide: end-of-turn,
+  ``max_tokens``, grammar termination.  Cheap: no text.
+* ``emit(token, logprob, finish)`` (output thread): detokenises, looks for stop strings
+  and returns the ``Output`` event.  A stop string sets ``stopped``; the model thread
+  reads it and drops the row at its next step, and the token it sampled meanwhile is
+  never emitted nor counted (``emit`` returns None once the choice is closed).
+
+``append(token)`` runs both (the sequential scheduler, tests).  Text is decoded incrementally with ``tokenizers``' ``DecodeStream`` (which
 holds back an incomplete UTF-8 character), and text that might be the start of a stop
 string is held back until it is known not to be one.  ``finish_reason`` is computed:
 ``stop`` for an end-of-turn token or a stop string, ``length`` at ``max_tokens``.
@@ -35,37 +45,66 @@ class Sequence:
         self.output_ids: list[int] = []
         self.text = ""
         self.emitted = 0
-        self.finish_reason: str | None = None
+        self.finish_reason: str | None = None  # output side: what the client is told
+        self.n_accepted = 0                      # model side: tokens sampled so far
+        self.model_finish: str | None = None     # model side: eos / length / grammar
+        self.hide_last = False                   # model side: the last token has no text
+        self.stopped = False                     # set by the output side or an abort
+        self.key: tuple[int, int] = (0, 0)       # random stream key (server.engine.sampler)
         self.matcher = None  # xgrammar matcher of a constrained row (server.engine.structured)
         self._stream = DecodeStream(skip_special_tokens=True)
 
     @property
     def finished(self) -> bool:
-        return self.finish_reason is not None
+        """The model thread's view: the row leaves the batch at the next step."""
+        return self.model_finish is not None or self.stopped
 
-    def append(self, token: int, logprob: TokenLogprob | None = None) -> Output:
+    @property
+    def remaining(self) -> int:
+        """Tokens this row may still sample (the KV budget counts them)."""
+        return max(0, self.params.max_tokens - self.n_accepted)
+
+    def accept(self, token: int) -> str | None:
+        """Model thread: the finish reason the token ids decide, or None."""
         p = self.params
-        self.output_ids.append(token)
+        self.n_accepted += 1
+        self.hide_last = False
         done = self._advance_grammar(token)
-        if self.finished:  # the grammar refused the token (see _advance_grammar)
-            pass
+        if self.model_finish is not None:  # the grammar refused the token
+            self.hide_last = True
         elif token in self.eos_ids and (not p.ignore_eos or done):
-            self.finish_reason = "stop"
-        else:
+            self.model_finish, self.hide_last = "stop", True
+        elif done:
+            self.model_finish = "stop"
+        elif self.n_accepted >= p.max_tokens:
+            self.model_finish = "length"
+        return self.model_finish
+
+    def emit(self, token: int, logprob: TokenLogprob | None = None, finish: str | None = None,
+             hide: bool = False) -> Output | None:
+        """Output thread: the event for ``token``; None once the choice is closed."""
+        if self.finish_reason is not None or self.stopped:
+            return None
+        self.output_ids.append(token)
+        if not hide:
             piece = self._stream.step(self.tokenizer, token)
             if piece:
                 self._add_text(piece)
-            if done:
-                self.finish_reason = "stop"
-            elif not self.finished and len(self.output_ids) >= p.max_tokens:
-                self.finish_reason = "length"
-        end = len(self.text) if self.finished else len(self.text) - _held_back(
-            self.text[self.emitted:], p.stop)
+        if self.finish_reason is not None:  # a stop string
+            self.stopped = True
+        else:
+            self.finish_reason = finish
+        end = len(self.text) if self.finish_reason else len(self.text) - _held_back(
+            self.text[self.emitted:], self.params.stop)
         delta, self.emitted = self.text[self.emitted:end], max(self.emitted, end)
         return Output(index=self.index, text=delta, token_ids=[token],
                       finish_reason=self.finish_reason, prompt_tokens=self.prompt_len,
                       completion_tokens=len(self.output_ids),
                       logprobs=[logprob] if logprob is not None else None)
+
+    def append(self, token: int, logprob: TokenLogprob | None = None) -> Output:
+        finish = self.accept(token)
+        return self.emit(token, logprob, finish, self.hide_last)
 
     def _advance_grammar(self, token: int) -> bool:
         """Feed ``token`` to the row's grammar; True once the grammar has terminated (its
@@ -75,7 +114,7 @@ class Sequence:
             return False
         if not m.accept_token(token):  # the mask makes this unreachable; never emit past it
             self.matcher = None
-            self.finish_reason = "length"
+            self.model_finish = "length"
             return False
         return m.is_terminated()
 

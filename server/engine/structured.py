@@ -474,8 +474,12 @@ def apply_bitmask_torch(logits, bm, indices: list[int]) -> None:
     """Accelerators: unpack the bits with plain torch ops (no kernel to compile)."""
     import torch
     vocab = logits.shape[-1]
-    idx = torch.tensor(indices, device=logits.device)
-    words = bm[indices].to(logits.device, non_blocking=True)
+    dev = logits.device
+
+    def upload(x):  # on CUDA through pinned memory: a pageable copy waits for the device
+        return (x.pin_memory() if dev.type == "cuda" else x).to(dev, non_blocking=True)
+    idx = upload(torch.tensor(indices))
+    words = upload(bm[indices])
     shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
     allowed = ((words.unsqueeze(-1) >> shifts) & 1).view(len(indices), -1)[:, :vocab].bool()
     rows = logits.index_select(0, idx).masked_fill_(~allowed, -float("inf"))

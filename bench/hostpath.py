@@ -1,0 +1,129 @@
+"""The engine's host path: greedy vs Qwen's sampling vs logprobs at concurrency 64.
+
+    python -m bench.hostpath --model-path /tmp/tiny [--before /tmp/main-before]
+
+Starts this checkout's server (and, with ``--before``, the server of another checkout of
+the project, e.g. ``git worktree add /tmp/main-before main``) on the same model, then
+sends ``--requests`` text requests at concurrency 64, 64 tokens each (``ignore_eos``),
+through the ``openai`` SDK (raw responses: the client shares the CPU), in three modes:
+
+* greedy: temperature 0;
+* sampling: Qwen's recommended temperature 0.7, top_p 0.8, top_k 20,
+  presence_penalty 1.5, a seed per request;
+* logprobs: greedy with ``logprobs`` and ``top_logprobs`` 5.
+
+Modes alternate between the servers, so both see the same machine load.  Prints output
+tokens/s per mode and server (best of ``--rounds``), the ratios the issue asks for
+(sampling / greedy, logprobs / greedy: best over best, and the median of the ratios within
+each round; greedy after / before), and writes them to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+
+from openai import AsyncOpenAI
+
+from bench.compare import ROOT, start_server
+
+MODES = {
+    "greedy": lambda i: dict(temperature=0),
+    "sampling": lambda i: dict(temperature=0.7, top_p=0.8, presence_penalty=1.5, seed=i,
+                               extra_body={"top_k": 20}),
+    "logprobs": lambda i: dict(temperature=0, logprobs=True, top_logprobs=5),
+}
+
+
+async def run_mode(base_url: str, mode: str, args) -> float:
+    client = AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
+    model = (await client.models.list()).data[0].id
+    todo = list(range(args.requests))
+    tokens = 0
+
+    async def worker():
+        nonlocal tokens
+        while todo:
+            i = todo.pop()
+            kw = MODES[mode](i)
+            extra = {"ignore_eos": True, **kw.pop("extra_body", {})}
+            # the raw response: the client shares the CPU with the server, and parsing
+            # 64 x 6 logprob objects per response into pydantic models is client work
+            r = await client.chat.completions.with_raw_response.create(
+                model=model, max_tokens=args.max_tokens, extra_body=extra,
+                messages=[{"role": "user", "content": f"Where is my parcel? Order {i} was "
+                                                      "shipped on Monday."}], **kw)
+            tokens += json.loads(r.text)["usage"]["completion_tokens"]
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    await client.close()
+    return tokens / (time.perf_counter() - t0)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--before", default=None, help="another checkout to measure side by side")
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--requests", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3, help="best of this many runs per cell")
+    p.add_argument("--out", default="bench/results/hostpath_cpu_tiny.json")
+    args = p.parse_args()
+
+    roots = {"after": ROOT}
+    if args.before:
+        roots["before"] = Path(args.before).resolve()
+    servers = {}
+    try:
+        for label, root in roots.items():
+            servers[label] = start_server(args.model_path, "batching", [], root=root)
+        for label, (_, url) in servers.items():  # warm-up
+            asyncio.run(run_mode(url, "greedy", argparse.Namespace(**{
+                **vars(args), "requests": 8, "concurrency": 8})))
+        res: dict[str, dict[str, float]] = {label: {} for label in servers}
+        rounds: dict[str, list[dict[str, float]]] = {label: [] for label in servers}
+        for _ in range(args.rounds):
+            for label in servers:
+                rounds[label].append({})
+            for mode in MODES:
+                for label, (_, url) in servers.items():
+                    tps = asyncio.run(run_mode(url, mode, args))
+                    res[label][mode] = max(res[label].get(mode, 0.0), tps)
+                    rounds[label][-1][mode] = tps
+                    print(f"  {label:>6} {mode:>9}: {tps:8.1f} tok/s", flush=True)
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(30)
+
+    # the machine is shared and its load drifts: a ratio is read within one round (modes
+    # run back to back), and the median over rounds is reported beside best / best
+    ratios = {}
+    for label, r in res.items():
+        for mode in ("sampling", "logprobs"):
+            paired = sorted(x[mode] / x["greedy"] for x in rounds[label])
+            ratios[f"{label} {mode}/greedy"] = r[mode] / r["greedy"]
+            ratios[f"{label} {mode}/greedy, median of rounds"] = paired[len(paired) // 2]
+    if "before" in res:
+        ratios["greedy after/before"] = res["after"]["greedy"] / res["before"]["greedy"]
+    print("\n| server | greedy tok/s | sampling tok/s | logprobs tok/s | sampling/greedy "
+          "| logprobs/greedy |\n|---|---:|---:|---:|---:|---:|")
+    for label, r in res.items():
+        print(f"| {label} | {r['greedy']:.0f} | {r['sampling']:.0f} | {r['logprobs']:.0f} "
+              f"| {r['sampling'] / r['greedy']:.2f}x | {r['logprobs'] / r['greedy']:.2f}x |")
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}x")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"tokens_per_s": res, "ratios": ratios, "rounds": rounds,
+                                          "concurrency": args.concurrency,
+                                          "requests": args.requests,
+                                          "max_tokens": args.max_tokens}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

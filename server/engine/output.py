@@ -1,0 +1,151 @@
+"""The output stage: turns sampled token ids into ``Output`` events, off the model thread.
+
+Contract:
+
+* The model thread hands over one item per step (``put_step``: the rows, their token ids,
+  the finish reasons the ids decide, and the host copy of the logprob data) or a failure
+  (``put_fail``: entries and the error to send them).  Items are processed in order.
+* The output thread detokenises, applies stop strings (``Sequence.emit``) and builds the
+  logprob objects, then delivers everything it has processed with one
+  ``call_soon_threadsafe`` per event loop (not one per request): it drains the queue
+  first, so a slow consumer gets several steps per wake-up.
+* A failure while producing one request's events fails that request only (its rows are
+  marked stopped, so the model thread drops them at its next step) and counts toward the
+  engine's health circuit.  Fault injection: stage ``output``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+from server.engine.interface import TokenLogprob
+from server.errors import APIError, InternalError
+
+log = logging.getLogger("qwen_vl.engine")
+
+
+class Sink:
+    """Where one request's events go: an ``asyncio.Queue`` on its event loop."""
+
+    def __init__(self, loop, put):
+        self.loop, self.put = loop, put
+
+    def __call__(self, item):  # one item from any thread (the sequential scheduler)
+        self.loop.call_soon_threadsafe(self.put, item)
+
+
+def _deliver(pairs):
+    for sink, item in pairs:
+        sink.put(item)
+
+
+class OutputStage:
+    def __init__(self, engine):
+        self.engine = engine
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._tokens: dict[int, tuple[str, list[int]]] = {}  # id -> (text, bytes), this thread
+        self._thread = threading.Thread(target=self._run, name="engine-output", daemon=True)
+        self._thread.start()
+
+    # --- model thread ----------------------------------------------------------------
+    def put_step(self, rows, tokens: list[int], finishes: list, hides: list[bool], lps):
+        self._q.put(("step", rows, tokens, finishes, hides, lps))
+
+    def put_fail(self, entries, err: APIError):
+        self._q.put(("fail", entries, err))
+
+    def stop(self):
+        self._q.put(None)
+
+    # --- output thread ---------------------------------------------------------------
+    def _run(self):
+        while True:
+            items = [self._q.get()]
+            while True:  # take everything that is waiting: one wake-up for all of it
+                try:
+                    items.append(self._q.get_nowait())
+                except queue.Empty:
+                    break
+            pending: dict[int, tuple] = {}  # id(sink) -> (sink, item)
+            order: list = []
+            for item in items:
+                if item is None:
+                    self._flush(order)
+                    return
+                self._process(item, pending, order)
+            self._flush(order)
+
+    def _process(self, item, pending, order):
+        def send(sink, thing):
+            if isinstance(thing, list):  # events accumulate per request across steps
+                if id(sink) in pending and isinstance(pending[id(sink)][1], list):
+                    pending[id(sink)][1].extend(thing)
+                    return
+                pending[id(sink)] = (sink, thing)
+            order.append((sink, thing))
+
+        if item[0] == "fail":
+            _, entries, err = item
+            for e in entries:
+                for s in e.seqs:
+                    s.stopped = True
+                pending.pop(id(e.sink), None)
+                send(e.sink, err)
+            return
+        _, rows, tokens, finishes, hides, lps = item
+        outs: dict[int, tuple] = {}  # id(entry) -> (entry, events, or None once it failed)
+        for i, s in enumerate(rows):
+            entry = s.sink
+            if id(entry) in outs and outs[id(entry)][1] is None:
+                continue  # this request already failed in this step
+            try:
+                self.engine.faults.tick("output")
+                lp = self._logprob(s, tokens[i], lps[i]) if lps is not None else None
+                o = s.emit(tokens[i], lp, finishes[i], hides[i])
+            except Exception as exc:  # this request only
+                log.exception("output stage failed", exc_info=exc)
+                self.engine._note_failure()
+                outs[id(entry)] = (entry, None)
+                for r in entry.seqs:
+                    r.stopped = True
+                continue
+            if o is not None:
+                outs.setdefault(id(entry), (entry, []))[1].append(o)
+        for entry, events in outs.values():
+            if events is None:
+                entry.reservation.release()
+                send(entry.sink, InternalError("The model failed on this request."))
+            elif events:
+                send(entry.sink, events)
+
+    def _logprob(self, s, token: int, data) -> TokenLogprob | None:
+        if not s.params.logprobs:
+            return None
+        lp, top_ids, top_lps = data
+        k = s.params.top_logprobs
+        top = [(*self._token(t), v) for t, v in zip(top_ids[:k], top_lps[:k])]
+        text, raw = self._token(token)
+        return TokenLogprob(text, lp, [(t, v, list(b)) for t, b, v in top], list(raw))
+
+    def _token(self, token: int) -> tuple[str, list[int]]:
+        """A token's text and bytes, decoded once per server (logprobs ask for the same
+        few thousand tokens over and over)."""
+        hit = self._tokens.get(token)
+        if hit is None:
+            hit = self._tokens[token] = (self.engine.token_text(token),
+                                         self.engine.token_bytes(token))
+        return hit
+
+    @staticmethod
+    def _flush(order):
+        by_loop: dict[int, list] = {}
+        for sink, thing in order:
+            by_loop.setdefault(id(sink.loop), [sink.loop, []])[1].append((sink, thing))
+        for loop, pairs in by_loop.values():
+            try:
+                loop.call_soon_threadsafe(_deliver, pairs)
+            except RuntimeError:  # that event loop is closed: nobody is listening
+                pass
+        order.clear()
