@@ -1,23 +1,29 @@
 """Turn an ``EngineRequest`` into model inputs: chat template, image patches, token ids.
 
-Runs on the engine's preparation thread (CPU work, off the event loop and off the GPU
-thread).  Each image is processed on its own so that it can have its own pixel budget;
-its ``<|image_pad|>`` placeholder is then expanded to the number of merged patches, as
-Qwen's processor does.  The context check (prompt + max_tokens <= max_model_len) happens
+Runs on the engine's preparation thread (off the event loop and off the GPU thread).  A
+request's images are preprocessed together, each with its own pixel budget, by the torch
+pipeline (``models.vision_prep``, on the model's device: ``--image-preprocess torch``) or
+one by one by the HF PIL processor (``--image-preprocess pil``, the reference); each
+``<|image_pad|>`` placeholder is then expanded to the number of merged patches, as Qwen's
+processor does.  The context check (prompt + max_tokens <= max_model_len) happens
 here, before any model work.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from models.processor import image_budget_kwargs
+from models.vision_prep import TorchImageProcessor
 from server.engine.interface import EngineRequest, SamplingParams
 from server.errors import ContextLengthExceeded, InvalidRequest
 
 IMAGE_PAD = "<|image_pad|>"
+
+log = logging.getLogger("qwen_vl.engine")
 
 
 @dataclass
@@ -34,7 +40,8 @@ class Prepared:
 
 
 class PromptBuilder:
-    def __init__(self, processor, *, max_model_len: int, default_max_tokens: int):
+    def __init__(self, processor, *, max_model_len: int, default_max_tokens: int,
+                 image_preprocess: str = "torch", device: torch.device | str = "cpu"):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
@@ -42,6 +49,21 @@ class PromptBuilder:
         self.max_model_len = max_model_len
         self.default_max_tokens = default_max_tokens
         self.opens_think = self._template_opens_think()
+        self.fast_images = self._fast_images(image_preprocess, device)
+
+    def _fast_images(self, mode: str, device) -> TorchImageProcessor | None:
+        if mode == "torch":
+            try:
+                fast = TorchImageProcessor.from_hf(self.processor.image_processor, device=device)
+            except ValueError as exc:  # a processor configuration the pipeline does not mirror
+                log.warning("torch image preprocessing unavailable (%s): using the PIL processor", exc)
+            else:
+                log.info("image preprocessing: torch pipeline on %s (%s resize)",
+                         fast.device, fast.resize_kernel)
+                return fast
+        log.info("image preprocessing: PIL processor (%s) on the CPU",
+                 type(self.processor.image_processor).__name__)
+        return None
 
     def _template_opens_think(self) -> bool:
         """Whether the generation prompt ends inside an opened ``<think>`` block (thinking
@@ -60,24 +82,29 @@ class PromptBuilder:
         if len(pieces) - 1 != len(req.images):
             raise InvalidRequest("Message text may not contain the image placeholder token.",
                                  param="messages")
-        pixel_values, grids = [], []
-        for im in req.images:
-            out = self.processor.image_processor(
-                images=[im.image], return_tensors="pt",
-                **image_budget_kwargs(im.min_pixels, im.max_pixels))
-            pixel_values.append(out["pixel_values"])
-            grids.append(out["image_grid_thw"])
+        pixel_values, grids = self._images(req.images) if req.images else (None, None)
         expanded = [pieces[0]]
-        for grid, rest in zip(grids, pieces[1:]):
-            expanded.append(IMAGE_PAD * (int(grid.prod()) // self.merge ** 2) + rest)
+        for i, rest in enumerate(pieces[1:]):
+            expanded.append(IMAGE_PAD * (int(grids[i].prod()) // self.merge ** 2) + rest)
         ids = self.tokenizer("".join(expanded), add_special_tokens=False,
                              return_tensors="pt")["input_ids"]
         return Prepared(
             input_ids=ids,
             mm_token_type_ids=(ids == self.image_token_id).int(),
-            pixel_values=torch.cat(pixel_values) if pixel_values else None,
-            image_grid_thw=torch.cat(grids) if grids else None,
+            pixel_values=pixel_values,
+            image_grid_thw=grids,
             params=self._fill_max_tokens(req.params, ids.shape[1]))
+
+    def _images(self, images) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pixel values, grids) of a request's images, each in its own pixel budget."""
+        if self.fast_images is not None:
+            return self.fast_images([im.image for im in images],
+                                    [(im.min_pixels, im.max_pixels) for im in images])
+        outs = [self.processor.image_processor(
+            images=[im.image], return_tensors="pt",
+            **image_budget_kwargs(im.min_pixels, im.max_pixels)) for im in images]
+        return (torch.cat([o["pixel_values"] for o in outs]),
+                torch.cat([o["image_grid_thw"] for o in outs]))
 
     def _fill_max_tokens(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
         room = self.max_model_len - prompt_len
