@@ -146,6 +146,23 @@ def test_builder_selects_and_logs_the_path(tiny_model, caplog):
     assert "torch image preprocessing unavailable" in caplog.text
 
 
+def test_out_of_memory_while_preprocessing_is_a_503(tiny_model):
+    """Device memory running out in the pipeline fails the request with 503, not 500."""
+    from models.processor import load_processor
+    from server.engine.prompt import PromptBuilder
+    from server.errors import ServiceUnavailable
+
+    builder = PromptBuilder(load_processor(tiny_model), max_model_len=4096, default_max_tokens=16)
+
+    def oom(*args):
+        raise torch.OutOfMemoryError("injected")
+    builder.fast_images = oom
+    req = EngineRequest("r", [{"role": "user", "content": [{"type": "image"}]}],
+                        [ImageInput(noise(40, 40), 4096, 65536)], SamplingParams())
+    with pytest.raises(ServiceUnavailable):
+        builder.build(req)
+
+
 async def test_greedy_output_unchanged_through_the_engine(tiny_model):
     """The tiny model, greedy, through the real batching engine: the same tokens with the
     torch pipeline as with the PIL processor, on a fixed set of images."""

@@ -19,7 +19,7 @@ import torch
 from models.processor import image_budget_kwargs
 from models.vision_prep import TorchImageProcessor
 from server.engine.interface import EngineRequest, SamplingParams
-from server.errors import ContextLengthExceeded, InvalidRequest
+from server.errors import ContextLengthExceeded, InvalidRequest, ServiceUnavailable
 
 IMAGE_PAD = "<|image_pad|>"
 
@@ -98,8 +98,12 @@ class PromptBuilder:
     def _images(self, images) -> tuple[torch.Tensor, torch.Tensor]:
         """(pixel values, grids) of a request's images, each in its own pixel budget."""
         if self.fast_images is not None:
-            return self.fast_images([im.image for im in images],
-                                    [(im.min_pixels, im.max_pixels) for im in images])
+            try:
+                return self.fast_images([im.image for im in images],
+                                        [(im.min_pixels, im.max_pixels) for im in images])
+            except torch.OutOfMemoryError:  # on the model's device: a 503, as in the engine
+                raise ServiceUnavailable(
+                    "The server ran out of memory preprocessing the images; retry.") from None
         outs = [self.processor.image_processor(
             images=[im.image], return_tensors="pt",
             **image_budget_kwargs(im.min_pixels, im.max_pixels)) for im in images]
