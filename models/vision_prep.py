@@ -24,8 +24,9 @@ processor it replaces, and refuses (``ValueError``) a configuration it does not 
    rounded half up and clamped to 0..255 like Pillow's 8-bit intermediate.  An unchanged
    size is not resampled (Pillow copies it), and an image over 100 times taller than wide
    that shrinks is resized vertically first, as ``Image.resize`` does;
-4. patchify in uint8 (cheap), concatenated over all images, then one rescale + normalise
-   (``(x * rescale_factor - mean) / std``, HF's order) and the temporal duplication.
+4. patchify in uint8 (cheap) into one buffer for all images, then one rescale + normalise
+   (HF's ``(x * rescale_factor - mean) / std``, fused into ``x * gain + shift`` when the
+   channels share mean and std, as Qwen's do) and the temporal duplication.
 
 ``pixel_values`` is ``(sum of patches, 3 * temporal_patch * patch**2)`` float32 on
 ``device`` in HF's layout (rows: merge blocks row-major, then the 2x2 patches inside a
@@ -114,12 +115,13 @@ class TorchImageProcessor:
             raise ValueError(f"resize_kernel must be auto, uint8 or float, not {resize_kernel!r}")
         self.resize_kernel = resize_kernel
         mean, std = [float(m) for m in image_mean], [float(s) for s in image_std]
-        # one scalar when the channels agree (Qwen: 0.5 everywhere): the cheapest kernels
+        self._mean = torch.tensor(mean, device=self.device).view(1, 3, 1)
+        self._std = torch.tensor(std, device=self.device).view(1, 3, 1)
+        # channels that agree (Qwen: 0.5 everywhere) allow one fused pass, x * gain + shift
+        self._fused = None
         if len(set(mean)) == 1 and len(set(std)) == 1:
-            self._mean, self._std = mean[0], std[0]
-        else:
-            self._mean = torch.tensor(mean, device=self.device).view(1, 3, 1)
-            self._std = torch.tensor(std, device=self.device).view(1, 3, 1)
+            self._fused = (self.rescale_factor / std[0],
+                           torch.tensor(-mean[0] / std[0], device=self.device))
 
     @classmethod
     def from_hf(cls, image_processor: Any, *, device: torch.device | str = "cpu",
@@ -171,8 +173,12 @@ class TorchImageProcessor:
             out = self._resize(batch, th, tw)
             for j, i in enumerate(idx):
                 resized[i] = out[j]
-        # (4) patchify in uint8, then one normalise + temporal duplication for all
-        patches = torch.cat([self._patchify(r) for r in resized])
+        # (4) patchify in uint8 into one buffer, then one normalise + temporal duplication
+        counts = [(th // self.patch) * (tw // self.patch) for th, tw in targets]
+        patches = torch.empty(sum(counts), 3, self.patch ** 2, dtype=torch.uint8,
+                              device=self.device)
+        for image, part in zip(resized, patches.split(counts)):
+            self._patchify(image, part)
         pixel_values = self._normalise(patches)
         grids = torch.tensor([[1, th // self.patch, tw // self.patch] for th, tw in targets],
                              dtype=torch.int64)
@@ -202,22 +208,27 @@ class TorchImageProcessor:
                                         antialias=True, align_corners=False))
         return y.to(torch.uint8)
 
-    def _patchify(self, image: torch.Tensor) -> torch.Tensor:
-        """(3, H, W) -> (grid_h * grid_w, 3, patch**2), rows in HF's merge-block order."""
+    def _patchify(self, image: torch.Tensor, out: torch.Tensor) -> None:
+        """(3, H, W) -> ``out`` (grid_h * grid_w, 3, patch**2), rows in HF's merge-block
+        order.  Splitting H and W is a view whatever the strides: one copy, into ``out``."""
         c, h, w = image.shape
         p, m = self.patch, self.merge
         x = image.reshape(c, h // (p * m), m, p, w // (p * m), m, p)
         x = x.permute(1, 4, 2, 5, 0, 3, 6)  # block row, block col, row in block, col in block, c, py, px
-        return x.reshape(-1, c, p * p)
+        out.view(x.shape).copy_(x)
 
     def _normalise(self, patches: torch.Tensor) -> torch.Tensor:
-        """(N, 3, P) uint8 -> (N, 3 * temporal * P) float32: HF's rescale and normalise
-        (same operations, same order), then the single frame repeated ``temporal`` times.
-        Written straight into the output: no float intermediate of the batch's size."""
+        """(N, 3, P) uint8 -> (N, 3 * temporal * P) float32: HF's rescale and normalise,
+        then the single frame repeated ``temporal`` times, written straight into the output
+        (no float intermediate of the batch's size, few passes over memory)."""
         n, c, pp = patches.shape
         out = torch.empty(n, c, self.temporal, pp, device=patches.device)
         first = out[:, :, 0]
-        first.copy_(patches)
-        first.mul_(self.rescale_factor).sub_(self._mean).div_(self._std)
+        if self._fused is not None:  # x * (scale / std) - mean / std, in one pass
+            gain, shift = self._fused
+            torch.add(shift, patches, alpha=gain, out=first)
+        else:  # per-channel constants: HF's operations in HF's order
+            first.copy_(patches)
+            first.mul_(self.rescale_factor).sub_(self._mean).div_(self._std)
         out[:, :, 1:] = first.unsqueeze(2)
         return out.view(n, c * self.temporal * pp)

@@ -117,6 +117,18 @@ def test_other_modes_converted_like_hf(pil):
         as_uint8_hwc(torch.zeros(4, 5, 3))  # float: not an 8-bit image
 
 
+def test_per_channel_mean_and_std(pil):
+    """Constants that differ per channel (CLIP's) take the unfused normalisation."""
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    clip = build_image_processor(*SERVER_BUDGET)
+    clip.image_mean, clip.image_std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    image = synthetic_photo(300, 200)
+    ref = clip(images=[image], return_tensors="pt")["pixel_values"]
+    got = TorchImageProcessor.from_hf(clip)([image])[0]
+    assert (got - ref).abs().max() <= 2 / 255 / min(OPENAI_CLIP_STD) + 1e-6
+    assert ((got - ref).abs() > 1e-6).float().mean() <= 0.02
+
+
 def test_unsupported_processor_configuration_is_refused(pil):
     """A processor the pipeline does not mirror is refused, not approximated."""
     other = build_image_processor(*SERVER_BUDGET)
