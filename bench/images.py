@@ -6,7 +6,8 @@ Both paths get the same decoded RGB images (synthetic photos: smooth gradients p
 sensor-like noise, so neither path meets a degenerate input) with the server's default
 budget (64..1280 tokens) and the real model's processor constants (patch 16, merge 2,
 temporal patch 2, mean and std 0.5).  The PIL path runs as the engine ran it before: one
-``Qwen2VLImageProcessorPil`` call per image.  The torch path gets the batch in one call
+``Qwen2VLImageProcessorPil`` call per image, the pixel values then concatenated into one
+tensor (what the torch path returns).  The torch path gets the batch in one call
 (``models.vision_prep.TorchImageProcessor``) on ``--device`` (default: CUDA when there is
 one, else CPU).  Rounds alternate between the two paths and the median round is
 reported, to damp the noise of a shared machine; every torch result is checked against
@@ -55,8 +56,10 @@ def _time(fn) -> float:
 def measure(side: int, batch: int, rounds: int, device: str, pil, fast) -> dict:
     images = [synthetic_photo(side, side, seed=i) for i in range(batch)]
 
-    def run_pil():
-        return [pil(images=[im], return_tensors="pt") for im in images]
+    def run_pil():  # as the engine ran it: one call per image, the request's images concatenated
+        outs = [pil(images=[im], return_tensors="pt") for im in images]
+        return (torch.cat([o["pixel_values"] for o in outs]),
+                torch.cat([o["image_grid_thw"] for o in outs]))
 
     def run_torch():
         out = fast(images)
@@ -65,9 +68,9 @@ def measure(side: int, batch: int, rounds: int, device: str, pil, fast) -> dict:
         return out
 
     # check once, outside the timing: the fast path must agree with the slow one
-    ref, (pv, grid) = run_pil(), run_torch()
-    assert torch.equal(grid, torch.cat([r["image_grid_thw"] for r in ref]))
-    diff = (pv.cpu() - torch.cat([r["pixel_values"] for r in ref])).abs().max().item()
+    (ref_pv, ref_grid), (pv, grid) = run_pil(), run_torch()
+    assert torch.equal(grid, ref_grid)
+    diff = (pv.cpu() - ref_pv).abs().max().item()
     level = fast.rescale_factor / 0.5
     assert diff <= 2 * level + 1e-6, f"torch pipeline differs by {diff / level:.1f} levels"
     pil_s, torch_s = [], []
