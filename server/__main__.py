@@ -11,6 +11,8 @@ import sys
 import uvicorn
 
 from server.app import create_app
+from server.clients import guarded_protocol
+from server.keys import KeyFileError
 from server.settings import Settings
 
 
@@ -25,17 +27,35 @@ def engine_factory(settings: Settings):
     return build
 
 
+def _exit_now(code: int) -> None:
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = Settings.load(argv if argv is not None else sys.argv[1:])
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings, engine_factory(settings))
+    if settings.replicas > 1 or settings.ray_address:
+        from server.cluster import serve_cluster  # imports Ray: only on these flags
+        return serve_cluster(settings)
+    try:
+        app = create_app(settings, engine_factory(settings))
+    except KeyFileError as e:  # a broken key file: one plain line, not a traceback
+        logging.getLogger("qwen_vl").error("%s", e)
+        sys.exit(2)
     # uvicorn drains running requests on SIGTERM (--shutdown-timeout), then restores the
     # previous handler and re-raises the signal: make that handler a clean exit, so that a
-    # drained shutdown exits 0 for service managers
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # drained shutdown exits 0 for service managers.  os._exit, not sys.exit: the
+    # interpreter would otherwise join every pool thread still busy (a prompt being
+    # prepared), whatever the shutdown timeout says; the worker processes are killed
+    # by then (lifespan shutdown)
+    signal.signal(signal.SIGTERM, lambda *_: _exit_now(0))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False, timeout_graceful_shutdown=int(settings.shutdown_timeout))
+                access_log=False, timeout_graceful_shutdown=int(settings.shutdown_timeout),
+                http=guarded_protocol(settings))  # header deadline, connections per address
 
 
 if __name__ == "__main__":

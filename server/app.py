@@ -10,8 +10,8 @@ rendered by the handlers below in OpenAI's envelope.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
+import signal
 from contextlib import asynccontextmanager
 from typing import Callable
 
@@ -22,11 +22,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import protocol as p
-from server.errors import (APIError, InternalError, InvalidRequest, NotFound,
-                           PayloadTooLarge, ServiceUnavailable, Unauthorized)
+from server.body import chat_body_reader, document_chat_body
+from server.clients import BodyDeadline
+from server.errors import (APIError, ClientClosedRequest, InternalError, InvalidRequest,
+                           NotFound, PayloadTooLarge, RequestTimeout, ServiceUnavailable,
+                           Unauthorized)
+from server.keys import UNLIMITED_ANONYMOUS, ApiKey, KeyStore
 from server.media import MediaFetcher, MediaPolicy
 from server.metrics import CONTENT_TYPE, Metrics
 from server.middleware import BodyLimit, RequestLog
+from server.ratelimit import Limiter, estimate_tokens
 from server.serving import ChatService, RequestStats
 from server.settings import Settings
 
@@ -41,7 +46,7 @@ class _State:
 
 def media_policy(s: Settings) -> MediaPolicy:
     return MediaPolicy(max_image_bytes=s.max_image_bytes, max_image_pixels=s.max_image_pixels,
-                       total_timeout=s.fetch_timeout,
+                       total_timeout=s.fetch_timeout, decode_timeout=s.decode_timeout,
                        allowed_media_hosts=tuple(s.allowed_media_hosts),
                        allowed_local_media_path=s.allowed_local_media_path)
 
@@ -50,7 +55,9 @@ def create_app(settings: Settings, engine_factory: Callable[[], object]) -> Fast
     state = _State()
     fetcher = MediaFetcher(media_policy(settings))
     metrics = Metrics(lambda: state.engine.stats() if state.engine else {})
-    keys = settings.all_api_keys()
+    keys = KeyStore(settings.api_keys, settings.api_key_file)
+    limiter = Limiter()
+    read_chat_body = chat_body_reader(settings.max_json_elements)
 
     async def load():
         try:
@@ -66,8 +73,15 @@ def create_app(settings: Settings, engine_factory: Callable[[], object]) -> Fast
     @asynccontextmanager
     async def lifespan(app):
         task = asyncio.create_task(load())
+        task = asyncio.create_task(load())
+        fetcher.start()  # decode workers, ready before the first image
+        watcher = asyncio.create_task(keys.watch()) if keys.path else None
+        _on_sighup(keys.reload if keys.path else None)
         yield
         task.cancel()
+        if watcher is not None:
+            watcher.cancel()
+        fetcher.close_pool()  # kill decodes in flight: shutdown never waits for them
         if state.engine is not None:
             await state.engine.shutdown(settings.shutdown_timeout)
         await fetcher.aclose()
@@ -79,17 +93,15 @@ def create_app(settings: Settings, engine_factory: Callable[[], object]) -> Fast
             raise ServiceUnavailable(state.load_error or "The model is still loading.")
         return state.service
 
-    def auth(request: Request):
-        if not keys:
-            return
+    def auth(request: Request) -> ApiKey:
+        if not keys.enabled:
+            return UNLIMITED_ANONYMOUS
         given = request.headers.get("authorization", "")
         token = given[7:].strip() if given.lower().startswith("bearer ") else ""
-        # constant-time comparison against every key (no early exit on a match)
-        ok = False
-        for k in keys:
-            ok |= hmac.compare_digest(token.encode(), k.encode())
-        if not ok:
+        key = keys.authenticate(token)  # constant time, every key compared
+        if key is None:
             raise Unauthorized("Incorrect or missing API key.")
+        return key
 
     # --- routes ------------------------------------------------------------------------
     @app.get("/health")
@@ -107,13 +119,19 @@ def create_app(settings: Settings, engine_factory: Callable[[], object]) -> Fast
     async def models():
         return service().models()
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(auth)],
-              response_model=p.ChatCompletion)
-    async def chat(body: p.ChatCompletionRequest, request: Request):
+    @app.post("/v1/chat/completions", response_model=p.ChatCompletion)
+    async def chat(request: Request, key: ApiKey = Depends(auth),
+                   body: p.ChatCompletionRequest = Depends(read_chat_body)):
         svc = service()
         stats = request.scope["state"]["stats"] = RequestStats()
+        request.scope["state"]["key"] = key.name
+        # the key's limits (429) before any work; the access log's end releases the ticket
+        request.scope["state"]["ticket"] = limiter.admit(key, estimate_tokens(
+            body, settings.max_new_tokens, settings.max_pixels))
         cid = p.completion_id()
-        outputs = await svc.start(body, cid, stats)
+        # a client that leaves while its images are fetched or its grammar compiles
+        # cancels that work and frees its queue place at once
+        outputs = await _unless_disconnected(request, svc.start(body, cid, stats, key=key.name))
         if body.stream:
             return StreamingResponse(svc.stream(body, cid, outputs, stats),
                                      media_type="text/event-stream",
@@ -135,6 +153,8 @@ def create_app(settings: Settings, engine_factory: Callable[[], object]) -> Fast
             err: APIError = NotFound(f"No route {request.url.path}.")
         elif exc.status_code == 413:  # BodyLimit, for a body that streams in over the cap
             err = PayloadTooLarge(str(exc.detail))
+        elif exc.status_code == 408:  # BodyDeadline: the body did not arrive in time
+            err = RequestTimeout(str(exc.detail))
         else:
             err = APIError(str(exc.detail))
             err.status, err.type, err.code = exc.status_code, "invalid_request_error", None
@@ -150,15 +170,22 @@ def create_app(settings: Settings, engine_factory: Callable[[], object]) -> Fast
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"])
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyDeadline, timeout=settings.body_timeout)
     app.add_middleware(RequestLog, metrics=metrics)
     app.state.runtime = state
+    document_chat_body(app)
     return app
 
 
-class ClientClosedRequest(APIError):
-    """The client hung up before its answer was ready (nginx's 499).  Never reaches the
-    client; it only keeps access log and metrics from counting a hang-up as a 5xx."""
-    status, type, code = 499, "invalid_request_error", "client_closed_request"
+def _on_sighup(reload):
+    """Reload the key file on SIGHUP (only where the loop may own signals: the main
+    thread of a real server, not an in-process test client)."""
+    if reload is None or not hasattr(signal, "SIGHUP"):
+        return
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+    except (RuntimeError, ValueError, NotImplementedError):
+        pass
 
 
 async def _unless_disconnected(request: Request, work):

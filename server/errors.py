@@ -59,9 +59,37 @@ class Overloaded(APIError):
         super().__init__(message, headers={"Retry-After": str(retry_after)}, **kw)
 
 
+class RateLimited(APIError):
+    """A key's own limit (issue 14); ``retry_after`` None: no wait would help."""
+    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int | None, **kw):
+        super().__init__(message, headers={"Retry-After": str(retry_after)}
+                         if retry_after is not None else None, **kw)
+
+
+class RequestTimeout(APIError):
+    """The request body did not arrive in time (the connection is closed after it)."""
+    status, type, code = 408, "invalid_request_error", "request_timeout"
+
+
 class ServiceUnavailable(APIError):
     status, type, code = 503, "server_error", "service_unavailable"
 
 
+class QueueTimeout(ServiceUnavailable):
+    """The request waited in the queue past ``--max-queue-wait`` without starting."""
+    code = "queue_timeout"
+
+    def __init__(self, message: str, *, retry_after: int, **kw):
+        super().__init__(message, headers={"Retry-After": str(retry_after)}, **kw)
+
+
 class InternalError(APIError):
     status, type, code = 500, "server_error", "internal_error"
+
+
+class ClientClosedRequest(APIError):
+    """The client hung up before its answer was ready (nginx's 499).  Never reaches the
+    client; it only keeps access log and metrics from counting a hang-up as a 4xx/5xx."""
+    status, type, code = 499, "invalid_request_error", "client_closed_request"

@@ -54,9 +54,14 @@ Decoding
 ``allowed_formats`` (``MPO``, the multi-picture JPEG phones write, counts as ``JPEG``),
 checks ``width * height`` against ``max_image_pixels`` from the header before any pixel
 data is decoded, and maps Pillow's own decompression-bomb error/warning to 400.
-``MediaFetcher`` runs it in a worker thread bounded by ``decode_timeout``; a decode that
-times out is reported as 400 but its thread cannot be killed and finishes in the
-background.
+``check_decode_cost`` refuses, from the bytes alone, what decodes slowly per byte: JPEGs
+of more than ``MAX_JPEG_SCANS`` scans (a progressive "scan bomb" repeats tiny scans, each
+one a pass over the whole image) and RLE-compressed BMPs (decoded by Pillow in Python).
+``MediaFetcher`` runs the decode in a small pool of worker processes
+(``server.workers``): ``decode_timeout`` counts from when a worker takes the image, and a
+decode that runs out of time (or whose client left) has its worker killed and replaced,
+so that it never keeps a decode slot.  Images over ``BIG_IMAGE_PIXELS`` may occupy all
+workers but one: small images always find a free one.
 
 Video parts are not handled here.  This module must not import torch.
 """
@@ -72,8 +77,8 @@ import math
 import os
 import socket
 import stat
+import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterable
 from urllib.parse import unquote, urlsplit
@@ -82,6 +87,7 @@ import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from server.errors import InvalidRequest, PayloadTooLarge
+from server.workers import ProcessPool, WorkerDied
 
 __all__ = ["MediaPolicy", "MediaFetcher", "decode_image_bytes"]
 
@@ -201,6 +207,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 # the budget anyway, and a request must not hold 16 full-size decoded photos meanwhile
 KEEP_BUDGET_FACTOR = 2
 DECODE_WORKERS = 2
+BIG_IMAGE_PIXELS = 4_000_000   # larger images may take all decode workers but one
+MAX_JPEG_SCANS = 64            # libjpeg's progressive scripts use ~10; a scan bomb thousands
 
 
 class PixelBudget:
@@ -227,6 +235,26 @@ def _peek_size(data: bytes, policy: MediaPolicy) -> tuple[int, int] | None:
             return im.size
     except Exception:
         return None
+
+
+def check_decode_cost(data: bytes, param: str) -> None:
+    """Refuse, from the bytes alone, images whose decoding is slow per byte."""
+    if data[:2] == b"\xff\xd8":
+        # SOS markers: entropy-coded data escapes every 0xFF as FF 00, so FF DA only ever
+        # starts a scan
+        if data.count(b"\xff\xda") > MAX_JPEG_SCANS:
+            raise _bad(f"JPEG images may have at most {MAX_JPEG_SCANS} scans", param)
+    elif data[:2] == b"BM" and len(data) >= 34:
+        (compression,) = struct.unpack_from("<I", data, 30)
+        if compression in (1, 2):  # BI_RLE8 / BI_RLE4: decoded in pure Python by Pillow
+            raise _bad("RLE-compressed BMP images are not supported; send PNG or JPEG",
+                       param)
+
+
+def _decode_job(data: bytes, policy: "MediaPolicy", param: str,
+                max_pixels: int | None) -> Image.Image:
+    """What a decode worker process runs."""
+    return decode_image_bytes(data, policy, param=param, max_pixels=max_pixels)
 
 
 def _shrink(img: Image.Image, max_pixels: int | None) -> Image.Image:
@@ -381,16 +409,28 @@ class MediaFetcher:
         if transport is None:
             transport = httpx.AsyncHTTPTransport(
                 retries=0, limits=httpx.Limits(max_connections=64, max_keepalive_connections=0))
-        self._decode_pool = ThreadPoolExecutor(DECODE_WORKERS, thread_name_prefix="decode")
+        # decoding is the memory-hungry, uninterruptible step: at most DECODE_WORKERS images
+        # decode at once, each in a process that can be killed when its time is up
+        self._decode_pool = ProcessPool("decode", DECODE_WORKERS)
         self._client = httpx.AsyncClient(
             transport=transport, follow_redirects=False, trust_env=False,
             timeout=httpx.Timeout(policy.total_timeout, connect=policy.connect_timeout),
             headers={"User-Agent": _USER_AGENT, "Accept": "image/*",
                      "Accept-Encoding": "identity"})
 
+    def start(self) -> None:
+        """Start the decode workers in the background now rather than at the first image
+        (the first start boots the fork server: seconds, which the event loop must not
+        wait for)."""
+        threading.Thread(target=self._decode_pool.start, name="decode-start",
+                         daemon=True).start()
+
+    def close_pool(self) -> None:
+        self._decode_pool.close()
+
     async def aclose(self) -> None:
         await self._client.aclose()
-        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.close_pool()
 
     async def __aenter__(self) -> "MediaFetcher":
         return self
@@ -420,17 +460,17 @@ class MediaFetcher:
         size = _peek_size(data, self.policy)
         if budget is not None and size is not None and not budget.take(size[0] * size[1]):
             raise _bad(f"the request's images exceed {budget.limit} pixels in total", param)
+        check_decode_cost(data, param)
+        big = size is None or size[0] * size[1] > BIG_IMAGE_PIXELS
         try:
-            # a small pool of its own: decoding is the memory-hungry step, so at most
-            # DECODE_WORKERS full-size images exist at once, and slow decodes cannot starve
-            # the default pool (which also resolves host names)
-            return await asyncio.wait_for(
-                asyncio.get_running_loop().run_in_executor(
-                    self._decode_pool, lambda: decode_image_bytes(
-                        data, self.policy, param=param, max_pixels=max_pixels)),
-                self.policy.decode_timeout)
+            return await self._decode_pool.run(_decode_job, data, self.policy, param,
+                                               max_pixels, timeout=self.policy.decode_timeout,
+                                               big=big)
+        except WorkerDied:  # e.g. killed for memory: the image's doing
+            raise _bad("image data could not be decoded", param) from None
         except TimeoutError:
-            raise _bad("timed out decoding image", param) from None
+            raise _bad(f"timed out decoding image (over {self.policy.decode_timeout:g} s)",
+                       param) from None
 
     # ------------------------------------------------------------------ http
 
@@ -502,6 +542,11 @@ class MediaFetcher:
                 return await self._client.send(request, stream=True)
             except (httpx.ConnectError, httpx.ConnectTimeout):
                 continue  # try the next checked address
+            except httpx.InvalidURL:
+                # httpx prepares the next hop of a redirect even when not following it,
+                # and fails on a non-http(s) Location (data:, mailto:, x:y)
+                raise _bad("image URL redirected to an unsupported location (only http "
+                           "and https redirects are followed)", param) from None
         raise _bad("could not connect to image host", param)
 
     async def _read_body(self, response: httpx.Response, param: str) -> bytes:

@@ -1,7 +1,8 @@
 """Prometheus metrics, one registry per app (no module globals).
 
 Requests by status, queue depth and running sequences (read from the engine on each
-scrape), time to first token, time per output token, tokens in and out, images.
+scrape), time to first token, time per output token, tokens in and out, images; and per
+API key name: chat requests by status, 429s, tokens in and out, latency.
 """
 
 from __future__ import annotations
@@ -29,6 +30,19 @@ class Metrics:
         running = Gauge("qwen_vl_running_sequences", "Sequences being decoded", registry=r)
         queue.set_function(lambda: engine_stats().get("queue_depth", 0))
         running.set_function(lambda: engine_stats().get("running_seqs", 0))
+        # per API key, labelled by the key's name (never the key)
+        self.key_requests = Counter("qwen_vl_key_requests", "Chat requests by key and status",
+                                    ["key", "status"], registry=r)
+        self.key_rate_limited = Counter("qwen_vl_key_rate_limited",
+                                        "Chat requests answered 429, by key", ["key"], registry=r)
+        self.key_prompt_tokens = Counter("qwen_vl_key_prompt_tokens", "Prompt tokens by key",
+                                         ["key"], registry=r)
+        self.key_completion_tokens = Counter("qwen_vl_key_completion_tokens",
+                                             "Completion tokens by key", ["key"], registry=r)
+        self.key_latency = Histogram("qwen_vl_key_request_seconds",
+                                     "Chat request latency (to the end of the response) by key",
+                                     ["key"], buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60),
+                                     registry=r)
 
     def observe(self, stats, elapsed: float):
         self.prompt_tokens.inc(stats.prompt_tokens)
@@ -38,6 +52,14 @@ class Metrics:
             self.ttft.observe(stats.ttft)
             if stats.completion_tokens > 1:
                 self.tpot.observe((elapsed - stats.ttft) / (stats.completion_tokens - 1))
+
+    def observe_key(self, key: str, status: int, stats, elapsed: float):
+        self.key_requests.labels(key=key, status=str(status)).inc()
+        if status == 429:
+            self.key_rate_limited.labels(key=key).inc()
+        self.key_prompt_tokens.labels(key=key).inc(stats.prompt_tokens)
+        self.key_completion_tokens.labels(key=key).inc(stats.completion_tokens)
+        self.key_latency.labels(key=key).observe(elapsed)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -90,6 +90,13 @@ class RequestLog:
             self.metrics.requests.labels(route=route, status=str(status)).inc()
             fields = {"request_id": rid, "method": scope["method"], "path": scope["path"],
                       "status": status, "ms": round(elapsed * 1000, 1)}
+            key, ticket = scope["state"].get("key"), scope["state"].get("ticket")
+            if ticket is not None:  # the key's concurrent place and real token count
+                ticket.finish(stats.prompt_tokens + stats.completion_tokens
+                              if stats is not None else None)
+            if key is not None:
+                fields["key"] = key
+                self.metrics.observe_key(key, status, stats or _NO_STATS, elapsed)
             if stats is not None:
                 self.metrics.observe(stats, elapsed)
                 fields.update(prompt_tokens=stats.prompt_tokens,
@@ -98,4 +105,9 @@ class RequestLog:
             log.info("request %s", json.dumps(fields))
 
 
+class _NoStats:
+    prompt_tokens = completion_tokens = 0
+
+
+_NO_STATS = _NoStats()
 _ROUTES = {"/v1/chat/completions", "/v1/models", "/health", "/metrics"}

@@ -22,7 +22,7 @@ from typing import AsyncIterator
 from server import protocol as p
 from server import tools as toolparse
 from server.engine.interface import Engine, EngineRequest, ImageInput, Output, SamplingParams
-from server.engine.structured import GrammarSpec
+from server.engine.structured import GrammarSpec, check_cost
 from server.errors import APIError, InvalidRequest, ModelNotFound
 from server.media import MediaFetcher, PixelBudget
 from server.metrics import Metrics
@@ -103,7 +103,16 @@ class ChatService:
         if images > s.max_images_per_request:
             raise InvalidRequest(f"At most {s.max_images_per_request} images per request.",
                                  param="messages")
+        if req.tools and len(req.tools) > s.max_tools:
+            # before anything renders or compiles them (--max-tools)
+            raise InvalidRequest(f"At most {s.max_tools} tools are allowed (--max-tools).",
+                                 param="tools")
         self._check_structured(req)
+        spec = self._grammar(req)
+        if spec is not None:  # refuse a compile bomb before it is queued
+            check_cost(spec, s.max_grammar_repeat)
+        if s.scheduler == "sequential":
+            self._check_sequential(req)
 
     def _check_structured(self, req: p.ChatCompletionRequest):
         rf, tc = req.response_format, req.tool_choice
@@ -121,6 +130,21 @@ class ChatService:
         if req.top_logprobs and not req.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs to be true.",
                                  param="top_logprobs")
+
+    def _check_sequential(self, req: p.ChatCompletionRequest):
+        """The sequential baseline runs ``model.generate()``, which has no logprobs,
+        logit_bias or OpenAI penalties, and whose ``min_new_tokens`` (ignore_eos) fights a
+        grammar that must end (all-NaN probabilities): refuse rather than ignore."""
+        unsupported = {"logprobs": req.logprobs, "logit_bias": bool(req.logit_bias),
+                       "presence_penalty": bool(req.presence_penalty),
+                       "frequency_penalty": bool(req.frequency_penalty),
+                       "ignore_eos": req.ignore_eos and self._grammar(req) is not None}
+        for name, used in unsupported.items():
+            if used:
+                what = "ignore_eos with structured output" if name == "ignore_eos" else name
+                raise InvalidRequest(f"{what} is not supported by the sequential scheduler "
+                                     "(--scheduler sequential); use --scheduler batching.",
+                                     param=name)
 
     @staticmethod
     def _grammar(req: p.ChatCompletionRequest) -> GrammarSpec | None:
@@ -156,11 +180,14 @@ class ChatService:
         elif url.detail == "high":
             hi = max(hi, min(4 * hi, MAX_TOKENS_PER_IMAGE * TOKENS_PX))
         lo = min(lo, hi)
+        # a request may ask for fewer pixels than the server allows, never more: both
+        # overrides are clamped to the ceiling above (--max-pixels, x4 for detail "high")
+        ceiling = hi
         if url.max_pixels is not None:
-            hi = max(min(url.max_pixels, MAX_TOKENS_PER_IMAGE * TOKENS_PX), TOKENS_PX)
+            hi = max(min(url.max_pixels, ceiling), TOKENS_PX)
             lo = min(lo, hi)
         if url.min_pixels is not None:
-            lo = max(url.min_pixels, TOKENS_PX)
+            lo = max(min(url.min_pixels, ceiling), TOKENS_PX)
             if lo > hi:
                 raise InvalidRequest("min_pixels may not exceed max_pixels.", param=param)
         return lo, hi
@@ -236,7 +263,7 @@ class ChatService:
             top_logprobs=req.top_logprobs or 0, logit_bias=bias, grammar=grammar)
 
     async def start(self, req: p.ChatCompletionRequest, request_id: str,
-                    stats: RequestStats) -> AsyncIterator[Output]:
+                    stats: RequestStats, key: str = "") -> AsyncIterator[Output]:
         """Validate, reserve, fetch; returns the engine's output stream, already started
         so that errors before the first token still become a plain JSON error."""
         self._check(req)
@@ -251,7 +278,7 @@ class ChatService:
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if (
             req.tools and req.tool_choice != "none") else None
         stream = self.engine.generate(
-            EngineRequest(request_id, messages, images, params, tools), reservation)
+            EngineRequest(request_id, messages, images, params, tools, key=key), reservation)
         first = await anext(stream)  # raises context/engine errors before any byte is sent
         stats.ttft = time.perf_counter() - stats.t0
         return _prepend(first, stream)
@@ -398,29 +425,53 @@ def _scan(obj) -> tuple[str, str] | None:
     """First problem in a request's JSON, as (kind, path): "unicode" for a string or key that
     is not encodable as UTF-8 (lone surrogates), "depth" for nesting past MAX_JSON_DEPTH
     (the chat template renders tool schemas recursively: a deep one is a RecursionError).
-    Iterative, so that it cannot itself run out of stack."""
-    stack = [(obj, "", 0)]
+    Iterative (it cannot run out of stack) and lazy: one stack of iterators, no per-element
+    allocation; the path is only spelled out for the problem found."""
+    if isinstance(obj, str):
+        return None if _utf8(obj) else ("unicode", "")
+    if not isinstance(obj, (dict, list, tuple)):
+        return None
+    keys: list = []       # the path to the container on top of the stack
+    stack = [_children(obj)]
     while stack:
-        o, path, depth = stack.pop()
-        if isinstance(o, str):
-            if not o.isascii():
-                try:
-                    o.encode("utf-8")
-                except UnicodeEncodeError:
-                    return "unicode", path
-            continue
-        if isinstance(o, (dict, list, tuple)) and depth >= MAX_JSON_DEPTH:
-            return "depth", path
-        if isinstance(o, dict):
-            items = []
-            for k, v in o.items():
-                if isinstance(k, str) and not k.isascii() and _scan(k) is not None:
-                    return "unicode", path
-                items.append((v, f"{path}.{k}" if path else str(k), depth + 1))
-            stack.extend(reversed(items))
-        elif isinstance(o, (list, tuple)):
-            stack.extend(reversed([(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(o)]))
+        for k, v in stack[-1]:
+            if isinstance(k, str) and not _utf8(k):
+                return "unicode", _path(keys)
+            if isinstance(v, str):
+                if not _utf8(v):
+                    return "unicode", _path(keys + [k])
+            elif isinstance(v, (dict, list, tuple)):
+                if len(stack) >= MAX_JSON_DEPTH:
+                    return "depth", _path(keys + [k])
+                keys.append(k)
+                stack.append(_children(v))
+                break
+        else:
+            stack.pop()
+            if keys:
+                keys.pop()
     return None
+
+
+def _children(o):
+    return iter(o.items()) if isinstance(o, dict) else enumerate(o)
+
+
+def _utf8(s: str) -> bool:
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _path(keys: list) -> str:
+    out = ""
+    for k in keys:
+        out += f"[{k}]" if isinstance(k, int) else (f".{k}" if out else str(k))
+    return out
 
 
 def _short_path(path: str, parts: int = 4) -> str:

@@ -20,6 +20,8 @@ import yaml
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from server.keys import build_keys
+
 ENV_PREFIX = "QWEN_VL_"
 HUB_ID = "Qwen/Qwen3-VL-2B-Instruct"
 
@@ -49,7 +51,9 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     api_keys: list[str] = Field(default_factory=list, description=(
         "Accepted API keys (Bearer). Empty = no auth. Also QWEN_VL_API_KEYS or --api-key-file."))
-    api_key_file: str | None = Field(None, description="File with one API key per line.")
+    api_key_file: str | None = Field(None, description=(
+        "File with one API key per line, or a .yaml/.yml file of named keys with limits; "
+        "reloaded on SIGHUP and when it changes."))
     cors_origins: list[str] = Field(default_factory=list, description="CORS origins; empty = CORS off.")
     shutdown_timeout: float = Field(30.0, ge=0, description=(
         "Seconds running requests may take to finish after SIGTERM."))
@@ -75,6 +79,19 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(200_000, ge=1, description="Characters of text per request at most.")
     max_images_per_request: int = Field(16, ge=0, description="Images per request at most.")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Request body cap (413).")
+    max_json_elements: int = Field(500_000, ge=1000, description=(
+        "JSON values per request body at most, counted cheaply as commas and brackets "
+        "before parsing (413)."))
+    max_tools: int = Field(128, ge=0, description="Tools per request at most.")
+    max_grammar_repeat: int = Field(1000, ge=1, description=(
+        "Largest repetition bound in a schema (pattern {m,n}, maxLength, maxItems ...); "
+        "grammar compile time grows with it."))
+    grammar_timeout: float = Field(10.0, gt=0, description=(
+        "Seconds one grammar (response_format / forced tools) may take to compile; its "
+        "worker process is killed after that (400)."))
+    decode_timeout: float = Field(10.0, gt=0, description=(
+        "Seconds one image may take to decode, counted from when a decode worker takes "
+        "it (400)."))
 
     # --- images ----------------------------------------------------------------------
     min_pixels: int = Field(64 * 32 * 32, ge=32 * 32, description="Default per-image pixel floor.")
@@ -93,6 +110,26 @@ class Settings(BaseSettings):
     allowed_local_media_path: str | None = Field(None, description=(
         "Directory file:// image URLs may read from; unset = file:// refused."))
 
+    # --- replicas (issue 15; only these flags make the launcher import Ray) ---------------
+    replicas: int = Field(1, ge=1, description=(
+        "Engine replicas behind the one endpoint, through Ray Serve (one GPU each on a GPU "
+        "box). 1 without --ray-address = a plain single process, no Ray."))
+    ray_address: str | None = Field(None, description=(
+        "Join this Ray cluster (auto or HOST:PORT) instead of starting a local one."))
+    routing: Literal["least_loaded", "affinity"] = Field("least_loaded", description=(
+        "How requests pick a replica: least_loaded, or affinity (same system prompt and "
+        "first image -> same replica, for its prefix cache, unless it is much busier)."))
+    # --- fair sharing: deadlines and slow clients (per-key limits live in the key file) --
+    max_queue_wait: float | None = Field(None, gt=0, description=(
+        "Seconds a request may wait in the queue before starting; beyond → 503 with "
+        "Retry-After. Unset = no deadline."))
+    body_timeout: float = Field(60.0, gt=0, description=(
+        "Seconds a request body may take to arrive; beyond → 408 and the connection closed."))
+    header_timeout: float = Field(15.0, gt=0, description=(
+        "Seconds a client may take to send a request's headers; beyond → 408, closed."))
+    max_connections_per_client: int = Field(256, ge=0, description=(
+        "Open connections per client address at most; beyond → 429, closed. 0 = no cap."))
+
     @field_validator("model_aliases", "api_keys", "cors_origins", "allowed_media_hosts",
                      mode="before")
     @classmethod
@@ -108,11 +145,9 @@ class Settings(BaseSettings):
         return (init_settings, _ListFriendlyEnv(settings_cls), _YamlSource(settings_cls))
 
     def all_api_keys(self) -> list[str]:
-        keys = list(self.api_keys)
-        if self.api_key_file:
-            lines = Path(self.api_key_file).read_text().splitlines()
-            keys += [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
-        return keys
+        """The keys known in clear (a YAML key file may hold only digests)."""
+        return [k.plaintext for k in build_keys(self.api_keys, self.api_key_file)
+                if k.plaintext]
 
     @classmethod
     def load(cls, argv: list[str] | None = None, **overrides: Any) -> "Settings":

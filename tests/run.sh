@@ -3,7 +3,7 @@
 # Creates/reuses .venv, installs the project with its test extras, makes sure Chromium
 # is there for the browser test, and runs the whole suite offline.
 set -euo pipefail
-EXTRAS="ui,test,structured,bench"
+EXTRAS="ui,test,structured,bench,cluster"
 source "$(dirname "$0")/../server/bootstrap.sh"
 
 if [ ! -x /usr/bin/chromium ] || ! dpkg -s fonts-noto-cjk >/dev/null 2>&1; then

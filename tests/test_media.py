@@ -605,17 +605,22 @@ def test_decode_bytes_over_cap():
     decode_err(PNG, MediaPolicy(max_image_bytes=10), cls=PayloadTooLarge, status=413)
 
 
+def _slow_decode_job(data, policy, param, max_pixels):
+    """Runs in a decode worker process (imported there by name)."""
+    time.sleep(30)
+    return Image.new("RGB", (1, 1))
+
+
 def test_decode_timeout(monkeypatch):
+    """A decode past its budget answers 400 at the budget, not when the decode ends: its
+    worker process is killed."""
     import server.media as media
 
-    def slow_decode(data, policy, *, param, **kw):
-        time.sleep(0.6)
-        return Image.new("RGB", (1, 1))
-
-    monkeypatch.setattr(media, "decode_image_bytes", slow_decode)
-    msg = load_err(_data_url(PNG), MediaPolicy(decode_timeout=0.1))
-    assert msg == "timed out decoding image"
-
+    monkeypatch.setattr(media, "_decode_job", _slow_decode_job)
+    t0 = time.monotonic()
+    msg = load_err(_data_url(PNG), MediaPolicy(decode_timeout=1.0))
+    assert msg.startswith("timed out decoding image")
+    assert time.monotonic() - t0 < 10  # worker start-up included; never the 30 s sleep
 
 
 # --------------------------------------------------------------------------- memory bounds

@@ -18,6 +18,9 @@ Two schedulers run on the worker:
 * ``SequentialScheduler`` — the baseline the benchmark compares against: one request at
   a time through ``model.generate()``.
 
+Waiting requests queue per API key and are admitted in turns (``FairQueue``); with
+``--max-queue-wait`` one that waited longer without starting gets 503 instead.
+
 A failure inside a step fails only the requests in that forward pass (503 for out of
 memory, 500 otherwise) and frees their memory; after repeated consecutive failures the
 engine reports itself unhealthy.
@@ -29,10 +32,10 @@ import asyncio
 import dataclasses
 import gc
 import logging
+import math
 import queue
 import threading
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -40,17 +43,19 @@ import torch
 from tokenizers import Tokenizer
 
 from server.engine.batch import DecodeBatch, new_cache
+from server.engine.fairqueue import FairQueue
 from server.engine.interface import EngineRequest, Output, TokenLogprob
 from server.engine.prompt import Prepared, PromptBuilder
 from server.engine.sampler import row_generator, sample
 from server.engine.sequence import Sequence
 from server.engine.structured import GrammarCache, GrammarLogitsProcessor
-from server.errors import APIError, InternalError, Overloaded, ServiceUnavailable
+from server.errors import APIError, InternalError, Overloaded, QueueTimeout, ServiceUnavailable
 
 log = logging.getLogger("qwen_vl.engine")
 
 UNHEALTHY_AFTER = 3      # consecutive failed batch steps make /health 503 ...
 HEALTH_COOLDOWN_S = 30.0  # ... until this long without a new failure (then traffic may retry)
+GRAMMAR_WORKERS = 2       # compile processes: a slow compile leaves one for the others
 
 
 @dataclass
@@ -62,6 +67,7 @@ class Entry:
     reservation: object
     seqs: list[Sequence] = field(default_factory=list)
     t_arrival: float = field(default_factory=time.perf_counter)
+    key: str = ""                  # API key name: the fair queue's unit of turn
 
     @property
     def n(self) -> int:
@@ -97,7 +103,7 @@ class _SchedulerBase:
     def __init__(self, engine: "AsyncEngine"):
         self.engine = engine
         self.model = engine.model
-        self.waiting: deque[Entry] = deque()
+        self.waiting = FairQueue()  # round robin between API keys
         self.eos_ids = engine.eos_ids
 
     def add(self, entry: Entry):
@@ -106,7 +112,22 @@ class _SchedulerBase:
     def abort(self, request_id: str):
         """The client left: forget the request if it still waits; a running one is
         dropped by the subclass."""
-        self.waiting = deque(e for e in self.waiting if e.request_id != request_id)
+        self.waiting.discard(request_id)
+
+    def _expire(self):
+        """``--max-queue-wait``: fail requests that waited that long without starting
+        (503 + Retry-After) rather than run them for a client that has given up."""
+        wait = getattr(self.engine.settings, "max_queue_wait", None)
+        if not wait or not self.waiting:
+            return
+        late = self.waiting.expire(time.perf_counter() - wait)
+        if late:
+            log.warning("%d request(s) waited over %.1f s in the queue: 503", len(late), wait)
+        for e in late:
+            e.reservation.release()
+            e.sink(QueueTimeout(f"The request waited more than {wait:g} s in the queue "
+                                "without starting; the server is busy, retry later.",
+                                retry_after=max(1, math.ceil(wait))))
 
     def _start(self, entry: Entry) -> list[Sequence]:
         entry.reservation.release()  # running now: no longer counts against the queue
@@ -193,6 +214,7 @@ class BatchingScheduler(_SchedulerBase):
         self.steps += 1
         outputs: dict[int, tuple[Entry, list[Output]]] = {}
         self._filter_finished()  # (1) rows of clients that left
+        self._expire()
         group = self._admit()
         if group:
             try:
@@ -325,6 +347,9 @@ class SequentialScheduler(_SchedulerBase):
     def step(self):
         from transformers import StoppingCriteria, StoppingCriteriaList
 
+        self._expire()
+        if not self.waiting:
+            return
         entry = self.waiting.popleft()
         seqs = self._start(entry)
         self.num_running = len(seqs)
@@ -439,8 +464,10 @@ class AsyncEngine:
         eos = getattr(gen_cfg, "eos_token_id", None) or tok.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        # structured output: specs compile on the preparation thread (LRU-cached)
+        # structured output: specs compile in worker processes (LRU-cached), each within
+        # --grammar-timeout and killed when its client leaves
         self.grammars = GrammarCache(tok, vocab_size=self.vocab_size, stop_ids=self.eos_ids)
+        self.grammars.start_workers(GRAMMAR_WORKERS)
         # whether the chat template opens a <think> block itself (reasoning split)
         self.opens_think = self.builder.opens_think
         self.generator = torch.Generator().manual_seed(settings.seed)
@@ -484,13 +511,14 @@ class AsyncEngine:
     async def generate(self, request: EngineRequest, reservation):
         loop = asyncio.get_running_loop()
         try:
-            prepared = await loop.run_in_executor(self._prep, self._prepare, request)
-        except BaseException:
+            prepared = await self._prepare_async(request)
+        except BaseException:  # refused, or the client left (cancelled): free the place now
             reservation.release()
             raise
         q: asyncio.Queue = asyncio.Queue()
         entry = Entry(request.request_id, prepared,
-                      lambda item: loop.call_soon_threadsafe(q.put_nowait, item), reservation)
+                      lambda item: loop.call_soon_threadsafe(q.put_nowait, item), reservation,
+                      key=request.key)
         self._inbox.put(entry)
         remaining = prepared.params.n
         try:
@@ -513,13 +541,20 @@ class AsyncEngine:
                 self.aborted.add(request.request_id)
                 self._inbox.put(("abort", request.request_id))
 
-    def _prepare(self, request: EngineRequest) -> Prepared:
-        """Preparation thread: compile the grammar (cached), then build the prompt."""
+    async def _prepare_async(self, request: EngineRequest) -> Prepared:
+        """Cheap checks first: (1) template, token count and context length on the
+        preparation thread; (2) the grammar in a compile worker process, within
+        --grammar-timeout; (3) image preprocessing on the preparation thread.  Each step
+        is abandoned at once when the client leaves (the awaiting task is cancelled)."""
+        loop = asyncio.get_running_loop()
+        plan = await loop.run_in_executor(self._prep, self.builder.plan, request)
         spec = request.params.grammar
         if spec is not None and not hasattr(spec, "matcher"):
+            compiled = await self.grammars.compile_async(
+                spec, timeout=self.settings.grammar_timeout)
             request = dataclasses.replace(
-                request, params=request.params.replace(grammar=self.grammars.compile(spec)))
-        return self.builder.build(request)
+                request, params=request.params.replace(grammar=compiled))
+        return await loop.run_in_executor(self._prep, self.builder.finish, request, plan)
 
     def stats(self) -> dict[str, float]:
         return {"queue_depth": self._waiting, "running_seqs": self.scheduler.num_running}
@@ -541,6 +576,7 @@ class AsyncEngine:
 
     async def shutdown(self, timeout: float) -> None:
         self._stopping = True
+        self.grammars.close()  # kill compiles in flight: shutdown never waits for them
         self._inbox.put(None)
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
         self._prep.shutdown(wait=False, cancel_futures=True)

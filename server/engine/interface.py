@@ -58,6 +58,7 @@ class EngineRequest:
     images: list[ImageInput]             # in order of appearance
     params: SamplingParams
     tools: list[dict] | None = None
+    key: str = ""                        # API key name (fair queueing); "" = anonymous
 
 
 @dataclass

@@ -7,6 +7,12 @@ one by one by the HF PIL processor (``--image-preprocess pil``, the reference); 
 ``<|image_pad|>`` placeholder is then expanded to the number of merged patches, as Qwen's
 processor does.  The context check (prompt + max_tokens <= max_model_len) happens
 here, before any model work.
+
+Two steps, so that the cheap checks come before the expensive work: ``plan`` renders the
+template and counts each image's tokens from its size and budget alone (the processor's
+``get_number_of_image_patches``), then checks the context length; ``finish`` preprocesses
+the pixels (and re-counts, should the processor disagree).  ``build`` does both.  The
+engine compiles a request's grammar between the two.
 """
 
 from __future__ import annotations
@@ -37,6 +43,16 @@ class Prepared:
     @property
     def num_tokens(self) -> int:
         return self.input_ids.shape[1]
+
+
+@dataclass
+class Plan:
+    """What ``plan`` found: the template split at the images, their token counts (None
+    when the processor cannot count ahead) and the token ids."""
+    pieces: list[str]
+    image_tokens: list[int] | None
+    input_ids: torch.Tensor | None
+    params: SamplingParams
 
 
 class PromptBuilder:
@@ -76,18 +92,28 @@ class PromptBuilder:
         return text.rstrip().endswith("<think>")
 
     def build(self, req: EngineRequest) -> Prepared:
+        return self.finish(req, self.plan(req))
+
+    def plan(self, req: EngineRequest) -> Plan:
+        """Template, token count and context check: no pixel is touched."""
         text = self.processor.apply_chat_template(req.messages, tokenize=False,
                                                   add_generation_prompt=True, tools=req.tools)
         pieces = text.split(IMAGE_PAD)
         if len(pieces) - 1 != len(req.images):
             raise InvalidRequest("Message text may not contain the image placeholder token.",
                                  param="messages")
+        counts = [self._image_tokens(im) for im in req.images]
+        if None in counts:  # the processor cannot count ahead: finish() checks
+            return Plan(pieces, None, None, req.params)
+        ids = self._tokenize(pieces, counts)
+        return Plan(pieces, counts, ids, self._fill_max_tokens(req.params, ids.shape[1]))
+
+    def finish(self, req: EngineRequest, plan: Plan) -> Prepared:
+        """Preprocess the images; ``req.params`` may carry the compiled grammar by now."""
         pixel_values, grids = self._images(req.images) if req.images else (None, None)
-        expanded = [pieces[0]]
-        for i, rest in enumerate(pieces[1:]):
-            expanded.append(IMAGE_PAD * (int(grids[i].prod()) // self.merge ** 2) + rest)
-        ids = self.tokenizer("".join(expanded), add_special_tokens=False,
-                             return_tensors="pt")["input_ids"]
+        counts = [int(g.prod()) // self.merge ** 2 for g in grids] if req.images else []
+        ids = plan.input_ids if counts == plan.image_tokens else self._tokenize(plan.pieces,
+                                                                                counts)
         return Prepared(
             input_ids=ids,
             mm_token_type_ids=(ids == self.image_token_id).int(),
@@ -109,6 +135,22 @@ class PromptBuilder:
             **image_budget_kwargs(im.min_pixels, im.max_pixels)) for im in images]
         return (torch.cat([o["pixel_values"] for o in outs]),
                 torch.cat([o["image_grid_thw"] for o in outs]))
+
+    def _image_tokens(self, im) -> int | None:
+        try:
+            patches = self.processor.image_processor.get_number_of_image_patches(
+                im.image.height, im.image.width,
+                {"min_pixels": im.min_pixels, "max_pixels": im.max_pixels})
+        except Exception:
+            return None
+        return int(patches) // self.merge ** 2
+
+    def _tokenize(self, pieces: list[str], counts: list[int]) -> torch.Tensor:
+        expanded = [pieces[0]]
+        for n, rest in zip(counts, pieces[1:]):
+            expanded.append(IMAGE_PAD * n + rest)
+        return self.tokenizer("".join(expanded), add_special_tokens=False,
+                              return_tensors="pt")["input_ids"]
 
     def _fill_max_tokens(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
         room = self.max_model_len - prompt_len

@@ -7,11 +7,15 @@ Three layers, each on the thread that owns it:
   \\n</tool_call>`` for one named function or for any of the tools).  It travels in
   ``SamplingParams.grammar``.  ``check_schema`` refuses schema features the grammar engine
   would silently not enforce, so that "finish_reason stop ⇒ the output validates" holds.
-* ``GrammarCache`` (engine preparation thread): compiles a spec against the served
-  tokenizer — vocabulary padded to the model's ``vocab_size``, special tokens and raw
-  control-character tokens excluded, end-of-turn ids as the stop tokens — and keeps the
-  results in an LRU.  ``compile`` returns a ``CompiledSpec``; a bad schema becomes
-  ``InvalidRequest`` naming the request field.
+* ``GrammarCache`` (engine): compiles a spec against the served tokenizer — vocabulary
+  padded to the model's ``vocab_size``, special tokens and raw control-character tokens
+  excluded, end-of-turn ids as the stop tokens — and keeps the results in an LRU bounded
+  in entries and in bytes.  ``compile`` (synchronous) returns a ``CompiledSpec``;
+  ``compile_async`` compiles in a worker process (``server.workers``) with a time budget,
+  killed when the budget is spent (400) or the client leaves.  A bad schema becomes
+  ``InvalidRequest`` naming the request field.  ``check_cost`` refuses, before anything
+  is queued, repetition bounds past the server's limit (compile time grows with them:
+  ``[a-z]{1,20000}`` alone takes tens of seconds).
 * ``apply_masks`` / ``GrammarLogitsProcessor`` (engine worker thread): each constrained
   row owns a ``xgrammar.GrammarMatcher`` (``Sequence.matcher``); before sampling, each
   such row fills its line of a shared bitmask and the batch's logits are masked in place,
@@ -25,6 +29,7 @@ This module imports neither torch nor xgrammar at import time (the HTTP layer im
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import threading
@@ -33,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.errors import InvalidRequest
+from server.workers import ProcessPool, WorkerDied
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 
@@ -156,6 +162,39 @@ def _walk(s: Any, path: str, found: list[str], depth: int = 0) -> None:
                 _walk(v, f"{path}.{k}[{i}]", found, depth + 1)
 
 
+_QUANTIFIER = re.compile(r"(?<!\\)\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
+_REPEAT_KEYS = ("maxLength", "minLength", "maxItems", "minItems", "maxProperties",
+                "minProperties")
+
+
+def check_cost(spec: GrammarSpec, max_repeat: int) -> None:
+    """Refuse a spec whose regex quantifiers ({m,n}) or length/item bounds exceed
+    ``max_repeat`` (cheap: one walk over the schema, before any compile).  Raises
+    ``InvalidRequest`` naming the limit."""
+    if spec.kind == "json_object":
+        return
+    stack = [json.loads(spec.payload)]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, list):
+            stack.extend(o)
+            continue
+        if not isinstance(o, dict):
+            continue
+        regexes = [o["pattern"]] if isinstance(o.get("pattern"), str) else []
+        if isinstance(o.get("patternProperties"), dict):
+            regexes += list(o["patternProperties"])
+        bounds = [int(n) for r in regexes for m in _QUANTIFIER.finditer(r)
+                  for n in m.groups() if n]
+        bounds += [o[k] for k in _REPEAT_KEYS if isinstance(o.get(k), int)
+                   and not isinstance(o.get(k), bool)]
+        if bounds and max(bounds) > max_repeat:
+            raise InvalidRequest(f"The schema repeats up to {max(bounds)} times; this server "
+                                 f"allows at most {max_repeat} (--max-grammar-repeat).",
+                                 param=spec.param)
+        stack.extend(o.values())
+
+
 def tool_parameters(params: dict | None) -> dict:
     return params if params else {"type": "object", "properties": {}}
 
@@ -184,16 +223,87 @@ def _clean_error(exc: BaseException) -> str:
 
 
 class GrammarCache:
-    """Compiles ``GrammarSpec``s for one tokenizer; thread-safe LRU of the results."""
+    """Compiles ``GrammarSpec``s for one tokenizer; thread-safe LRU of the results, bounded
+    in entries and in bytes (a tool grammar can hold tens of MB)."""
 
-    def __init__(self, hf_tokenizer, *, vocab_size: int, stop_ids, capacity: int = 128):
+    def __init__(self, hf_tokenizer, *, vocab_size: int, stop_ids, capacity: int = 128,
+                 max_bytes: int = 256 * 1024 * 1024):
         self._tokenizer, self.vocab_size = hf_tokenizer, int(vocab_size)
         self.stop_ids = sorted(int(i) for i in stop_ids)
-        self.capacity = capacity
+        self.capacity, self.max_bytes = capacity, max_bytes
         self._cache: OrderedDict[tuple, CompiledSpec] = OrderedDict()
+        self._sizes: dict[tuple, int] = {}
+        self.bytes = 0
         self._lock = threading.Lock()
         self._compiler = None
+        self._info = None
+        self._pool = None
         self.hits = self.misses = 0
+
+    def start_workers(self, size: int) -> None:
+        """Compile in ``size`` worker processes from now on (``compile_async``).  Builds
+        the tokenizer description here (the caller's thread: seconds for a large vocab)."""
+        try:
+            import xgrammar as xgr
+        except ImportError:
+            return  # compile_async then answers the "needs xgrammar" 400
+        parts = self._tokenizer_parts(xgr)
+        self._info = _tokenizer_info_from(xgr, parts)
+        self._pool = ProcessPool("grammar", size, init=_init_worker, initargs=(parts,))
+        self._pool.start()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+
+    def _lookup(self, key: tuple) -> "CompiledSpec | None":
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                self.hits += 1
+            return hit
+
+    def _store(self, key: tuple, compiled: "CompiledSpec") -> None:
+        size = _grammar_bytes(compiled.compiled)
+        with self._lock:
+            self.misses += 1
+            if size > self.max_bytes:
+                return  # used once, never cached
+            if key in self._cache:
+                self.bytes -= self._sizes.pop(key)
+            self._cache[key], self._sizes[key] = compiled, size
+            self.bytes += size
+            while len(self._cache) > self.capacity or self.bytes > self.max_bytes:
+                old, _ = self._cache.popitem(last=False)
+                self.bytes -= self._sizes.pop(old)
+
+    async def compile_async(self, spec: GrammarSpec, *, timeout: float) -> "CompiledSpec":
+        """``compile`` in a worker process, within ``timeout`` seconds of compiling (400
+        past it); cancelling the awaiting task kills the compile."""
+        hit = self._lookup(spec.key)
+        if hit is not None:
+            return hit
+        if self._pool is None:
+            self._get_compiler()  # raises the "needs xgrammar" 400 when it is missing
+            raise RuntimeError("GrammarCache.start_workers was not called")
+        try:
+            text = await self._pool.run(_compile_job, spec, timeout=timeout)
+        except WorkerDied:  # e.g. killed for memory by a huge grammar
+            raise InvalidRequest("The grammar could not be compiled (its compile worker "
+                                 "ended); simplify the schema or tools.",
+                                 param=spec.param) from None
+        except TimeoutError:
+            raise InvalidRequest(f"The grammar took longer than {timeout:g} s to compile "
+                                 "(--grammar-timeout); simplify the schema or tools.",
+                                 param=spec.param) from None
+        import xgrammar as xgr
+        # deserializing a large grammar takes a while: off the event loop
+        grammar = await asyncio.to_thread(xgr.CompiledGrammar.deserialize_json, text,
+                                          self._info)
+        compiled = CompiledSpec(spec, grammar)
+        self._store(spec.key, compiled)
+        return compiled
 
     def _get_compiler(self):
         if self._compiler is None:
@@ -206,6 +316,10 @@ class GrammarCache:
         return self._compiler
 
     def _tokenizer_info(self, xgr):
+        return _tokenizer_info_from(xgr, self._tokenizer_parts(xgr))
+
+    def _tokenizer_parts(self, xgr) -> dict:
+        """What ``xgr.TokenizerInfo`` is built from, as plain (picklable) values."""
         tok = self._tokenizer
         base = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=self.vocab_size,
                                                   stop_token_ids=self.stop_ids)
@@ -229,72 +343,103 @@ class GrammarCache:
         for i in banned:
             if 0 <= i < self.vocab_size and i not in self.stop_ids:
                 encoded[i] = ""
-        return xgr.TokenizerInfo(encoded, vocab_type=base.vocab_type, vocab_size=self.vocab_size,
-                                 stop_token_ids=self.stop_ids,
-                                 add_prefix_space=base.add_prefix_space)
+        return dict(encoded=encoded, vocab_type=int(base.vocab_type.value),
+                    vocab_size=self.vocab_size, stop_token_ids=self.stop_ids,
+                    add_prefix_space=base.add_prefix_space)
 
     def compile(self, spec: GrammarSpec) -> CompiledSpec:
-        key = spec.key
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                self.hits += 1
-                return hit
+        hit = self._lookup(spec.key)
+        if hit is not None:
+            return hit
         compiled = CompiledSpec(spec, self._compile(spec))
-        with self._lock:
-            self.misses += 1
-            self._cache[key] = compiled
-            while len(self._cache) > self.capacity:
-                self._cache.popitem(last=False)
+        self._store(spec.key, compiled)
         return compiled
 
     def _compile(self, spec: GrammarSpec):
-        compiler = self._get_compiler()
-        import xgrammar as xgr
-        try:
-            if spec.kind == "json_object":
-                return compiler.compile_json_schema({"type": "object"}, any_whitespace=False,
-                                                    strict_mode=False)
-            if spec.kind == "json_schema":
-                schema = json.loads(spec.payload)
-                check_schema(schema)
-                return compiler.compile_json_schema(schema if isinstance(schema, dict)
-                                                    else json.dumps(schema),
-                                                    any_whitespace=False, strict_mode=True)
-            if spec.kind == "tool_calls":
-                return compiler.compile_grammar(self._tool_grammar(xgr, json.loads(spec.payload),
-                                                                   spec.parallel),
-                                                root_rule_name="toolcall_seq")
-        except InvalidRequest:
-            raise
-        except Exception as exc:  # xgrammar: RuntimeError / ValueError on the schema
-            what = "tool parameters" if spec.kind == "tool_calls" else "JSON schema"
-            raise InvalidRequest(f"The {what} cannot be enforced: {_clean_error(exc)}",
-                                 param=spec.param) from None
-        raise InvalidRequest(f"Unknown grammar kind {spec.kind!r}.", param=spec.param)
+        return _compile_with(self._get_compiler(), spec)
 
     @staticmethod
     def _tool_grammar(xgr, tools: list, parallel: bool):
-        """``<tool_call>\\n{"name": "<name>", "arguments": <parameters>}\\n</tool_call>``,
-        for any of ``tools``; one call, or several separated by "\\n" when parallel — the
-        text Qwen's chat template renders for assistant tool calls."""
-        calls = []
-        for name, params in tools:
-            params = tool_parameters(params)
-            try:
-                check_schema(params)
-            except ValueError as e:
-                raise ValueError(f"function {name!r}: {e}") from None
-            head = TOOL_CALL_OPEN + '\n{"name": ' + json.dumps(name, ensure_ascii=False) + \
-                ', "arguments": '
-            calls.append(xgr.Grammar.concat(
-                xgr.Grammar.from_ebnf("root ::= " + json.dumps(head, ensure_ascii=False)),
-                xgr.Grammar.from_json_schema(params, any_whitespace=False, strict_mode=True),
-                xgr.Grammar.from_ebnf("root ::= " + json.dumps("}\n" + TOOL_CALL_CLOSE))))
-        one = calls[0] if len(calls) == 1 else xgr.Grammar.union(*calls)
-        seq = 'toolcall_seq ::= root ("\\n" root)*' if parallel else "toolcall_seq ::= root"
-        return xgr.Grammar.from_ebnf(str(one) + "\n" + seq + "\n", root_rule_name="toolcall_seq")
+        return _tool_grammar(xgr, tools, parallel)
+
+
+def _tokenizer_info_from(xgr, parts: dict):
+    return xgr.TokenizerInfo(parts["encoded"], vocab_type=xgr.VocabType(parts["vocab_type"]),
+                             vocab_size=parts["vocab_size"],
+                             stop_token_ids=parts["stop_token_ids"],
+                             add_prefix_space=parts["add_prefix_space"])
+
+
+def _grammar_bytes(compiled) -> int:
+    try:
+        return int(compiled.memory_size_bytes)
+    except Exception:  # an older xgrammar: count it as large
+        return 16 * 1024 * 1024
+
+
+# --- the compile worker process (server.workers) ---------------------------------------
+# A worker process compiles for one tokenizer all its life: its compiler is process
+# state, set once by the pool's initializer.
+
+_WORKER_COMPILER = None
+
+
+def _init_worker(parts: dict) -> None:
+    global _WORKER_COMPILER
+    import xgrammar as xgr
+    _WORKER_COMPILER = xgr.GrammarCompiler(_tokenizer_info_from(xgr, parts),
+                                           cache_enabled=False)
+
+
+def _compile_job(spec: GrammarSpec) -> str:
+    return _compile_with(_WORKER_COMPILER, spec).serialize_json()
+
+
+def _compile_with(compiler, spec: GrammarSpec):
+    import xgrammar as xgr
+    try:
+        if spec.kind == "json_object":
+            return compiler.compile_json_schema({"type": "object"}, any_whitespace=False,
+                                                strict_mode=False)
+        if spec.kind == "json_schema":
+            schema = json.loads(spec.payload)
+            check_schema(schema)
+            return compiler.compile_json_schema(schema if isinstance(schema, dict)
+                                                else json.dumps(schema),
+                                                any_whitespace=False, strict_mode=True)
+        if spec.kind == "tool_calls":
+            return compiler.compile_grammar(_tool_grammar(xgr, json.loads(spec.payload),
+                                                          spec.parallel),
+                                            root_rule_name="toolcall_seq")
+    except InvalidRequest:
+        raise
+    except Exception as exc:  # xgrammar: RuntimeError / ValueError on the schema
+        what = "tool parameters" if spec.kind == "tool_calls" else "JSON schema"
+        raise InvalidRequest(f"The {what} cannot be enforced: {_clean_error(exc)}",
+                             param=spec.param) from None
+    raise InvalidRequest(f"Unknown grammar kind {spec.kind!r}.", param=spec.param)
+
+
+def _tool_grammar(xgr, tools: list, parallel: bool):
+    """``<tool_call>\\n{"name": "<name>", "arguments": <parameters>}\\n</tool_call>``,
+    for any of ``tools``; one call, or several separated by "\\n" when parallel — the
+    text Qwen's chat template renders for assistant tool calls."""
+    calls = []
+    for name, params in tools:
+        params = tool_parameters(params)
+        try:
+            check_schema(params)
+        except ValueError as e:
+            raise ValueError(f"function {name!r}: {e}") from None
+        head = TOOL_CALL_OPEN + '\n{"name": ' + json.dumps(name, ensure_ascii=False) + \
+            ', "arguments": '
+        calls.append(xgr.Grammar.concat(
+            xgr.Grammar.from_ebnf("root ::= " + json.dumps(head, ensure_ascii=False)),
+            xgr.Grammar.from_json_schema(params, any_whitespace=False, strict_mode=True),
+            xgr.Grammar.from_ebnf("root ::= " + json.dumps("}\n" + TOOL_CALL_CLOSE))))
+    one = calls[0] if len(calls) == 1 else xgr.Grammar.union(*calls)
+    seq = 'toolcall_seq ::= root ("\\n" root)*' if parallel else "toolcall_seq ::= root"
+    return xgr.Grammar.from_ebnf(str(one) + "\n" + seq + "\n", root_rule_name="toolcall_seq")
 
 
 # --- masking (engine worker thread) ---------------------------------------------------

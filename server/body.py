@@ -1,0 +1,93 @@
+"""Reading a chat request body without stalling the event loop.
+
+``chat_body_reader(max_elements)`` returns a FastAPI dependency that reads the body and
+returns the validated ``ChatCompletionRequest``:
+
+* a client that cuts the upload short gets ``ClientClosedRequest`` (logged 499, not 400);
+* before parsing, the JSON values are counted cheaply (commas and opening brackets, one
+  pass in C; an upper bound, since commas inside strings count too): over
+  ``max_elements`` is a 413, so that a body of millions of tiny values never reaches
+  ``json.loads`` (which would hold the event loop for seconds and grow memory by GBs);
+* bodies over ``OFF_LOOP_BYTES`` are parsed and validated in a worker thread, the event
+  loop meanwhile answering ``/health`` and streaming other requests.
+
+Validation errors are raised as FastAPI's ``RequestValidationError`` so that the app's one
+handler renders them as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
+
+from server import protocol as p
+from server.errors import ClientClosedRequest, InvalidRequest, PayloadTooLarge
+
+OFF_LOOP_BYTES = 256 * 1024
+
+
+def _parse(raw: bytes) -> p.ChatCompletionRequest:
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise InvalidRequest("The request body is not valid JSON.") from None
+    try:
+        return p.ChatCompletionRequest.model_validate(data)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False)) from None
+
+
+def count_values(raw: bytes) -> int:
+    """An upper bound on the JSON values in ``raw``: each one after the first in a
+    container is preceded by a comma, and each container opens with a bracket."""
+    return raw.count(b",") + raw.count(b"[") + raw.count(b"{") + 1
+
+
+def chat_body_reader(max_elements: int):
+    async def read_chat_body(request: Request) -> p.ChatCompletionRequest:
+        try:
+            raw = await request.body()
+        except ClientDisconnect:
+            raise ClientClosedRequest("client disconnected while sending the body") from None
+        if not raw:
+            raise InvalidRequest("The request body is empty; send a JSON object.")
+        if count_values(raw) > max_elements:
+            raise PayloadTooLarge(f"The request body holds more than {max_elements} JSON "
+                                  "values (--max-json-elements).")
+        if len(raw) > OFF_LOOP_BYTES:
+            return await asyncio.to_thread(_parse, raw)
+        return _parse(raw)
+    return read_chat_body
+
+
+def document_chat_body(app, path: str = "/v1/chat/completions") -> None:
+    """Put the chat request's schema back into ``/openapi.json``: the route reads its body
+    itself, so FastAPI no longer sees it.  The request body, responses and schemas are
+    taken from a shadow route with the typed body parameter, so the document is the one
+    FastAPI writes for it."""
+    from fastapi import FastAPI
+
+    shadow = FastAPI()
+
+    @shadow.post(path, response_model=p.ChatCompletion)
+    async def chat(body: p.ChatCompletionRequest):  # pragma: no cover - never served
+        raise NotImplementedError
+
+    base = app.openapi
+
+    def openapi():
+        if app.openapi_schema:
+            return app.openapi_schema
+        doc, typed = base(), shadow.openapi()
+        op, typed_op = doc["paths"][path]["post"], typed["paths"][path]["post"]
+        op["requestBody"], op["responses"] = typed_op["requestBody"], typed_op["responses"]
+        doc.setdefault("components", {}).setdefault("schemas", {}).update(
+            typed["components"]["schemas"])
+        return doc
+
+    app.openapi = openapi

@@ -1,0 +1,138 @@
+"""Ray-free pieces of the replica setup (issue 15), kept apart so they test without Ray.
+
+* ``RawRequest`` is one HTTP request as the front door received it (method, path, query,
+  headers, body): plain data that crosses a process boundary by pickling.
+* ``call_app(app, raw)`` runs our own ASGI app in-process on that request and yields the
+  response as ``ResponseHead`` followed by body chunks, so a replica answers exactly what
+  the single-process server would (same routes, errors and SSE).  Stopping the iteration
+  early tells the app the client went away (which aborts the generation).
+* ``Lifespan`` drives an ASGI app's startup and shutdown without a web server.
+* ``prefix_key(body)`` names the conversation prefix a chat request shares with others
+  (system prompt, first image) and ``rendezvous_order(key, ids)`` ranks replicas for it:
+  the affinity router's pure parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+
+@dataclass
+class RawRequest:
+    method: str
+    path: str
+    query_string: bytes = b""
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: bytes = b""
+
+
+@dataclass
+class ResponseHead:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+
+    def header(self, name: str) -> str | None:
+        key = name.lower().encode()
+        return next((v.decode("latin-1") for k, v in self.headers if k.lower() == key), None)
+
+
+async def call_app(app, raw: RawRequest, extra_headers: list[tuple[bytes, bytes]] = ()
+                   ) -> AsyncIterator[ResponseHead | bytes]:
+    """Yield the app's response to ``raw``: one ``ResponseHead``, then non-empty chunks."""
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+             "http_version": "1.1", "method": raw.method, "scheme": "http",
+             "path": raw.path, "raw_path": raw.path.encode(), "root_path": "",
+             "query_string": raw.query_string, "headers": list(raw.headers),
+             "client": None, "server": None, "state": {}}
+    sent: asyncio.Queue = asyncio.Queue()
+    gone = asyncio.Event()
+    body_taken = False
+
+    async def receive():
+        nonlocal body_taken
+        if not body_taken:
+            body_taken = True
+            return {"type": "http.request", "body": raw.body, "more_body": False}
+        await gone.wait()  # the app polls this to learn of a client that left
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        await sent.put(message)
+
+    task = asyncio.ensure_future(app(scope, receive, send))
+    task.add_done_callback(lambda _: sent.put_nowait(None))
+    try:
+        while (message := await sent.get()) is not None:
+            if message["type"] == "http.response.start":
+                yield ResponseHead(message["status"],
+                                   list(message.get("headers", [])) + list(extra_headers))
+            elif message["type"] == "http.response.body":
+                if message.get("body"):
+                    yield message["body"]
+                if not message.get("more_body", False):
+                    return
+        task.result()  # the app ended without a complete response: raise its error
+        raise RuntimeError("the app ended without a response")
+    finally:
+        gone.set()
+        if not task.done():
+            task.cancel()
+
+
+class Lifespan:
+    """Run an ASGI app's lifespan protocol (startup now, shutdown on ``stop``)."""
+
+    def __init__(self, app):
+        self.app = app
+        self._inbox: asyncio.Queue = asyncio.Queue()
+        self._events: asyncio.Queue = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.ensure_future(self.app(
+            {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}},
+            self._inbox.get, self._events.put))
+        await self._inbox.put({"type": "lifespan.startup"})
+        event = await self._events.get()
+        if event["type"] != "lifespan.startup.complete":
+            raise RuntimeError(f"app startup failed: {event.get('message', event['type'])}")
+
+    async def stop(self) -> None:
+        if self._task is None or self._task.done():
+            return
+        await self._inbox.put({"type": "lifespan.shutdown"})
+        await self._events.get()
+
+
+# --- conversation affinity --------------------------------------------------------------
+
+def prefix_key(body: bytes) -> str | None:
+    """A key for the prefix a chat request shares with its conversation: its system
+    prompt and its first image.  Requests with neither (or not chat JSON) get None, and
+    go to the least loaded replica."""
+    try:
+        req = json.loads(body)
+        messages = req["messages"]
+        system = [m.get("content") for m in messages if m.get("role") in ("system", "developer")]
+        image = next((part.get("image_url") for m in messages
+                      if isinstance(m.get("content"), list)
+                      for part in m["content"] if isinstance(part, dict)
+                      and part.get("type") == "image_url"), None)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    if not system and image is None:
+        return None
+    blob = json.dumps([system, image], sort_keys=True, ensure_ascii=False).encode()
+    return hashlib.blake2b(blob, digest_size=12).hexdigest()
+
+
+def rendezvous_order(key: str, ids: list[str]) -> list[str]:
+    """``ids`` ranked for ``key`` by highest-random-weight hashing: every router agrees on
+    the owner without shared state, and a replica that leaves only moves its own keys."""
+    def weight(replica: str) -> bytes:
+        return hashlib.blake2b(f"{key}/{replica}".encode(), digest_size=8).digest()
+    return sorted(ids, key=weight, reverse=True)
