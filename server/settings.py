@@ -144,6 +144,9 @@ class Settings(BaseSettings):
     min_pixels: int = Field(64 * 32 * 32, ge=32 * 32, description="Default per-image pixel floor.")
     max_pixels: int = Field(1280 * 32 * 32, ge=32 * 32, description=(
         "Default per-image pixel budget (one token per 32x32 pixels)."))
+    image_preprocess: Literal["torch", "pil"] = Field("torch", description=(
+        "Image preprocessing: torch = one tensor pipeline on the model's device (GPU when "
+        "there is one); pil = the HF PIL processor on the CPU (the reference)."))
     max_image_bytes: Bytes = Field(10 * 1024 * 1024, ge=1, description="Image size cap (413).")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Decoded pixel cap (bomb guard).")
     max_request_image_pixels: int = Field(200_000_000, ge=1, description=(

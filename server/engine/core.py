@@ -546,7 +546,9 @@ class AsyncEngine:
         self.vocab_size = self.model.config.get_text_config().vocab_size
         tok = loaded.processor.tokenizer
         self.builder = PromptBuilder(loaded.processor, max_model_len=self.max_model_len,
-                                     default_max_tokens=settings.max_new_tokens)
+                                     default_max_tokens=settings.max_new_tokens,
+                                     image_preprocess=settings.image_preprocess,
+                                     device=self.device)
         # the worker decodes with its own Rust tokenizer: the prep thread's one may be
         # mutably borrowed (padding/truncation state) while the worker reads it
         self.detok = Tokenizer.from_str(tok.backend_tokenizer.to_str())

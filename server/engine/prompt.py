@@ -1,9 +1,11 @@
 """Turn an ``EngineRequest`` into model inputs: chat template, image patches, token ids.
 
-Runs on the engine's preparation thread (CPU work, off the event loop and off the GPU
-thread).  Each image is processed on its own so that it can have its own pixel budget;
-its ``<|image_pad|>`` placeholder is then expanded to the number of merged patches, as
-Qwen's processor does.  The context check (prompt + max_tokens <= max_model_len) happens
+Runs on the engine's preparation thread (off the event loop and off the GPU thread).  A
+request's images are preprocessed together, each with its own pixel budget, by the torch
+pipeline (``models.vision_prep``, on the model's device: ``--image-preprocess torch``) or
+one by one by the HF PIL processor (``--image-preprocess pil``, the reference); each
+``<|image_pad|>`` placeholder is then expanded to the number of merged patches, as Qwen's
+processor does.  The context check (prompt + max_tokens <= max_model_len) happens
 here, before any model work.
 
 Two steps, so that the cheap checks come before the expensive work: ``plan`` renders the
@@ -15,15 +17,19 @@ engine compiles a request's grammar between the two.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from models.processor import image_budget_kwargs
+from models.vision_prep import TorchImageProcessor
 from server.engine.interface import EngineRequest, SamplingParams
-from server.errors import ContextLengthExceeded, InvalidRequest
+from server.errors import ContextLengthExceeded, InvalidRequest, ServiceUnavailable
 
 IMAGE_PAD = "<|image_pad|>"
+
+log = logging.getLogger("qwen_vl.engine")
 
 
 @dataclass
@@ -50,7 +56,8 @@ class Plan:
 
 
 class PromptBuilder:
-    def __init__(self, processor, *, max_model_len: int, default_max_tokens: int):
+    def __init__(self, processor, *, max_model_len: int, default_max_tokens: int,
+                 image_preprocess: str = "torch", device: torch.device | str = "cpu"):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
@@ -58,6 +65,21 @@ class PromptBuilder:
         self.max_model_len = max_model_len
         self.default_max_tokens = default_max_tokens
         self.opens_think = self._template_opens_think()
+        self.fast_images = self._fast_images(image_preprocess, device)
+
+    def _fast_images(self, mode: str, device) -> TorchImageProcessor | None:
+        if mode == "torch":
+            try:
+                fast = TorchImageProcessor.from_hf(self.processor.image_processor, device=device)
+            except ValueError as exc:  # a processor configuration the pipeline does not mirror
+                log.warning("torch image preprocessing unavailable (%s): using the PIL processor", exc)
+            else:
+                log.info("image preprocessing: torch pipeline on %s (%s resize)",
+                         fast.device, fast.resize_kernel)
+                return fast
+        log.info("image preprocessing: PIL processor (%s) on the CPU",
+                 type(self.processor.image_processor).__name__)
+        return None
 
     def _template_opens_think(self) -> bool:
         """Whether the generation prompt ends inside an opened ``<think>`` block (thinking
@@ -88,22 +110,31 @@ class PromptBuilder:
 
     def finish(self, req: EngineRequest, plan: Plan) -> Prepared:
         """Preprocess the images; ``req.params`` may carry the compiled grammar by now."""
-        pixel_values, grids = [], []
-        for im in req.images:
-            out = self.processor.image_processor(
-                images=[im.image], return_tensors="pt",
-                **image_budget_kwargs(im.min_pixels, im.max_pixels))
-            pixel_values.append(out["pixel_values"])
-            grids.append(out["image_grid_thw"])
-        counts = [int(g.prod()) // self.merge ** 2 for g in grids]
+        pixel_values, grids = self._images(req.images) if req.images else (None, None)
+        counts = [int(g.prod()) // self.merge ** 2 for g in grids] if req.images else []
         ids = plan.input_ids if counts == plan.image_tokens else self._tokenize(plan.pieces,
                                                                                 counts)
         return Prepared(
             input_ids=ids,
             mm_token_type_ids=(ids == self.image_token_id).int(),
-            pixel_values=torch.cat(pixel_values) if pixel_values else None,
-            image_grid_thw=torch.cat(grids) if grids else None,
+            pixel_values=pixel_values,
+            image_grid_thw=grids,
             params=self._fill_max_tokens(req.params, ids.shape[1]))
+
+    def _images(self, images) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pixel values, grids) of a request's images, each in its own pixel budget."""
+        if self.fast_images is not None:
+            try:
+                return self.fast_images([im.image for im in images],
+                                        [(im.min_pixels, im.max_pixels) for im in images])
+            except torch.OutOfMemoryError:  # on the model's device: a 503, as in the engine
+                raise ServiceUnavailable(
+                    "The server ran out of memory preprocessing the images; retry.") from None
+        outs = [self.processor.image_processor(
+            images=[im.image], return_tensors="pt",
+            **image_budget_kwargs(im.min_pixels, im.max_pixels)) for im in images]
+        return (torch.cat([o["pixel_values"] for o in outs]),
+                torch.cat([o["image_grid_thw"] for o in outs]))
 
     def _image_tokens(self, im) -> int | None:
         try:
