@@ -338,6 +338,11 @@ async def _read_all(reader, limit_s):
             data += chunk
     except asyncio.TimeoutError:
         return data, False
+    except ConnectionResetError:
+        # the server closed while bytes the client trickled were still unread in its
+        # socket buffer, so the kernel ends the connection with a reset: closed all the
+        # same (the response, read before, is checked by the caller)
+        return data, True
     return data, True  # EOF: the server closed the connection
 
 
