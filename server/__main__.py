@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 import uvicorn
 
@@ -23,6 +24,24 @@ from server.logs import json_library_logs, setup_logging
 from server.settings import Settings
 
 EXIT_LOAD_FAILED, EXIT_STARTUP_FAILED = 1, 3
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, with ``--shutdown-timeout`` bounding the whole exit: uvicorn's drain
+    and the lifespan's engine stop can each wait that long, so the first SIGTERM also arms a
+    watchdog that ends the process at the timeout, whatever is still running."""
+
+    def __init__(self, config, shutdown_timeout: float):
+        super().__init__(config)
+        self._shutdown_timeout = shutdown_timeout
+        self._watchdog: threading.Timer | None = None
+
+    def handle_exit(self, sig, frame):
+        if sig == signal.SIGTERM and self._watchdog is None:
+            self._watchdog = threading.Timer(self._shutdown_timeout, _exit_now, args=(0,))
+            self._watchdog.daemon = True
+            self._watchdog.start()
+        super().handle_exit(sig, frame)
 
 
 def engine_factory(settings: Settings):
@@ -67,11 +86,12 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("qwen_vl").error("%s", e)
         sys.exit(2)
     # log_config=None: uvicorn's loggers go through our handler (text or JSON)
-    server = uvicorn.Server(uvicorn.Config(
+    server = _Server(uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         log_config=None, access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_timeout),
-        http=guarded_protocol(settings)))  # header deadline, connections per address
+        http=guarded_protocol(settings)),  # header deadline, connections per address
+        shutdown_timeout=settings.shutdown_timeout)
     # uvicorn drains running requests on SIGTERM (--shutdown-timeout), then restores the
     # previous handler and re-raises the signal: make that handler a clean exit, so that a
     # drained shutdown exits 0 for service managers.  os._exit, not sys.exit: the

@@ -50,7 +50,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from server.__main__ import engine_factory
 from server.app import create_app
-from server.errors import ServiceUnavailable
+from server.errors import PayloadTooLarge, ServiceUnavailable
 from server.forward import (Lifespan, RawRequest, ResponseHead, call_app, prefix_key,
                             rendezvous_order)
 from server.settings import Settings
@@ -106,14 +106,34 @@ class EngineReplica:
 class Front:
     """The HTTP ingress: forwards every request to an engine replica."""
 
-    def __init__(self, engines, affinity: bool):
+    def __init__(self, engines, affinity: bool, max_body_bytes: int):
         self.engines = engines.options(stream=True, method_name="handle")
         self.affinity = affinity
+        self.max_body_bytes = max_body_bytes
+
+    async def _body(self, request: Request) -> bytes | None:
+        """The body, or None past ``--max-body-bytes``: the front buffers what it forwards,
+        so it enforces the cap itself rather than leave it to the replica's 413."""
+        if int(request.headers.get("content-length") or 0) > self.max_body_bytes:
+            return None
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def __call__(self, request: Request) -> Response:
+        body = await self._body(request)
+        if body is None:
+            return _envelope(PayloadTooLarge(
+                f"The request body is larger than {self.max_body_bytes} bytes."))
         raw = RawRequest(request.method, request.url.path, request.url.query.encode(),
-                         list(request.headers.raw), await request.body())
-        key = prefix_key(raw.body) if self.affinity and raw.method == "POST" else None
+                         list(request.headers.raw), body)
+        key = None
+        if self.affinity and raw.method == "POST":  # parsed off the loop: bodies can be MBs
+            key = await asyncio.to_thread(prefix_key, raw.body)
         for attempt in range(RETRIES + 1):
             stream = self.engines.remote(raw, affinity=key)
             try:
@@ -228,7 +248,7 @@ def build_app(settings: Settings):
     front = serve.deployment(
         name="Front", num_replicas=settings.replicas, max_ongoing_requests=10_000,
         ray_actor_options={"num_cpus": 0})(Front)
-    return front.bind(engines, settings.routing == "affinity")
+    return front.bind(engines, settings.routing == "affinity", settings.max_body_bytes)
 
 
 def serve_cluster(settings: Settings) -> None:

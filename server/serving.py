@@ -298,6 +298,8 @@ class ChatService:
         async for o in outputs:
             texts[o.index] += o.text
             counts[o.index] = o.completion_tokens
+            # kept current: a client that hangs up is still charged what it was sent
+            stats.completion_tokens = sum(counts)
             stats.prompt_tokens = o.prompt_tokens
             if o.logprobs:
                 logprobs[o.index] += [_wire_logprob(lp) for lp in o.logprobs]
@@ -331,6 +333,7 @@ class ChatService:
         try:
             async for o in outputs:
                 counts[o.index] = o.completion_tokens
+                stats.completion_tokens = sum(counts)  # current, as in collect()
                 stats.prompt_tokens = o.prompt_tokens
                 parser = parsers[o.index]
                 events = parser.feed(o.text) if o.text else []

@@ -1,12 +1,13 @@
 """Issue 14 against real servers: named keys with limits, reloads, per-key metrics, the
 two-key flood, the queue deadline, fair queueing and slow clients.
 
-Two servers start side by side:
+Three servers start side by side:
 * ``keyed``: a YAML key file with ``support-bot`` (no limits), ``tagger``
   (``max_concurrent: 4``), ``slowpoke`` (2 requests a minute) and ``hashed`` (given by its
   sha256, 500 tokens a minute).
 * ``slow``: ``--max-num-seqs 1 --max-queue-wait 6 --body-timeout 3 --header-timeout 3
   --max-connections-per-client 60`` with two unlimited keys ``a`` and ``b``.
+* ``deadline``: ``--max-num-seqs 1 --max-queue-wait 1`` with the same two keys.
 
 Latency comparisons use medians of several requests against the same server idle, with
 a small absolute allowance for scheduler noise on a shared CI box.
@@ -47,7 +48,8 @@ keys:
 """
 SECRETS = ("sk-support-1234", "sk-tagger-5678", "sk-slowpoke-0000", "sk-hashed-9999")
 BODY_TIMEOUT = HEADER_TIMEOUT = 3.0
-QUEUE_WAIT = 6.0  # long enough for the fairness test's queue, shorter than 4000 tokens
+QUEUE_WAIT = 6.0  # long enough for the fairness test's queue
+DEADLINE_WAIT = 1.0  # far shorter than 4000 tokens, even on a fast box
 CONN_CAP = 60
 NOISE_S = 0.15  # absolute allowance on top of "within 2x" for a noisy shared box
 
@@ -64,7 +66,7 @@ def key_file(tmp_path_factory):
 def servers(server_factory, key_file, tmp_path_factory):
     ab = tmp_path_factory.mktemp("keys-ab") / "keys.yml"
     ab.write_text("keys:\n  - name: a\n    key: sk-a\n  - name: b\n    key: sk-b\n")
-    with ThreadPoolExecutor(2) as ex:
+    with ThreadPoolExecutor(3) as ex:
         keyed = ex.submit(server_factory, "--api-key-file", str(key_file),
                           "--max-new-tokens", "16")
         slow = ex.submit(server_factory, "--api-key-file", str(ab), "--max-num-seqs", "1",
@@ -72,7 +74,11 @@ def servers(server_factory, key_file, tmp_path_factory):
                          "--body-timeout", str(BODY_TIMEOUT),
                          "--header-timeout", str(HEADER_TIMEOUT),
                          "--max-connections-per-client", str(CONN_CAP))
-        return keyed.result(), slow.result()
+        # the queue deadline gets a server of its own: one slot held by a long request
+        # must outlast the deadline however fast the engine is
+        deadline = ex.submit(server_factory, "--api-key-file", str(ab), "--max-num-seqs",
+                             "1", "--max-queue-wait", str(DEADLINE_WAIT))
+        return keyed.result(), slow.result(), deadline.result()
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +89,11 @@ def keyed(servers):
 @pytest.fixture(scope="module")
 def slow(servers):
     return servers[1]
+
+
+@pytest.fixture(scope="module")
+def deadline(servers):
+    return servers[2]
 
 
 def client(srv, key, cls=openai.OpenAI, timeout=60):
@@ -284,15 +295,15 @@ def test_reload_on_file_change_and_sighup_keeps_requests_in_flight(keyed, key_fi
 
 # --------------------------------------------------------- queue deadline and fairness
 
-def test_max_queue_wait_503_with_retry_after(slow):
+def test_max_queue_wait_503_with_retry_after(deadline):
     """One slot: a request queued behind a long one gets 503 after --max-queue-wait."""
-    long = client(slow, "sk-a").chat.completions.create(
+    long = client(deadline, "sk-a").chat.completions.create(
         model="qwen3-vl", messages=[{"role": "user", "content": "long"}], temperature=0,
         max_tokens=4000, stream=True, extra_body={"ignore_eos": True})  # ~the context
     next(iter(long))
     try:
         t0 = time.perf_counter()
-        r = httpx.post(slow.base_url + "/chat/completions", timeout=30,
+        r = httpx.post(deadline.base_url + "/chat/completions", timeout=30,
                        headers={"Authorization": "Bearer sk-b"},
                        json={"model": "qwen3-vl", "max_tokens": 4,
                              "messages": [{"role": "user", "content": "hi"}]})
@@ -300,9 +311,9 @@ def test_max_queue_wait_503_with_retry_after(slow):
     finally:
         long.close()
     assert r.status_code == 503 and envelope(r)["code"] == "queue_timeout"
-    assert r.headers["retry-after"] == str(math.ceil(QUEUE_WAIT))
-    assert QUEUE_WAIT <= waited < QUEUE_WAIT + 5
-    ask(client(slow, "sk-b"), max_tokens=2)  # the slot is free again
+    assert r.headers["retry-after"] == str(math.ceil(DEADLINE_WAIT))
+    assert DEADLINE_WAIT <= waited < DEADLINE_WAIT + 5
+    ask(client(deadline, "sk-b"), max_tokens=2)  # the slot is free again
 
 
 def test_fair_queue_serves_the_other_key_in_turn(slow):

@@ -131,6 +131,11 @@ def test_ui_in_browser(tiny_model, tmp_path):
                 # one model, in the API process: the UI process never loads torch
                 assert "libtorch" not in Path(f"/proc/{children[1]}/maps").read_text()
                 # the UI listens on loopback only, although the API is on 0.0.0.0
+                # (logged right after Gradio answers: the page can be up a moment before)
+                until = time.time() + 15
+                while (not re.search(rf"UI on http://127\.0\.0\.1:{ui_port} ", log.read_text())
+                       and time.time() < until):
+                    time.sleep(0.2)
                 assert re.search(rf"UI on http://127\.0\.0\.1:{ui_port} ", log.read_text())
                 page = ctx.new_page()
                 page.goto(ui)

@@ -125,8 +125,12 @@ class PromptBuilder:
         """(pixel values, grids) of a request's images, each in its own pixel budget."""
         if self.fast_images is not None:
             try:
-                return self.fast_images([im.image for im in images],
-                                        [(im.min_pixels, im.max_pixels) for im in images])
+                pixels, grids = self.fast_images([im.image for im in images],
+                                                 [(im.min_pixels, im.max_pixels) for im in images])
+                # a prepared request may wait in the queue: its pixels (~25 MB per
+                # 1024-token image) wait in host memory, not in the GPU memory that the KV
+                # budget counts as its own; prefill copies them back
+                return pixels.cpu(), grids
             except torch.OutOfMemoryError:  # on the model's device: a 503, as in the engine
                 raise ServiceUnavailable(
                     "The server ran out of memory preprocessing the images; retry.") from None
