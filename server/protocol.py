@@ -343,3 +343,19 @@ def chunk_json(c: ChatCompletionChunk, logprobs: str | None = None) -> str:
     if not sep:
         raise ValueError("no logprobs placeholder in the chunk")
     return f'{head}"logprobs":{{"content":{logprobs}}}{rest}'
+
+
+class ChunkWriter:
+    """The stream's most common chunk, one choice's content delta (with its logprobs),
+    written from a cached envelope: the same JSON as ``chunk_json`` of
+    ``ChatCompletionChunk(choices=[ChunkChoice(index, Delta(content=text), logprobs)])``."""
+
+    def __init__(self, id: str, created: int, model: str):
+        empty = chunk_json(ChatCompletionChunk(id=id, created=created, model=model, choices=[]))
+        if not empty.endswith('"choices":[]}'):
+            raise ValueError("unexpected chunk layout")
+        self._head = empty[:-2]
+
+    def content(self, index: int, text: str, logprobs: str | None = None) -> str:
+        lp = "" if logprobs is None else f',"logprobs":{{"content":{logprobs}}}'
+        return f'{self._head}{{"index":{index},"delta":{{"content":{_jstr(text)}}}{lp}}}]}}'

@@ -330,6 +330,7 @@ class ChatService:
             return "data: " + p.chunk_json(c, logprobs) + "\n\n"
 
         placeholder = p.ChoiceLogprobs(content=[])  # filled by chunk_json
+        fast = p.ChunkWriter(request_id, created, req.model)  # content deltas
 
         counts = [0] * req.n
         parsers = [self._parser(req) for _ in range(req.n)]
@@ -345,13 +346,16 @@ class ChatService:
                     events += parser.finish()
                 lp = self.logprob_json.array(o.logprobs) if o.logprobs else None
                 for delta in _deltas(events):  # tokens' logprobs ride on their first chunk
-                    yield chunk([p.ChunkChoice(index=o.index, delta=delta,
-                                               logprobs=placeholder if lp else None)],
-                                logprobs=lp)
+                    if delta.content is not None and delta.tool_calls is None and \
+                            delta.reasoning_content is None and delta.role is None:
+                        yield "data: " + fast.content(o.index, delta.content, lp) + "\n\n"
+                    else:
+                        yield chunk([p.ChunkChoice(index=o.index, delta=delta,
+                                                   logprobs=placeholder if lp else None)],
+                                    logprobs=lp)
                     lp = None
                 if lp is not None:  # text held back (marker or stop-string prefix)
-                    yield chunk([p.ChunkChoice(index=o.index, delta=p.Delta(content=""),
-                                               logprobs=placeholder)], logprobs=lp)
+                    yield "data: " + fast.content(o.index, "", lp) + "\n\n"
                 if o.finish_reason:
                     yield chunk([p.ChunkChoice(index=o.index, delta=p.Delta(),
                                                finish_reason=_finish(o.finish_reason, parser))])

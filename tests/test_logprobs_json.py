@@ -136,9 +136,11 @@ def fake_outputs(rng, n_choices: int, k: int, with_ids: bool) -> list[Output]:
     pieces = ["Hi", "", ' "quoted"', "\n", "é", "", "done"]
     for step in range(8):
         for i in range(n_choices):
-            lps = entries(rng, rng.choice([1, 1, 3]), k, with_ids)  # 3: a coalesced output
+            lps = entries(rng, rng.choice([1, 1, 3]), k or 0, with_ids)  # 3: coalesced
             counts[i] += len(lps)
-            outs.append(Output(index=i, text=pieces[step % len(pieces)], token_ids=[1] * len(lps),
+            if k is None:  # no logprobs asked for
+                lps = None if rng.random() < 0.5 else []
+            outs.append(Output(index=i, text=pieces[step % len(pieces)], token_ids=[1] * 3,
                                finish_reason="length" if step == 7 else None, prompt_tokens=9,
                                completion_tokens=counts[i], logprobs=lps))
     return outs
@@ -150,9 +152,9 @@ async def _agen(items):
 
 
 @pytest.mark.parametrize("n,k,with_ids", [(1, 5, True), (2, 3, False), (1, 0, True),
-                                          (2, 20, True)])
+                                          (2, 20, True), (2, None, True)])
 async def test_responses_match_previous_pydantic_output(n, k, with_ids):
-    rng = random.Random(n * 100 + k)
+    rng = random.Random(n * 100 + (k or 0))
     fetcher = MediaFetcher(MediaPolicy())
 
     class FakeEngine:
@@ -162,8 +164,8 @@ async def test_responses_match_previous_pydantic_output(n, k, with_ids):
     svc = ChatService(FakeEngine(), Settings(), fetcher, Metrics(lambda: {}))
     try:
         outs = fake_outputs(rng, n, k, with_ids)
-        body = dict(model=Settings().served_model_name, n=n, logprobs=True, top_logprobs=k,
-                    messages=[{"role": "user", "content": "hi"}])
+        body = dict(model=Settings().served_model_name, n=n, logprobs=k is not None,
+                    top_logprobs=k, messages=[{"role": "user", "content": "hi"}])
         req = p.ChatCompletionRequest(**body)
         got = await svc.collect(req, "chatcmpl-x", _agen(outs), RequestStats())
         created = json.loads(got)["created"]
@@ -173,7 +175,7 @@ async def test_responses_match_previous_pydantic_output(n, k, with_ids):
         lines = [x async for x in svc.stream(sreq, "chatcmpl-x", _agen(outs), RequestStats())]
         created = json.loads(lines[0][len("data: "):])["created"]
         assert lines == old_stream(svc, sreq, "chatcmpl-x", outs, created)
-        assert sum('"top_logprobs"' in x for x in lines) == len(outs)
+        assert sum('"top_logprobs"' in x for x in lines) == (len(outs) if k is not None else 0)
     finally:
         await fetcher.aclose()
 
