@@ -18,7 +18,7 @@ from server import protocol as p
 from server.engine.interface import Output, TokenLogprob
 from server.media import MediaFetcher, MediaPolicy
 from server.metrics import Metrics
-from server.serving import ChatService, RequestStats, _deltas, _finish
+from server.serving import ChatService, RequestStats, _deltas, _finish, _message
 from server.settings import Settings
 
 TOKENS = ["Hello", " world", '"', "\\", "\n", "\x01\x1f", "é", "\ufffd", "😀", "<|im_end|>",
@@ -38,8 +38,8 @@ def entries(rng: random.Random, n: int, k: int, with_ids: bool) -> list[TokenLog
     out = []
     for _ in range(n):
         ids = [rng.randrange(len(TOKENS)) for _ in range(k + 1)]
-        vals = [rng.choice(FLOATS) if rng.random() < 0.3 else f32(-rng.random() * 10 ** rng.randint(-9, 2))
-                for _ in range(k + 1)]
+        vals = [rng.choice(FLOATS) if rng.random() < 0.3
+                else f32(-rng.random() * 10 ** rng.randint(-9, 2)) for _ in range(k + 1)]
 
         def raw(i):
             return RAW.get(i, list(TOKENS[i].encode()))
@@ -71,7 +71,6 @@ def old_collect_json(svc, req, request_id, outs: list[Output], created: int) -> 
         if o.finish_reason:
             finish[o.index] = o.finish_reason
     choices = []
-    from server.serving import _message
     for i in range(req.n):
         parser = svc._parser(req)
         events = parser.feed(texts[i]) + parser.finish()
