@@ -151,7 +151,10 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
             return StreamingResponse(svc.stream(body, cid, outputs, stats),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return await _unless_disconnected(request, svc.collect(body, cid, outputs, stats))
+        # JSON written by ChatService (the models' JSON, logprobs without per-token models)
+        return Response(await _unless_disconnected(request, svc.collect(body, cid, outputs,
+                                                                        stats)),
+                        media_type="application/json")
 
     # --- errors ----------------------------------------------------------------------------
     @app.exception_handler(APIError)

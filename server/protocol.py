@@ -239,3 +239,123 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# --- the logprobs hot path ---------------------------------------------------------------
+# A logprobs response is mostly its logprob objects (1 + top_logprobs per token): building
+# them as the models above and serialising those costs ~15 us per token, as much as the
+# rest of the server's work for that token.  ``LogprobJSON`` writes the same JSON directly,
+# byte for byte what pydantic writes for ``TokenLogprob`` (field order, pydantic's float
+# format, NaN/inf as null): per token id the ``{"token":..,"logprob":`` and ``,"bytes":[..]``
+# fragments are written once, and all the floats of a call in one ``to_json``.  The
+# responses keep being built as the models above, with ``content=[]`` standing in for the
+# logprobs, and the written array takes its place (``completion_json`` / ``chunk_json``).
+# tests/test_logprobs_json.py compares the output with the models'.
+
+import pydantic_core  # noqa: E402
+
+assert list(TopLogprob.model_fields) == ["token", "logprob", "bytes"]
+assert list(TokenLogprob.model_fields) == ["token", "logprob", "bytes", "top_logprobs"]
+
+_LP_MARK = '"logprobs":{"content":[]}'   # unescaped quotes: never inside a JSON string
+
+
+def _jstr(x) -> str:
+    return pydantic_core.to_json(x).decode()
+
+
+class LogprobJSON:
+    """Writes lists of logprob entries as the JSON array of ``ChoiceLogprobs.content``.
+
+    An entry has ``token``, ``logprob``, ``bytes`` (None: the token's UTF-8), ``top``
+    (``(token, logprob, bytes)`` tuples) and optionally ``token_id`` / ``top_ids``: with
+    ids the fragments are cached per id (one server has one vocabulary)."""
+
+    def __init__(self):
+        self._by_id: dict[int, tuple[str, str]] = {}
+
+    @staticmethod
+    def _frags(token: str, raw) -> tuple[str, str]:
+        return ('{"token":' + _jstr(token) + ',"logprob":',
+                ',"bytes":' + _jstr(raw if raw is not None else list(token.encode())))
+
+    def _frag(self, tid, token: str, raw) -> tuple[str, str]:
+        if tid is None:
+            return self._frags(token, raw)
+        f = self._by_id.get(tid)
+        if f is None:
+            f = self._by_id[tid] = self._frags(token, raw)
+        return f
+
+    def array(self, entries) -> str:
+        floats: list[float] = []
+        for e in entries:
+            floats.append(e.logprob)
+            floats += [t[1] for t in e.top]
+        fl = pydantic_core.to_json(floats, inf_nan_mode="null").decode()[1:-1].split(",")
+        out = []
+        j = 0
+        frag, by_id = self._frag, self._by_id
+        for e in entries:
+            tid, ids = getattr(e, "token_id", None), getattr(e, "top_ids", None)
+            head, tail = frag(tid, e.token, e.bytes)
+            x = fl[j]
+            j += 1
+            if ids is not None and len(ids) == len(e.top):
+                tops = []
+                for i, (t, _, b) in zip(ids, e.top):
+                    f = by_id.get(i) or frag(i, t, b)
+                    tops.append(f"{f[0]}{fl[j]}{f[1]}}}")
+                    j += 1
+            else:
+                tops = []
+                for t, _, b in e.top:
+                    f = self._frags(t, b)
+                    tops.append(f"{f[0]}{fl[j]}{f[1]}}}")
+                    j += 1
+            out.append(f'{head}{x}{tail},"top_logprobs":[{",".join(tops)}]}}')
+        return "[" + ",".join(out) + "]"
+
+
+def completion_json(c: ChatCompletion, logprobs: list[str]) -> str:
+    """``c`` as JSON (what FastAPI writes for a ``ChatCompletion``), the choices whose
+    ``logprobs`` is ``ChoiceLogprobs(content=[])`` filled, in order, from ``logprobs``
+    (arrays written by ``LogprobJSON``)."""
+    body = c.model_dump_json(by_alias=True)
+    if not logprobs:
+        return body
+    parts = body.split(_LP_MARK)
+    if len(parts) != len(logprobs) + 1:
+        raise ValueError("logprobs placeholders do not match the choices")
+    out = [parts[0]]
+    for lp, rest in zip(logprobs, parts[1:]):
+        out += ['"logprobs":{"content":', lp, "}", rest]
+    return "".join(out)
+
+
+def chunk_json(c: ChatCompletionChunk, logprobs: str | None = None) -> str:
+    """One SSE chunk's JSON (``exclude_none``); ``logprobs`` fills its one choice's
+    ``ChoiceLogprobs(content=[])``."""
+    body = c.model_dump_json(exclude_none=True)
+    if logprobs is None:
+        return body
+    head, sep, rest = body.partition(_LP_MARK)
+    if not sep:
+        raise ValueError("no logprobs placeholder in the chunk")
+    return f'{head}"logprobs":{{"content":{logprobs}}}{rest}'
+
+
+class ChunkWriter:
+    """The stream's most common chunk, one choice's content delta (with its logprobs),
+    written from a cached envelope: the same JSON as ``chunk_json`` of
+    ``ChatCompletionChunk(choices=[ChunkChoice(index, Delta(content=text), logprobs)])``."""
+
+    def __init__(self, id: str, created: int, model: str):
+        empty = chunk_json(ChatCompletionChunk(id=id, created=created, model=model, choices=[]))
+        if not empty.endswith('"choices":[]}'):
+            raise ValueError("unexpected chunk layout")
+        self._head = empty[:-2]
+
+    def content(self, index: int, text: str, logprobs: str | None = None) -> str:
+        lp = "" if logprobs is None else f',"logprobs":{{"content":{logprobs}}}'
+        return f'{self._head}{{"index":{index},"delta":{{"content":{_jstr(text)}}}{lp}}}]}}'

@@ -52,6 +52,7 @@ class ChatService:
         self.accepted_names = {settings.served_model_name, HUB_ID, engine.model_id,
                                settings.model_path, *settings.model_aliases}
         self.vocab_size = engine.vocab_size
+        self.logprob_json = p.LogprobJSON()  # the logprobs' JSON, fragments cached per token
 
     def models(self) -> p.ModelList:
         return p.ModelList(data=[p.ModelCard(id=self.served_name, created=int(time.time()))])
@@ -290,7 +291,8 @@ class ChatService:
 
     # --- engine → response -----------------------------------------------------------
     async def collect(self, req, request_id, outputs: AsyncIterator[Output],
-                      stats: RequestStats) -> p.ChatCompletion:
+                      stats: RequestStats) -> str:
+        """The ``ChatCompletion``'s JSON (logprobs written by ``p.LogprobJSON``)."""
         texts = [""] * req.n
         finish: list[str | None] = [None] * req.n
         logprobs: list[list] = [[] for _ in range(req.n)]
@@ -302,7 +304,7 @@ class ChatService:
             stats.completion_tokens = sum(counts)
             stats.prompt_tokens = o.prompt_tokens
             if o.logprobs:
-                logprobs[o.index] += [_wire_logprob(lp) for lp in o.logprobs]
+                logprobs[o.index] += o.logprobs
             if o.finish_reason:
                 finish[o.index] = o.finish_reason
         stats.completion_tokens = sum(counts)
@@ -313,18 +315,24 @@ class ChatService:
             message = _message(events, parser)
             choices.append(p.Choice(
                 index=i, message=message, finish_reason=_finish(finish[i], parser),
-                logprobs=p.ChoiceLogprobs(content=logprobs[i]) if req.logprobs else None))
-        return p.ChatCompletion(id=request_id, model=req.model, choices=choices,
-                                usage=_usage(stats))
+                # filled with the written array by completion_json
+                logprobs=p.ChoiceLogprobs(content=[]) if req.logprobs else None))
+        return p.completion_json(
+            p.ChatCompletion(id=request_id, model=req.model, choices=choices,
+                             usage=_usage(stats)),
+            [self.logprob_json.array(x) for x in logprobs] if req.logprobs else [])
 
     async def stream(self, req, request_id, outputs: AsyncIterator[Output],
                      stats: RequestStats) -> AsyncIterator[str]:
         created = int(time.time())
 
-        def chunk(choices, usage=None) -> str:
+        def chunk(choices, usage=None, logprobs: str | None = None) -> str:
             c = p.ChatCompletionChunk(id=request_id, created=created, model=req.model,
                                       choices=choices, usage=usage)
-            return "data: " + c.model_dump_json(exclude_none=True) + "\n\n"
+            return "data: " + p.chunk_json(c, logprobs) + "\n\n"
+
+        placeholder = p.ChoiceLogprobs(content=[])  # filled by chunk_json
+        fast = p.ChunkWriter(request_id, created, req.model)  # content deltas
 
         counts = [0] * req.n
         parsers = [self._parser(req) for _ in range(req.n)]
@@ -339,14 +347,18 @@ class ChatService:
                 events = parser.feed(o.text) if o.text else []
                 if o.finish_reason:
                     events += parser.finish()
-                lp = p.ChoiceLogprobs(content=[_wire_logprob(x) for x in o.logprobs]) \
-                    if o.logprobs else None
+                lp = self.logprob_json.array(o.logprobs) if o.logprobs else None
                 for delta in _deltas(events):  # tokens' logprobs ride on their first chunk
-                    yield chunk([p.ChunkChoice(index=o.index, delta=delta, logprobs=lp)])
+                    if delta.content is not None and delta.tool_calls is None and \
+                            delta.reasoning_content is None and delta.role is None:
+                        yield "data: " + fast.content(o.index, delta.content, lp) + "\n\n"
+                    else:
+                        yield chunk([p.ChunkChoice(index=o.index, delta=delta,
+                                                   logprobs=placeholder if lp else None)],
+                                    logprobs=lp)
                     lp = None
                 if lp is not None:  # text held back (marker or stop-string prefix)
-                    yield chunk([p.ChunkChoice(index=o.index, delta=p.Delta(content=""),
-                                               logprobs=lp)])
+                    yield "data: " + fast.content(o.index, "", lp) + "\n\n"
                 if o.finish_reason:
                     yield chunk([p.ChunkChoice(index=o.index, delta=p.Delta(),
                                                finish_reason=_finish(o.finish_reason, parser))])
@@ -419,16 +431,6 @@ def _deltas(events: list[tuple]) -> list[p.Delta]:
 def _usage(stats: RequestStats) -> p.Usage:
     return p.Usage(prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
                    total_tokens=stats.prompt_tokens + stats.completion_tokens)
-
-
-def _wire_logprob(lp) -> p.TokenLogprob:
-    # built without validation: the engine's values are already typed, and validating
-    # 1 + top_logprobs models per token is most of the cost of a logprobs request
-    return p.TokenLogprob.model_construct(
-        token=lp.token, logprob=lp.logprob,
-        bytes=lp.bytes if lp.bytes is not None else list(lp.token.encode()),
-        top_logprobs=[p.TopLogprob.model_construct(token=t, logprob=v, bytes=b)
-                      for t, v, b in lp.top])
 
 
 MAX_JSON_DEPTH = 64   # request nesting (tool schemas are the deep part); deeper → 400

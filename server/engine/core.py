@@ -516,6 +516,8 @@ _BYTE_OF_CHAR = _byte_alphabet()
 def _coalesce(outs: list[Output]) -> list[Output]:
     """Merge consecutive outputs of the same choice into one (fewer stream chunks when
     the event loop is behind the engine; text and token counts are unchanged)."""
+    if len(outs) == 1 or len({o.index for o in outs}) == len(outs):
+        return outs  # nothing to merge (the common case): no copies
     merged: dict[int, Output] = {}
     for o in outs:
         m = merged.get(o.index)

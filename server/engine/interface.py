@@ -67,6 +67,10 @@ class TokenLogprob:
     logprob: float
     top: list[tuple[str, float, list[int]]] = field(default_factory=list)  # (token, logprob, bytes)
     bytes: list[int] | None = None       # the token's own UTF-8 bytes (may be part of a char)
+    # the ids of ``token`` and ``top`` when the engine knows them (the serving layer caches
+    # per id); the bytes lists may be shared between events: never modify them
+    token_id: int | None = None
+    top_ids: list[int] | None = None
 
 
 @dataclass

@@ -36,6 +36,19 @@ class Sink:
         self.loop.call_soon_threadsafe(self.put, item)
 
 
+class _TokenCache(dict):
+    """A token's text and bytes by id, decoded once per server (logprobs ask for the same
+    few thousand tokens over and over); a hit is a plain dict lookup."""
+
+    def __init__(self, engine):
+        super().__init__()
+        self.engine = engine
+
+    def __missing__(self, token: int) -> tuple[str, list[int]]:
+        hit = self[token] = (self.engine.token_text(token), self.engine.token_bytes(token))
+        return hit
+
+
 def _deliver(pairs):
     for sink, item in pairs:
         sink.put(item)
@@ -45,7 +58,7 @@ class OutputStage:
     def __init__(self, engine):
         self.engine = engine
         self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self._tokens: dict[int, tuple[str, list[int]]] = {}  # id -> (text, bytes), this thread
+        self._tokens = _TokenCache(engine)  # id -> (text, bytes), this thread
         self._thread = threading.Thread(target=self._run, name="engine-output", daemon=True)
         self._thread.start()
 
@@ -125,18 +138,12 @@ class OutputStage:
             return None
         lp, top_ids, top_lps = data
         k = s.params.top_logprobs
-        top = [(*self._token(t), v) for t, v in zip(top_ids[:k], top_lps[:k])]
-        text, raw = self._token(token)
-        return TokenLogprob(text, lp, [(t, v, list(b)) for t, b, v in top], list(raw))
-
-    def _token(self, token: int) -> tuple[str, list[int]]:
-        """A token's text and bytes, decoded once per server (logprobs ask for the same
-        few thousand tokens over and over)."""
-        hit = self._tokens.get(token)
-        if hit is None:
-            hit = self._tokens[token] = (self.engine.token_text(token),
-                                         self.engine.token_bytes(token))
-        return hit
+        ids = top_ids[:k] if k < len(top_ids) else top_ids
+        tokens = self._tokens
+        # (text, logprob, bytes) from the per-id cache; the bytes lists are shared
+        top = [(x[0], v, x[1]) for x, v in zip(map(tokens.__getitem__, ids), top_lps)]
+        text, raw = tokens[token]
+        return TokenLogprob(text, lp, top, raw, token, ids)
 
     @staticmethod
     def _flush(order):
