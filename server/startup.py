@@ -24,6 +24,10 @@ def report(settings, keys: list[str]) -> None:
     if keys:
         log.info("auth: on (%d API key%s; /v1 and /metrics need one)", len(keys),
                  "" if len(keys) == 1 else "s")
+    elif settings.api_key_file:  # as the KeyStore: an empty key file refuses every request
+        log.warning("auth: on, but the key file %s holds no key: every request is refused "
+                    "until one is added (the file is reloaded on change)",
+                    settings.api_key_file)
     else:
         log.info("auth: off (no --api-key, --api-key-file or QWEN_VL_API_KEYS)")
         if not is_loopback(settings.host):

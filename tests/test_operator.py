@@ -130,6 +130,17 @@ def test_startup_warns_about_an_open_api(caplog, tmp_path):
     assert "WARNING" not in caplog.text and "auth: on (1 API key;" in caplog.text
 
 
+def test_startup_report_of_an_empty_key_file(caplog, tmp_path):
+    """An empty key file refuses every request (KeyStore): the report says so, not 'off'."""
+    from server import startup
+    empty = tmp_path / "keys"
+    empty.write_text("")
+    with caplog.at_level(logging.INFO, logger="qwen_vl.startup"):
+        startup.report(Settings.load(["--host", "0.0.0.0", "--api-key-file", str(empty)]), [])
+    assert "auth: off" not in caplog.text and "holds no key" in caplog.text
+    assert "anyone who can reach" not in caplog.text
+
+
 async def test_access_log_off_and_health_on():
     """The middleware alone: --no-access-log silences it, --log-health-checks adds /health."""
     from starlette.applications import Starlette
