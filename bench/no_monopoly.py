@@ -1,14 +1,14 @@
 """Issue 9's hostile requests, before and after: each one with an innocent request 0.5 s
 later, against a real server with the tiny model.
 
-    python -m bench.fair_share --server-dir /tmp/main-copy --out bench/results/fair_share_before.json
-    python -m bench.fair_share --out bench/results/fair_share_after.json
+    python -m bench.no_monopoly --server-dir /tmp/main-copy --out bench/results/no_monopoly_before.json
+    python -m bench.no_monopoly --out bench/results/no_monopoly_after.json
 
 Starts ``python -m server`` from ``--server-dir`` (default: this checkout) with flags both
 versions know, and prints one line per case: the hostile request's status and seconds, the
 innocent request's status and seconds, the slowest ``/health`` answer and the server's
 RSS growth.  The last case SIGTERMs the server with a grammar compile in flight and
-reports how long it took to exit.  The scenarios are the ones ``tests/test_fair_share.py``
+reports how long it took to exit.  The scenarios are the ones ``tests/test_no_monopoly.py``
 asserts on.
 """
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import RunningServer, data_url, free_port, png_bytes, wait_healthy
-from tests.test_fair_share import (Bystander, _Redirect, big_png, chat, concurrently,
+from tests.test_no_monopoly import (Bystander, _Redirect, big_png, chat, concurrently,
                                    image_chat, post, progressive_scan_bomb, rle8_bmp,
                                    schema_format, slow_schema, tools)
 
