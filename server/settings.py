@@ -117,7 +117,20 @@ class Settings(BaseSettings):
         "is what is left of it after loading."))
     kv_cache_tokens: int | None = Field(None, ge=1, description=(
         "KV cache budget in tokens (overrides --gpu-memory-utilization; on CPU the "
-        "default is max_num_seqs x max_model_len)."))
+        "default is max_num_seqs x max_model_len, at most 1 GiB)."))
+    kv_block_size: int = Field(16, ge=1, le=1024, description=(
+        "Tokens per KV block: the unit of KV allocation and of prefix-cache reuse."))
+    max_prefill_chunk: int = Field(1024, ge=16, description=(
+        "Prompt tokens prefilled per step; a longer prompt is prefilled in chunks between "
+        "decode steps, so running streams wait at most about one chunk."))
+    prefix_cache: bool = Field(True, description=(
+        "Reuse the KV of earlier prompts' common prefixes (--no-prefix-cache: off)."))
+    prefix_cache_share: float = Field(0.5, gt=0, le=1, description=(
+        "Share of the KV blocks that unused cached prefixes may keep (LRU beyond)."))
+    encoder_cache_mb: int = Field(256, ge=0, description=(
+        "Vision-encoder outputs kept for resent images, in MiB (0: off)."))
+    enforce_eager: bool = Field(False, description=(
+        "Run the decode step eagerly, without CUDA graphs."))
 
     # --- request limits ----------------------------------------------------------------
     max_tokens_limit: int = Field(8192, ge=1, description="Largest max_tokens a request may ask.")

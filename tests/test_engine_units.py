@@ -6,7 +6,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from server.engine.batch import DecodeBatch, SlabLayer, new_cache
+from server.engine.kv_pool import BlockManager, KVPool, NoBlocks, StepInputs, chain_keys
 from server.engine.core import _coalesce
 from server.engine.interface import Output, SamplingParams
 from server.engine.sampler import SamplingState, mix32, sample, stream_key, uniform
@@ -110,33 +110,65 @@ def test_logprobs_shape():
     assert abs(lps[0][0] - lps[0][2][0]) < 1e-6 and lps[0][1][0] == toks[0]
 
 
-def _kv(b, t, fill):
-    return torch.full((b, 2, t, 4), float(fill))
+def test_blocks_prefix_cache_lru_and_in_use():
+    """Committed full blocks are found again by their chain keys; unused cached blocks are
+    evicted least recently used first when blocks run out; a block in use never is."""
+    bm = BlockManager(4, 2, cache_blocks=4)
+    keys_a = chain_keys([1, 2, 3, 4], 2)
+    keys_b = chain_keys([9, 9, 3, 4], 2)
+    assert keys_a[1] != keys_b[1]          # same second block, different prefix
+    a = bm.allocate(2)
+    for blk, key in zip(a, keys_a):
+        bm.commit(blk, key)
+    bm.release(a)                           # idle, still cached
+    assert bm.available == 4 and bm.used == 0
+    hit = bm.match(keys_a, 2)
+    assert hit == a and bm.used == 2        # in use again
+    other = bm.allocate(2)                  # the two never-cached blocks
+    with pytest.raises(NoBlocks):
+        bm.allocate(1)                      # the cached blocks in use are not evicted
+    bm.release(hit)
+    fresh = bm.allocate(1)                  # evicts the least recently used cached block
+    assert fresh[0] in a and bm.match(keys_a, 2) == []
+    bm.release(other + fresh)
 
 
-def test_slab_appends_in_place_and_grows():
-    layer = SlabLayer()
-    k, v = layer.update(_kv(2, 3, 1), _kv(2, 3, 1))
-    buf = layer.k_buf
-    for step in range(70):
-        k, v = layer.update(_kv(2, 1, step), _kv(2, 1, step))
-    assert k.shape == (2, 2, 73, 4) and layer.get_seq_length() == 73
-    assert layer.k_buf is not buf  # grew once past the headroom
-    assert k[0, 0, -1, 0].item() == 69.0 and k[0, 0, 0, 0].item() == 1.0
+def test_blocks_cache_share_and_off():
+    bm = BlockManager(8, 2, cache_blocks=1)
+    a = bm.allocate(3)
+    for i, blk in enumerate(a):
+        bm.commit(blk, 100 + i)
+    bm.release(a)
+    assert len(bm.idle) == 1                # only the share is kept
+    off = BlockManager(8, 2, cache_blocks=0)
+    b = off.allocate(1)
+    off.commit(b[0], 5)
+    off.release(b)
+    assert off.match([5], 1) == []
 
 
-def test_batch_concat_left_pads_and_filter_trims():
-    def batch(b, t, fill):
-        cache = new_cache(1)
-        cache.layers[0].update(_kv(b, t, fill), _kv(b, t, fill))
-        return DecodeBatch(cache, torch.ones(b, t, dtype=torch.long), torch.full((b,), t),
-                           torch.zeros(b, dtype=torch.long), rows=[f"{fill}{i}" for i in range(b)])
-    joined = batch(1, 5, 1).concat(batch(2, 2, 2))
-    assert joined.mask.tolist() == [[1] * 5, [0, 0, 0, 1, 1], [0, 0, 0, 1, 1]]
-    assert joined.cache.layers[0].keys[1, 0, :3].abs().sum() == 0
-    kept = joined.filter([1, 2])
-    assert kept.width == 2 and kept.rows == ["20", "21"]
-    assert kept.cache.layers[0].keys.shape[2] == 2 and (kept.cache.layers[0].keys == 2).all()
+def test_blocks_promises_bound_admission():
+    bm = BlockManager(6, 4)
+    bm.allocate(2)
+    bm.promise(3)
+    assert bm.available == 1
+    got = bm.allocate(1, promised=True)
+    assert len(got) == 1 and bm.promised == 2 and bm.available == 1
+
+
+def test_layout_slots_and_mask():
+    """Slots of new tokens come from the rows' block tables; a padding query writes the
+    scratch slot and attends like the row's last real token."""
+    pool = KVPool.__new__(KVPool)
+    pool.block_size = 2
+    inp = StepInputs(torch.tensor([[3, 1, 2], [4, 0, 0]]), torch.tensor([3, 0]),
+                     torch.tensor([5, 1]))
+    slots, mask = pool.layout(inp, 2)
+    assert slots.tolist() == [3, 4, 8, 0]   # pos 3: block 1 + 1; pos 4: block 2; pad: scratch
+    assert mask.shape == (2, 1, 2, 6)
+    assert mask[0, 0, 0].tolist() == [1, 1, 1, 1, 0, 0]
+    assert mask[0, 0, 1].tolist() == [1, 1, 1, 1, 1, 0]
+    assert mask[1, 0, 1].tolist() == [1, 0, 0, 0, 0, 0]  # padding query: finite, like pos 0
 
 
 def test_coalesce_merges_per_choice():

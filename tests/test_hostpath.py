@@ -11,7 +11,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from models.loader import load_model
-from server.engine.compat import CacheNotUsed, cache_keyword, check_cache_used
 from server.engine.core import AsyncEngine
 from server.engine.interface import EngineRequest, SamplingParams
 from server.engine.output import _deliver as output_deliver
@@ -304,13 +303,27 @@ async def test_admission_waits_within_the_budget(make_engine):
 
 # --- versions --------------------------------------------------------------------------
 
-def test_startup_cache_check(loaded):
-    """The installed transformers writes into our cache under the chosen keyword; a
-    keyword the model ignores is caught loudly."""
-    kw = cache_keyword(loaded.model)
-    check_cache_used(loaded.model, kw, loaded.device)
-    with pytest.raises(CacheNotUsed):
-        check_cache_used(loaded.model, "not_a_cache_keyword", loaded.device)
+def test_startup_attention_check(make_engine):
+    """The installed transformers routes the text model's attention through the engine's
+    paged function (the check compares it with the model's own SDPA forward); a model
+    whose attention no longer reaches the pool is caught loudly."""
+    engine = make_engine()
+    runner, blocks = engine.runner, engine.blocks
+    probe = blocks.allocate(3)
+    try:
+        runner.check(probe)
+        text = runner.model.model.language_model
+        for layer in text.layers:  # as if a new transformers ignored the registered function
+            layer.self_attn.config._attn_implementation = "sdpa"
+        try:
+            with pytest.raises(RuntimeError, match="paged attention disagrees"):
+                runner.check(probe)
+        finally:
+            from server.engine.kv_pool import install
+            install(runner.model)
+        runner.check(probe)
+    finally:
+        blocks.release(probe)
 
 
 # --- through the real server -----------------------------------------------------------
@@ -333,4 +346,4 @@ def test_http_budget_400_and_health_after_failed_steps(server_factory):
             client.chat.completions.create(model="qwen3-vl", messages=msgs, max_tokens=8)
         assert failed.value.status_code == 503
     assert httpx.get(srv.url + "/health", timeout=5).status_code == 503
-    assert "KV cache: 300 tokens" in srv.log() and "cache check: transformers" in srv.log()
+    assert "KV cache: 300 tokens" in srv.log() and "paged attention check: transformers" in srv.log()

@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import hashlib
 import logging
 import math
 import queue
@@ -52,11 +53,11 @@ from dataclasses import dataclass, field
 import torch
 from tokenizers import Tokenizer
 
-from server.engine.batch import DecodeBatch, new_cache
-from server.engine.compat import cache_keyword, check_cache_used
+from server.engine.kv_pool import BlockManager, KVPool, chain_keys
+from server.engine.runner import ModelRunner, PrefillChunk
 from server.engine.fairqueue import FairQueue
 from server.engine.interface import EngineRequest, Output
-from server.engine.kv_budget import KVBudget, slab_tokens
+from server.engine.kv_budget import KVBudget
 from server.engine.output import OutputStage, Sink
 from server.engine.prompt import Prepared, PromptBuilder
 from server.engine.sampler import SamplingState, stream_key
@@ -69,6 +70,8 @@ log = logging.getLogger("qwen_vl.engine")
 
 UNHEALTHY_AFTER = 3      # consecutive failed batch steps make /health 503 ...
 HEALTH_COOLDOWN_S = 30.0  # ... until this long without a new failure (then traffic may retry)
+STARTUP_GRAPH_BLOCKS = 128  # decode graphs for tables up to this many blocks are captured
+                            # at startup; wider ones on first use
 GRAMMAR_WORKERS = 2       # compile processes: a slow compile leaves one for the others
 
 
@@ -212,25 +215,64 @@ class _SchedulerBase:
             torch.cuda.empty_cache()
 
 
+@dataclass
+class _Prompt:
+    """An admitted request whose prompt is being prefilled, chunk by chunk."""
+    entry: Entry
+    ids: torch.Tensor              # (L,) long, host
+    pos: torch.Tensor              # (3, L) long, host: M-RoPE positions of the whole prompt
+    delta: int                     # decode position = context length + delta
+    keys: list                     # chain keys of its full blocks (prefix cache)
+    blocks: list[int]              # blocks covering the prompt
+    cached: int                    # tokens served from the prefix cache
+    done: int                      # tokens whose keys/values are written
+    promise: list[int]             # blocks promised per choice for its generated tokens
+    img_ord: torch.Tensor | None   # (L,) ordinal of each image token among the prompt's
+    img_bounds: list[int]          # image i owns image-token ordinals [b[i], b[i+1])
+    img_keys: list
+    vision: dict = field(default_factory=dict)  # image index -> encoder features
+
+    @property
+    def length(self) -> int:
+        return self.ids.numel()
+
+
+class _Running:
+    """The rows being decoded (in batch order) and their sampling state."""
+
+    def __init__(self, rows: list[Sequence], sampling: SamplingState):
+        self.rows, self.sampling = rows, sampling
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
 class BatchingScheduler(_SchedulerBase):
+    """Continuous batching over the paged KV pool (``server.engine.kv_pool``); the model
+    is stepped by ``server.engine.runner.ModelRunner``."""
+
     def __init__(self, engine):
         super().__init__(engine)
-        self.batch: DecodeBatch | None = None
         s = engine.settings
         self.max_num_seqs, self.max_batch_tokens = s.max_num_seqs, s.max_batch_tokens
-        self.pad_id = engine.pad_id
-        self.sdpa = self.model.config.get_text_config()._attn_implementation == "sdpa"
-        self.budget: KVBudget = engine.kv_budget
-        self.peak_kv_tokens = 0  # largest KV allocation so far, in token columns (tests)
+        self.chunk = s.max_prefill_chunk
+        self.runner = engine.runner
+        self.blocks: BlockManager = engine.blocks
+        self.bs = self.blocks.block_size
+        self.batch: _Running | None = None
+        self.prefilling: list[_Prompt] = []
+        self.peak_kv_tokens = 0  # most KV tokens held at once, in block columns (tests)
+        self.image_token_id = self.model.config.image_token_id
+        self.merge = self.model.model.visual.spatial_merge_size ** 2
+
+    steps = 0  # engine steps taken (tests and metrics read it)
 
     @property
     def num_running(self) -> int:
-        return len(self.batch) if self.batch else 0
+        return (len(self.batch) if self.batch else 0) + sum(p.entry.n for p in self.prefilling)
 
     def has_work(self) -> bool:
-        return bool(self.waiting) or self.batch is not None
-
-    steps = 0  # decode steps taken (tests and metrics read it)
+        return bool(self.waiting) or self.batch is not None or bool(self.prefilling)
 
     def step(self):
         # the sampler updates its state and the logits in place: all of it in inference
@@ -238,41 +280,114 @@ class BatchingScheduler(_SchedulerBase):
         with torch.inference_mode():
             self._step()
 
+    # --- admission -----------------------------------------------------------------------
+    def _need(self, e: Entry, matched: int = 0) -> tuple[int, list[int]]:
+        """(blocks to allocate now, blocks promised per choice) for ``e`` when ``matched``
+        of its prompt blocks come from the prefix cache."""
+        n_tok, cap = e.prepared.num_tokens, e.prepared.num_tokens + e.prepared.params.max_tokens
+        total, prompt = self.blocks.blocks_for(cap), self.blocks.blocks_for(n_tok)
+        full = n_tok // self.bs
+        return prompt - matched, [total - prompt] + [total - full] * (e.n - 1)
+
     def add(self, entry: Entry):
-        need = self._alone_cost(entry)
-        if not self.budget.fits(need):  # would wait forever: say so before any model work
+        now, promise = self._need(entry)
+        need = now + sum(promise)
+        if need > self.blocks.num_blocks:  # would wait forever: say so before any model work
             entry.reservation.release()
             self.engine.output.put_fail([entry], InvalidRequest(
-                f"This request needs {need} tokens of KV cache (prompt "
+                f"This request needs {need * self.bs} tokens of KV cache (prompt "
                 f"{entry.prepared.num_tokens} + max_tokens {entry.prepared.params.max_tokens}"
-                f", x{entry.n} choices) but the server's KV budget is {self.budget.tokens} "
-                "tokens; shorten the prompt or lower max_tokens or n.",
-                param="max_tokens", code="kv_budget_exceeded"))
+                f", x{entry.n} choices) but the server's KV budget is "
+                f"{self.blocks.num_blocks * self.bs} tokens; shorten the prompt or lower "
+                "max_tokens or n.", param="max_tokens", code="kv_budget_exceeded"))
             return
         super().add(entry)
 
+    def _admit(self):
+        rows = self.num_running
+        while self.waiting:
+            e = self.waiting[0]
+            if rows > 0 and rows + e.n > self.max_num_seqs:
+                break
+            try:
+                prompt = self._reserve(e)
+            except Exception as exc:  # this request's own input: fail it alone
+                self.waiting.popleft()
+                self._fail([e], exc, batch_step=False)
+                continue
+            if prompt is False:
+                break  # waits for rows to leave rather than over-allocate
+            self.waiting.popleft()
+            self.prefilling.append(prompt)
+            rows += e.n
+
+    def _reserve(self, e: Entry):
+        """Match the prefix cache, allocate the prompt's blocks and promise the rest; False
+        when the blocks are not there now."""
+        p = e.prepared
+        ids = p.input_ids[0]
+        n = ids.numel()
+        img_ord, bounds, img_keys = None, [0], []
+        if p.image_grid_thw is not None:
+            is_img = ids == self.image_token_id
+            img_ord = torch.cumsum(is_img, 0) - 1
+            for g in (p.image_grid_thw.prod(-1) // self.merge).tolist():
+                bounds.append(bounds[-1] + g)
+            img_keys = self._image_keys(p, len(bounds) - 1)
+        keys = []
+        if self.blocks.cache_blocks:
+            entries = ids.tolist()
+            if img_ord is not None:
+                for i in is_img.nonzero().view(-1).tolist():
+                    o = int(img_ord[i])
+                    k = next(j for j in range(len(bounds) - 1) if o < bounds[j + 1])
+                    entries[i] = img_keys[k]
+            keys = chain_keys(entries, self.bs)
+        matched = self.blocks.match(keys, (n - 1) // self.bs)  # the last token is computed
+        now, promise = self._need(e, len(matched))
+        if now + sum(promise) > self.blocks.available:
+            self.blocks.release(matched)
+            return False
+        blocks = matched + self.blocks.allocate(now)
+        self.blocks.promise(sum(promise))
+        cached = len(matched) * self.bs
+        self.blocks.count(n, cached)
+        grid = p.image_grid_thw
+        pos, delta = self.model.model.get_rope_index(
+            p.input_ids, mm_token_type_ids=p.mm_token_type_ids, image_grid_thw=grid,
+            attention_mask=torch.ones_like(p.input_ids))
+        self._note_allocation()
+        return _Prompt(e, ids, pos[:, 0], int(delta.view(-1)[0]), keys, blocks, cached, cached,
+                       promise, img_ord, bounds, img_keys)
+
+    def _image_keys(self, p, count: int) -> list:
+        keys = getattr(p, "image_keys", None)
+        if keys and len(keys) == count:
+            return list(keys)
+        # no content keys from preparation: key each image by its pixels
+        sizes = p.image_grid_thw.prod(-1).tolist()
+        out, off = [], 0
+        for s in sizes:
+            chunk = p.pixel_values[off:off + s].contiguous()
+            out.append("px:" + hashlib.blake2b(chunk.numpy().tobytes(), digest_size=16).hexdigest())
+            off += s
+        return out
+
+    def _note_allocation(self):
+        self.peak_kv_tokens = max(self.peak_kv_tokens, self.blocks.used * self.bs)
+
+    # --- one step --------------------------------------------------------------------------
     def _step(self):
         self.steps += 1
-        self._leave()  # (1) rows that finished or whose client left
+        self._leave()  # rows that finished or whose client left
         self._expire()
-        group = self._admit()
-        if group:
-            new = self._guarded("prefill", lambda: group, lambda: self._prefill(group),
-                                batch_step=False)  # a prefill fails on its own input
-            if new is not None and self.batch is None:
-                self.batch = new
-            elif new is not None:  # (3) a failed join leaves the running batch intact
-                cap = self._reserved_width(self.batch.rows + new.rows,
-                                           max(self.batch.width, new.width))
-                joined = self._guarded("join", lambda: _entries(new.rows),
-                                       lambda: self.batch.concat(new, cap))
-                self.batch = joined if joined is not None else self.batch
-            self._note_allocation()
+        self._admit()
+        if self.prefilling:
+            self._prefill_step()
         self._leave()
         if self.batch is not None:
             batch = self.batch
-            if self._guarded("decode", lambda: _entries(batch.rows), self._decode) is None:
-                self.batch = None if self.batch is batch else self.batch
+            self._guarded("decode", lambda: _entries(batch.rows), self._decode)
             self._leave()
 
     def abort(self, request_id: str):
@@ -280,129 +395,215 @@ class BatchingScheduler(_SchedulerBase):
         for s in self.batch.rows if self.batch is not None else []:
             if s.request_id == request_id:
                 s.stopped = True  # leaves the batch at the start of the next step
+        for p in self.prefilling:
+            if p.entry.request_id == request_id:
+                p.entry.dead = True
 
-    # (2)
-    def _alone_cost(self, e: Entry) -> int:
-        """KV columns ``e`` allocates when it runs alone (its prefill slab, and its
-        n copies when n > 1)."""
-        cap = e.prepared.num_tokens + e.prepared.params.max_tokens
-        return slab_tokens(1 + e.n if e.n > 1 else 1, cap, 0)
-
-    def _reserved_width(self, rows: list[Sequence], width: int) -> int:
-        """Columns a slab of ``rows`` needs so that every row can reach its max_tokens."""
-        return width + max((s.remaining for s in rows), default=0)
-
-    def _admit(self) -> list[Entry]:
-        group: list[Entry] = []
-        rows, longest = self.num_running, 0
-        while self.waiting:
-            e = self.waiting[0]
-            width = max(longest, e.prepared.num_tokens)
-            if group and (rows + e.n > self.max_num_seqs
-                          or width * (len(group) + 1) > self.max_batch_tokens):
+    def _prefill_step(self):
+        """One chunk budget of prompt tokens, over the prompts in admission order."""
+        budget, picked = self.chunk, []
+        for p in self.prefilling:
+            n = min(p.length - p.done, budget)
+            width = max([c for _, c in picked] + [n])
+            if n <= 0 or (picked and width * (len(picked) + 1) > self.max_batch_tokens):
                 break
-            if not group and rows + e.n > self.max_num_seqs and rows > 0:
-                break
-            if not self.budget.fits(self._join_cost(group + [e])):
-                break  # waits for rows to leave rather than over-allocate
-            group.append(self.waiting.popleft())
-            rows, longest = rows + e.n, width
-        return group
+            picked.append((p, n))
+            budget -= n
+        if not picked:
+            return
+        group = [p for p, _ in picked]
+        logits = self._guarded("prefill", lambda: [p.entry for p in group],
+                               lambda: self._prefill(picked), batch_step=False)
+        if logits is None:  # failed: its requests were failed (their blocks go at _leave)
+            return
+        done = [p for p in group if p.done == p.length]
+        if not done:
+            return
+        self.prefilling = [p for p in self.prefilling if p not in done]
+        new = self._guarded("join", lambda: [p.entry for p in done],
+                            lambda: self._start_rows(done, logits))
+        if new is None:
+            for p in done:
+                self._release_prompt(p)
 
-    def _join_cost(self, group: list[Entry]) -> int:
-        """KV columns allocated at the peak of prefilling and joining ``group``: the
-        running slab, the group's prefill slab (and its n-fold copy), the joined slab."""
-        width = max(e.prepared.num_tokens for e in group)
-        reserve = max(e.prepared.params.max_tokens for e in group)
-        n_rows = sum(e.n for e in group)
-        prefill = slab_tokens(len(group) + (n_rows if n_rows > len(group) else 0), width, reserve)
-        b = self.batch
-        if b is None:
-            return prefill
-        running = len(b) * b.capacity
-        joined = slab_tokens(len(b) + n_rows, max(b.width, width),
-                             max(reserve, max(s.remaining for s in b.rows)))
-        return running + prefill + joined
+    def _prefill(self, picked: list[tuple[_Prompt, int]]):
+        self._encode([p for p, n in picked])
+        chunks = []
+        for p, n in picked:
+            s, e = p.done, p.done + n
+            chunks.append(PrefillChunk(p.ids[s:e], p.pos[:, s:e], s,
+                                       p.blocks[:self.blocks.blocks_for(e)],
+                                       self._chunk_vision(p, s, e), e == p.length))
+        self.engine.faults.tick()
+        logits = self.runner.prefill(chunks)
+        for p, n in picked:  # their keys/values are written: full blocks become cacheable
+            first, p.done = p.done // self.bs, p.done + n
+            for i in range(first, min(p.done // self.bs, len(p.keys))):
+                self.blocks.commit(p.blocks[i], p.keys[i])
+        return logits if logits is not None else ()
 
-    def _note_allocation(self):
-        if self.batch is not None:
-            self.peak_kv_tokens = max(self.peak_kv_tokens, len(self.batch) * self.batch.capacity)
+    def _encode(self, prompts: list[_Prompt]):
+        """Vision features of every image that still has tokens to prefill, in one encoder
+        call for the step (the encoder cache answers resent images)."""
+        want = []  # (prompt, image index)
+        for p in prompts:
+            if p.img_ord is None:
+                continue
+            first = int(p.img_ord[p.done - 1]) + 1 if p.done else 0  # ordinal of next image token
+            for i in range(len(p.img_bounds) - 1):
+                if p.img_bounds[i + 1] > first and i not in p.vision:
+                    want.append((p, i))
+        if not want:
+            return
+        pix, grids, keys = [], [], []
+        for p, i in want:
+            g = p.entry.prepared.image_grid_thw
+            sizes = g.prod(-1).tolist()
+            off = sum(sizes[:i])
+            pix.append(p.entry.prepared.pixel_values[off:off + sizes[i]])
+            grids.append(g[i:i + 1])
+            keys.append(p.img_keys[i])
+        feats = self.runner.encode(torch.cat(pix), torch.cat(grids), keys)
+        for (p, i), f in zip(want, feats):
+            p.vision[i] = f
 
-    def _prefill(self, group: list[Entry]) -> DecodeBatch:
+    def _chunk_vision(self, p: _Prompt, s: int, e: int):
+        if p.img_ord is None:
+            return None
+        before = int(p.img_ord[s - 1]) + 1 if s else 0
+        upto = int(p.img_ord[e - 1]) + 1
+        if upto == before:
+            return None
+        embeds, deep = [], []
+        for i in range(len(p.img_bounds) - 1):
+            a, b = max(before, p.img_bounds[i]), min(upto, p.img_bounds[i + 1])
+            if a >= b:
+                continue
+            emb, ds = p.vision[i]
+            lo, hi = a - p.img_bounds[i], b - p.img_bounds[i]
+            embeds.append(emb[lo:hi])
+            deep.append([d[lo:hi] for d in ds])
+        return (torch.cat(embeds), [torch.cat(ls) for ls in zip(*deep)] if deep[0] else [])
+
+    def _start_rows(self, done: list[_Prompt], logits) -> None:
+        """Prompts fully prefilled: their choices become rows (n > 1 choices share the
+        full prompt blocks and copy the partial one), sample each first token, join."""
+        rows, counts = [], []
+        for p in done:
+            seqs = self._start(p.entry)
+            for j, s in enumerate(seqs):
+                s.delta, s.kv_len, s.promise = p.delta, p.length, p.promise[j]
+                s.cached_tokens = p.cached
+                if j == 0:
+                    s.blocks = p.blocks
+                    continue
+                full = p.length // self.bs
+                s.blocks = p.blocks[:full]
+                self.blocks.fork(s.blocks)
+                if p.length % self.bs:
+                    blk = self.blocks.allocate(1, promised=True)[0]
+                    s.promise -= 1
+                    self.runner.pool.copy_block(p.blocks[full], blk)
+                    s.blocks = s.blocks + [blk]
+            p.blocks = []
+            rows += seqs
+            counts.append(len(seqs))
         dev = self.engine.device
-        width = max(e.prepared.num_tokens for e in group)
-        b = len(group)
-        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
-        types = torch.zeros((b, width), dtype=torch.int)
-        mask = torch.zeros((b, width), dtype=torch.long)
-        for i, e in enumerate(group):
-            n = e.prepared.num_tokens
-            ids[i, width - n:] = e.prepared.input_ids[0]
-            types[i, width - n:] = e.prepared.mm_token_type_ids[0]
-            mask[i, width - n:] = 1
-        pix = [e.prepared.pixel_values for e in group if e.prepared.pixel_values is not None]
-        grids = [e.prepared.image_grid_thw for e in group if e.prepared.image_grid_thw is not None]
-        grid = torch.cat(grids) if grids else None
-        ids, types, mask = ids.to(dev), types.to(dev), mask.to(dev)
-        # M-RoPE positions per row from the model's rope-index function (never its cached state)
-        pos, deltas = self.model.model.get_rope_index(
-            ids, mm_token_type_ids=types, image_grid_thw=grid.to(dev) if grid is not None else None,
-            attention_mask=mask)
-        cap = width + max(e.prepared.params.max_tokens for e in group)
-        cache = new_cache(self.model.config.get_text_config().num_hidden_layers, cap)
-        out = self._forward(
-            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-            logits_to_keep=1, pixel_values=torch.cat(pix).to(dev) if pix else None,
-            image_grid_thw=grid.to(dev) if grid is not None else None,
-            mm_token_type_ids=types, **{self.engine.cache_kw: cache})
-        lengths = torch.tensor([e.prepared.num_tokens for e in group], device=dev)
-        next_pos = lengths + deltas.view(-1).to(dev)
-        counts = [e.n for e in group]
-        batch = DecodeBatch(cache, mask, next_pos, ids[:, -1], rows=[], cache_kw=self.engine.cache_kw)
-        batch.repeat_rows(counts)
-        logits = out.logits[:, -1]
         if any(c > 1 for c in counts):
-            logits = logits.repeat_interleave(torch.tensor(counts, device=dev), dim=0)
-        batch.rows = [s for e in group for s in self._start(e)]
-        batch.lens = [s.prompt_len for s in batch.rows]
-        prompts = {id(e): e.prepared.input_ids[0] for e in group}
-        batch.sampling = SamplingState.build(
-            [s.params for s in batch.rows], [s.key for s in batch.rows],
-            [prompts[id(s.sink)] for s in batch.rows], self.engine.vocab_size, dev)
-        self._sample_into(batch, logits)
-        return batch
-
-    # (4)
-    def _decode(self):
-        out = self._forward(**self.batch.decode_inputs(sdpa_mask=self.sdpa))
-        self.engine.faults.tick("sample")
-        self._sample_into(self.batch, out.logits[:, -1])
+            logits = logits.repeat_interleave(torch.tensor(counts, device=logits.device), dim=0)
+        prompts = {id(p.entry): p.ids for p in done}
+        sampling = SamplingState.build(
+            [s.params for s in rows], [s.key for s in rows],
+            [prompts[id(s.sink)] for s in rows], self.engine.vocab_size, dev)
+        new = _Running(rows, sampling)
+        self._sample_into(new, logits)
+        if self.batch is None:
+            self.batch = new
+        else:
+            self.batch = _Running(self.batch.rows + new.rows,
+                                  self.batch.sampling.cat(new.sampling))
+        self._note_allocation()
         return True
 
-    def _sample_into(self, batch: DecodeBatch, logits):
+    def _decode(self):
+        rows, bs = self.batch.rows, self.bs
+        ids, pos, lens, tables = [], [], [], []
+        for s in rows:
+            t = s.kv_len
+            if t // bs >= len(s.blocks):  # crossing into a new block: from its promise
+                s.blocks.append(self.blocks.allocate(1, promised=True)[0])
+                s.promise -= 1
+            ids.append(s.last_token)
+            pos.append(t + s.delta)
+            lens.append(t + 1)
+            tables.append(s.blocks)
+        self.engine.faults.tick()
+        logits = self.runner.decode(ids, pos, lens, tables)
+        for s in rows:
+            s.kv_len += 1
+        self._note_allocation()
+        self.engine.faults.tick("sample")
+        self._sample_into(self.batch, logits)
+        return True
+
+    def _sample_into(self, batch: _Running, logits):
         rows = batch.rows
         matchers = [s.matcher for s in rows]
         res = batch.sampling.sample(logits, matchers if any(matchers) else None)
-        batch.advance(res.tokens)
         tokens, lps = res.unpack(res.packed.tolist())  # the step's one device-to-host copy
-        finishes = [s.accept(t) for s, t in zip(rows, tokens)]
+        finishes = []
+        for s, t in zip(rows, tokens):
+            s.last_token = t
+            finishes.append(s.accept(t))
         self.engine.output.put_step(list(rows), tokens, finishes,
                                     [s.hide_last for s in rows], lps)
 
-    # (5)
+    # --- leaving -----------------------------------------------------------------------------
+    def _release_seq(self, s: Sequence):
+        self.blocks.release(getattr(s, "blocks", []))
+        self.blocks.unpromise(getattr(s, "promise", 0))
+        s.blocks, s.promise = [], 0
+
+    def _release_prompt(self, p: _Prompt):
+        self.blocks.release(p.blocks)
+        self.blocks.unpromise(sum(p.promise))
+        p.blocks, p.promise = [], [0] * len(p.promise)
+
     def _leave(self):
+        dead = [p for p in self.prefilling if getattr(p.entry, "dead", False)]
+        if dead:
+            self.prefilling = [p for p in self.prefilling if p not in dead]
+            for p in dead:
+                self._release_prompt(p)
         batch = self.batch
         if batch is None:
             return
         keep = [i for i, s in enumerate(batch.rows) if not s.finished]
         if len(keep) == len(batch.rows):
             return
+        for i, s in enumerate(batch.rows):
+            if s.finished:
+                self._release_seq(s)
         if not keep:
             self.batch = None
             return
-        kept = self._guarded("leave", lambda: _entries(batch.rows[i] for i in keep),
-                             lambda: batch.filter(keep))
-        self.batch = kept  # None when the leave failed: its rows were failed with it
+        kept_rows = [batch.rows[i] for i in keep]
+
+        def select():
+            idx = torch.tensor(keep, device=self.engine.device)
+            return _Running(kept_rows, batch.sampling.select(idx, keep))
+
+        kept = self._guarded("leave", lambda: _entries(kept_rows), select)
+        if kept is None:  # its rows were failed with it
+            for s in kept_rows:
+                self._release_seq(s)
+        self.batch = kept
+
+    def _fail(self, entries, exc, *, batch_step: bool = True):
+        entries = list(entries)
+        for e in entries:
+            e.dead = True  # a prompt still prefilling leaves at the next _leave
+        super()._fail(entries, exc, batch_step=batch_step)
 
 
 def _entries(rows) -> list[Entry]:
@@ -567,10 +768,10 @@ class AsyncEngine:
         self.opens_think = self.builder.opens_think
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.faults = FaultInjector(fault_oom_at, fault)
-        self.cache_kw = cache_keyword(self.model)
-        if settings.scheduler == "batching":  # the sequential baseline uses generate()'s cache
-            check_cache_used(self.model, self.cache_kw, self.device)
         self.kv_budget = KVBudget.measure(self.model, settings, self.device)
+        self.decode_path = "eager"
+        if settings.scheduler == "batching":  # the sequential baseline uses generate()'s cache
+            self._build_kv(settings)
         self.output = OutputStage(self)
         # request ids whose client left; read by the sequential scheduler's stopping
         # criterion while generate() blocks the worker.  The worker itself learns of an
@@ -655,8 +856,47 @@ class AsyncEngine:
                 request, params=request.params.replace(grammar=compiled))
         return await loop.run_in_executor(self._prep, self.builder.finish, request, plan)
 
+    def _build_kv(self, settings):
+        """The KV pool (the whole budget, allocated once), its block manager and the
+        runner; then the startup check of the paged path against the model's forward."""
+        bs = settings.kv_block_size
+        num_blocks = max(1, self.kv_budget.tokens // bs)
+        cache_blocks = (int(num_blocks * settings.prefix_cache_share)
+                        if settings.prefix_cache else 0)
+        self.pool = KVPool(self.model, num_blocks, bs, self.device)
+        self.blocks = BlockManager(num_blocks, bs, cache_blocks=cache_blocks)
+        encoder_cache = None
+        if settings.encoder_cache_mb:
+            try:
+                from server.engine.lru import ByteLRU
+                encoder_cache = ByteLRU(settings.encoder_cache_mb * 2**20)
+            except ImportError:
+                pass
+        self.runner = ModelRunner(self.model, self.pool, device=self.device, pad_id=self.pad_id,
+                                  max_num_seqs=settings.max_num_seqs,
+                                  max_model_len=self.max_model_len,
+                                  enforce_eager=getattr(settings, "enforce_eager", False),
+                                  encoder_cache=encoder_cache)
+        probe = self.blocks.allocate(3)
+        try:
+            self.runner.check(probe)
+        finally:
+            self.blocks.release(probe)
+        self.runner.capture_all(max_width=STARTUP_GRAPH_BLOCKS)
+        self.decode_path = self.runner.decode_path
+        log.info("KV blocks: %d x %d tokens (%.2f GiB); prefix cache %s; prefill chunk %d "
+                 "tokens; encoder cache %s", num_blocks, bs, self.pool.nbytes / 2**30,
+                 f"up to {cache_blocks} idle blocks" if cache_blocks else "off",
+                 settings.max_prefill_chunk,
+                 f"{settings.encoder_cache_mb} MiB" if encoder_cache is not None else "off")
+
     def stats(self) -> dict[str, float]:
-        return {"queue_depth": self._waiting, "running_seqs": self.scheduler.num_running}
+        out = {"queue_depth": self._waiting, "running_seqs": self.scheduler.num_running}
+        blocks = getattr(self, "blocks", None)
+        if blocks is not None:
+            out.update(blocks.stats())
+            out["encoder_cache_hits"] = self.runner.encoder_hits
+        return out
 
     def token_text(self, token_id: int) -> str:
         return self.detok.decode([token_id], skip_special_tokens=False)

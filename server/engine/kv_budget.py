@@ -1,18 +1,17 @@
-"""The KV-cache budget: how many token columns the engine may allocate, and what a
-batch layout costs.
+"""The KV-cache budget: how many tokens of keys and values the engine's pool holds.
 
 Contract:
 
 * ``KVBudget.measure(model, settings, device)`` runs once after loading.  On CUDA it
   reads the device's free memory and keeps ``--gpu-memory-utilization`` of the whole
-  device for this process (vLLM's meaning), minus what is already used; on CPU there is
-  nothing reliable to measure, so the budget is ``--kv-cache-tokens`` or
-  ``max_num_seqs x max_model_len``.  ``--kv-cache-tokens`` always wins.
-* Costs are counted in token columns of the layout as it really allocates them, padding
-  included: a left-padded slab costs ``rows x columns`` (``slab_tokens``).  The scheduler
-  adds up what exists at the peak of a join (running slab + the new group's prefill slab +
-  the joined slab) and admits only what fits.  The accountant knows nothing of the
-  storage beyond that formula, so a slot or block layout swaps in its own cost.
+  device for this process (vLLM's meaning), minus what is already used, and sets aside
+  the decode workspace (each layer's attention gathers its rows' blocks: about
+  ``2 x 2 / layers`` of the pool's bytes at the peak, K and V with grouped-query heads
+  repeated); on CPU there is nothing reliable to measure, so the budget is
+  ``max_num_seqs x max_model_len`` tokens, at most 1 GiB.  ``--kv-cache-tokens``
+  always wins.
+* The engine allocates the whole budget once as a pool of blocks
+  (``server.engine.kv_pool``); admission counts blocks, padding never costs any.
 """
 
 from __future__ import annotations
@@ -38,11 +37,6 @@ def bytes_per_token(model) -> int:
     return cfg.num_hidden_layers * 2 * kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
 
-def slab_tokens(rows: int, width: int, reserve: int) -> int:
-    """Token columns of a left-padded slab: every row gets ``width + reserve`` columns."""
-    return rows * (width + reserve)
-
-
 @dataclass
 class KVBudget:
     tokens: int
@@ -63,7 +57,8 @@ class KVBudget:
         elif device.type == "cuda":
             free, total = torch.cuda.mem_get_info(device)
             spare = free - (1.0 - settings.gpu_memory_utilization) * total
-            tokens = int(max(0.0, spare) // per_token)
+            layers = model.config.get_text_config().num_hidden_layers
+            tokens = int(max(0.0, spare) // (per_token * (1 + 4 / layers)))
             how = (f"{settings.gpu_memory_utilization:.2f} of {total / GIB:.1f} GiB, "
                    f"{free / GIB:.1f} GiB free after loading")
             if tokens == 0:
@@ -71,8 +66,8 @@ class KVBudget:
                     f"no device memory left for the KV cache ({how}); raise "
                     "--gpu-memory-utilization or set --kv-cache-tokens")
         else:
-            tokens = settings.max_num_seqs * settings.max_model_len
-            how = "max_num_seqs x max_model_len on CPU; set --kv-cache-tokens to change"
+            tokens = min(settings.max_num_seqs * settings.max_model_len, GIB // per_token)
+            how = "max_num_seqs x max_model_len on CPU, at most 1 GiB; set --kv-cache-tokens"
         budget = cls(tokens, per_token)
         log.info("KV cache: %d tokens (%.2f GiB) [%s]", budget.tokens, budget.gib, how)
         return budget

@@ -1,0 +1,321 @@
+"""The model runner: steps transformers' Qwen3-VL modules over the paged KV pool.
+
+Contract (the scheduler decides what runs; this module only runs it):
+
+* ``prefill(chunks)``: one forward pass over prompt chunks of several rows (right-padded
+  to the longest), writing their keys/values into the rows' blocks and attending each
+  row's whole context (cached prefix, earlier chunks, this chunk).  Image tokens take
+  the vision encoder's features (and the deepstack features of the first layers) for
+  exactly the tokens in the chunk, so an image may span chunk borders.  Returns the
+  logits of the last token of each chunk that ends its prompt.
+* ``encode(pixel_values, grids, keys)``: the vision encoder, once for all images of a
+  step; results are cached per image key (content hash + pixel budget) in a byte-bounded
+  LRU, so a resent photo is not encoded again.
+* ``decode(ids, pos, kv_len, tables)``: one token per row through a static-buffer step:
+  every input lives in one device buffer per (batch bucket, table-width bucket), filled
+  by one host-to-device copy; slots and masks are computed on the device; logits land in
+  a static buffer.  No host sync, no data-dependent shape: on CUDA each bucket's step is
+  captured once in a CUDA graph (shared memory pool) and replayed; on CPU, or with
+  ``--enforce-eager``, or when capture fails, the same step runs eagerly.  ``decode_path``
+  says which ("cuda-graphs" or "eager"), and startup logs it with the reason.
+* ``check()``: at startup, the paged path's logits for a short prompt must match the
+  model's own forward (transformers' SDPA path): a transformers version that stopped
+  routing attention through the registered function fails loudly instead of serving
+  garbage.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.kv_pool import KVPool, StepInputs, install
+
+log = logging.getLogger("qwen_vl.engine")
+
+
+def batch_buckets(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then steps of 8 up to 64 and of 16 beyond (vLLM-like)."""
+    out = [b for b in (1, 2, 4) if b < max_num_seqs]
+    b = 8
+    while b < max_num_seqs:
+        out.append(b)
+        b += 8 if b < 64 else 16
+    return out + [max_num_seqs]
+
+
+def width_buckets(max_blocks: int, smallest: int = 4) -> list[int]:
+    out, w = [], smallest
+    while w < max_blocks:
+        out.append(w)
+        w *= 2
+    return out + [max_blocks]
+
+
+def _pick(buckets: list[int], n: int) -> int:
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+@dataclass
+class PrefillChunk:
+    ids: torch.Tensor          # (n,) long, host: the chunk's tokens
+    pos: torch.Tensor          # (3, n) long, host: their M-RoPE positions
+    start: int                 # position of the chunk's first token in the row's context
+    table: list[int]           # the row's blocks, covering start + n tokens
+    vision: tuple | None       # (embeds [m, H], [deepstack [m, H], ...]) for its m image tokens
+    last: bool                 # the chunk ends the prompt: its last token's logits are wanted
+
+
+class _DecodeStep:
+    """Static buffers of one (batch, width) bucket and, on CUDA, its graph."""
+
+    def __init__(self, runner: "ModelRunner", batch: int, width: int):
+        self.batch, self.width = batch, width
+        dev = runner.device
+        # one buffer, one copy per step: ids | positions | kv_len | tables
+        self.inp = torch.zeros(batch * (3 + width), dtype=torch.long, device=dev)
+        self.ids = self.inp[:batch]
+        self.pos = self.inp[batch:2 * batch]
+        self.kv_len = self.inp[2 * batch:3 * batch]
+        self.tables = self.inp[3 * batch:].view(batch, width)
+        self.graph = None
+        self.logits: torch.Tensor | None = None
+        self.runner = runner
+
+    def forward(self) -> torch.Tensor:
+        r, b = self.runner, self.batch
+        inp = StepInputs(self.tables, self.kv_len - 1, self.kv_len)
+        with r.pool.step(inp, 1) as ctx:
+            h = r.lm(input_ids=self.ids.view(b, 1), attention_mask=ctx.mask,
+                     position_ids=self.pos.view(1, b, 1).expand(3, b, 1),
+                     use_cache=False).last_hidden_state
+        return r.lm_head(h[:, -1])
+
+    def run(self) -> torch.Tensor:
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        out = self.forward()
+        if self.logits is None:
+            self.logits = torch.empty_like(out)
+        self.logits.copy_(out)  # a fixed output buffer, as a graph would have
+        return self.logits
+
+
+class ModelRunner:
+    def __init__(self, model, pool: KVPool, *, device, pad_id: int, max_num_seqs: int,
+                 max_model_len: int, enforce_eager: bool = False, encoder_cache=None):
+        self.model, self.pool, self.device = model, pool, torch.device(device)
+        self.lm = model.model.language_model
+        self.lm_head = model.lm_head
+        self.visual = model.model.visual
+        self.embed = self.lm.get_input_embeddings()
+        self.image_token_id = model.config.image_token_id
+        self.pad_id = pad_id
+        install(model)
+        self.batch_buckets = batch_buckets(max_num_seqs)
+        self.max_blocks = max(1, math.ceil(max_model_len / pool.block_size))
+        self.width_buckets = width_buckets(self.max_blocks)
+        self.steps: dict[tuple[int, int], _DecodeStep] = {}
+        self.encoder_cache = encoder_cache
+        self.encoder_hits = 0
+        self._staging = None
+        self._flip = 0
+        self.decode_path, why = self._choose_path(enforce_eager)
+        log.info("decode path: %s (%s)", self.decode_path, why)
+        self._mempool = None
+
+    # --- decode ---------------------------------------------------------------------------
+    def _choose_path(self, enforce_eager: bool) -> tuple[str, str]:
+        if self.device.type != "cuda":
+            return "eager", f"no CUDA graphs on {self.device.type}"
+        if enforce_eager:
+            return "eager", "--enforce-eager"
+        return "cuda-graphs", f"one graph per batch bucket {self.batch_buckets}, captured " \
+                              "on first use of each table width"
+
+    def step_for(self, batch: int, width: int) -> _DecodeStep:
+        key = (_pick(self.batch_buckets, batch), _pick(self.width_buckets, width))
+        step = self.steps.get(key)
+        if step is None:
+            step = self.steps[key] = _DecodeStep(self, *key)
+            if self.decode_path == "cuda-graphs":
+                self._capture(step)
+        return step
+
+    def _capture(self, step: _DecodeStep):
+        t0 = time.perf_counter()
+        before = torch.cuda.memory_allocated(self.device)
+        try:
+            if self._mempool is None:
+                self._mempool = torch.cuda.graph_pool_handle()
+            step.kv_len.fill_(1)  # padding rows: one scratch token each
+            s = torch.cuda.Stream(self.device)
+            s.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(s), torch.inference_mode():
+                for _ in range(2):  # warm up (allocator, lazy inits) off the capture
+                    step.forward()
+            torch.cuda.current_stream(self.device).wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.inference_mode(), torch.cuda.graph(graph, pool=self._mempool):
+                step.logits = step.forward()
+            step.graph = graph
+        except Exception as exc:  # run eagerly rather than not at all
+            log.warning("CUDA graph capture failed for batch %d x width %d (%r): decode runs "
+                        "eagerly from now on", step.batch, step.width, exc)
+            self.decode_path = "eager"
+            step.graph, step.logits = None, None
+            for other in self.steps.values():
+                other.graph = None
+            return
+        log.info("captured decode graph batch %d x %d blocks in %.0f ms (+%.1f MiB)",
+                 step.batch, step.width, (time.perf_counter() - t0) * 1e3,
+                 (torch.cuda.memory_allocated(self.device) - before) / 2**20)
+
+    def capture_all(self, max_width: int | None = None):
+        """Capture every batch bucket at the table widths up to ``max_width`` blocks now
+        (startup), rather than on first use."""
+        if self.decode_path != "cuda-graphs":
+            return
+        t0 = time.perf_counter()
+        for w in self.width_buckets:
+            if max_width is not None and w > max_width:
+                break
+            for b in self.batch_buckets:
+                self.step_for(b, w)
+        log.info("CUDA graphs: %d captured in %.1f s", len(self.steps), time.perf_counter() - t0)
+
+    def _stage(self, n: int) -> torch.Tensor:
+        """A host buffer for the step's inputs: pinned and double-buffered on CUDA (the
+        copy is asynchronous; the step's one sync guarantees the buffer used two steps
+        ago is free)."""
+        if self.device.type != "cuda":
+            return torch.empty(n, dtype=torch.long)
+        if self._staging is None or self._staging[0].numel() < n:
+            size = max(n, 1 << 16)
+            self._staging = [torch.empty(size, dtype=torch.long).pin_memory() for _ in range(2)]
+        self._flip ^= 1
+        return self._staging[self._flip][:n]
+
+    def decode(self, ids: list[int], pos: list[int], kv_len: list[int],
+               tables: list[list[int]]) -> torch.Tensor:
+        """Logits ``[B, V]`` (a view of a static buffer, valid until the next step)."""
+        b = len(ids)
+        step = self.step_for(b, max(len(t) for t in tables))
+        bb, w = step.batch, step.width
+        pad = bb - b
+        flat = ids + [self.pad_id] * pad + pos + [0] * pad + kv_len + [1] * pad
+        for t in tables:
+            flat += t
+            flat += [0] * (w - len(t))
+        flat += [0] * (w * pad)
+        host = self._stage(len(flat))
+        host.copy_(torch.tensor(flat, dtype=torch.long))
+        step.inp.copy_(host, non_blocking=True)
+        return step.run()[:b]
+
+    # --- prefill --------------------------------------------------------------------------
+    def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor | None:
+        dev, bs = self.device, self.pool.block_size
+        b = len(chunks)
+        q = max(c.ids.numel() for c in chunks)
+        width = max(math.ceil((c.start + c.ids.numel()) / bs) for c in chunks)
+        ids = torch.full((b, q), self.pad_id, dtype=torch.long)
+        pos = torch.zeros((3, b, q), dtype=torch.long)
+        tables = torch.zeros((b, width), dtype=torch.long)
+        for i, c in enumerate(chunks):
+            n = c.ids.numel()
+            ids[i, :n] = c.ids
+            pos[:, i, :n] = c.pos
+            tables[i, :len(c.table)] = torch.tensor(c.table, dtype=torch.long)
+        starts = torch.tensor([c.start for c in chunks], dtype=torch.long)
+        lens = torch.tensor([c.start + c.ids.numel() for c in chunks], dtype=torch.long)
+        ids, pos, tables = ids.to(dev), pos.to(dev), tables.to(dev)
+        emb = self.embed(ids)
+        extra = {}
+        vis = [c.vision for c in chunks if c.vision is not None]
+        if vis:
+            vmask = ids == self.image_token_id
+            feats = torch.cat([v[0] for v in vis]).to(emb.dtype)
+            emb = emb.masked_scatter(vmask.unsqueeze(-1), feats)
+            if vis[0][1]:
+                extra = dict(visual_pos_masks=vmask, deepstack_visual_embeds=[
+                    torch.cat([v[1][k] for v in vis]) for k in range(len(vis[0][1]))])
+        inp = StepInputs(tables, starts.to(dev), lens.to(dev))
+        with self.pool.step(inp, q) as ctx:
+            h = self.lm(inputs_embeds=emb, attention_mask=ctx.mask, position_ids=pos,
+                        use_cache=False, **extra).last_hidden_state
+        rows = [i for i, c in enumerate(chunks) if c.last]
+        if not rows:
+            return None
+        last = torch.tensor([chunks[i].ids.numel() - 1 for i in rows], device=dev)
+        return self.lm_head(h[torch.tensor(rows, device=dev), last])
+
+    # --- vision ---------------------------------------------------------------------------
+    def encode(self, pixel_values: torch.Tensor, grids: torch.Tensor,
+               keys: list[str | None]) -> list[tuple]:
+        """Per image ``(embeds [m, H], [deepstack [m, H], ...])`` on the device, from the
+        encoder cache when its key is known, else from one encoder call for the rest."""
+        out: list[tuple | None] = [None] * len(keys)
+        if self.encoder_cache is not None:
+            for i, k in enumerate(keys):
+                if k is not None:
+                    out[i] = self.encoder_cache.get(k)
+                    self.encoder_hits += out[i] is not None
+        todo = [i for i, o in enumerate(out) if o is None]
+        if todo:
+            patches = (grids[:, 0] * grids[:, 1] * grids[:, 2]).tolist()
+            offs = [0]
+            for p in patches:
+                offs.append(offs[-1] + p)
+            pix = torch.cat([pixel_values[offs[i]:offs[i + 1]] for i in todo])
+            g = grids[todo]
+            res = self.visual(pix.to(self.device).type(self.visual.dtype),
+                              grid_thw=g.to(self.device), return_dict=True)
+            merge = self.visual.spatial_merge_size ** 2
+            sizes = (g.prod(-1) // merge).tolist()
+            embeds = torch.split(res.pooler_output, sizes)
+            deep = [torch.split(f, sizes) for f in (res.deepstack_features or [])]
+            for j, i in enumerate(todo):
+                item = (embeds[j], [d[j] for d in deep])
+                out[i] = item
+                if self.encoder_cache is not None and keys[i] is not None:
+                    nbytes = sum(t.numel() * t.element_size() for t in [item[0], *item[1]])
+                    self.encoder_cache.put(keys[i], item, nbytes)
+        return out
+
+    # --- startup check --------------------------------------------------------------------
+    def check(self, blocks: list[int]):
+        """The paged path against the model's own forward on a short prompt."""
+        n = min(len(blocks) * self.pool.block_size, 2 * self.pool.block_size + 3)
+        ids = torch.arange(1, n + 1)
+        pos = torch.arange(n).view(1, n).expand(3, n)
+        with torch.inference_mode():
+            self.pool.k[:, blocks] = 0  # what the check finds there was written by it
+            try:
+                ours = self.prefill([PrefillChunk(ids, pos, 0, blocks, None, True)])[0].float()
+            except Exception as exc:  # e.g. a transformers whose attention bypasses ours
+                ours, failure = None, exc
+            ref = self.model(input_ids=ids.view(1, n).to(self.device),
+                             position_ids=pos.view(3, 1, n).to(self.device),
+                             use_cache=False).logits[0, -1].float()
+            written = self.pool.k[:, blocks[0]].abs().sum().item()
+        scale = ref.abs().max().item() or 1.0
+        err = (ours - ref).abs().max().item() / scale if ours is not None else math.inf
+        tol = 1e-3 if self.pool.dtype == torch.float32 else 5e-2
+        import transformers
+        if not written or err > tol:
+            raise RuntimeError(
+                f"the engine's paged attention disagrees with the model's own forward under "
+                f"transformers {transformers.__version__} (relative error {err:.2e}, pool "
+                f"written: {bool(written)}{'' if ours is not None else f'; {failure!r}'}): this "
+                "transformers version is not supported")
+        log.info("paged attention check: transformers %s, relative error %.1e",
+                 transformers.__version__, err)
