@@ -1,0 +1,222 @@
+"""The paged KV pool, the capturable decode step, the prefix cache and chunked prefill,
+each against its slow twin (float32, greedy, tiny model): HF ``generate()``, the
+uncached engine, the unchunked engine."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from PIL import Image
+
+from models.loader import load_model
+from server.engine.core import AsyncEngine
+from server.engine.interface import EngineRequest, ImageInput, SamplingParams
+from server.settings import Settings
+from tests.test_batching import mixed_requests
+from tests.test_hostpath import SyncCounter
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model):
+    return load_model(Settings(model_path=tiny_model, min_pixels=4096, max_pixels=65536))
+
+
+@pytest.fixture(scope="module")
+def make_engine(tiny_model, loaded):
+    engines = []
+
+    def make(**overrides) -> AsyncEngine:
+        s = Settings(model_path=tiny_model, min_pixels=4096, max_pixels=65536, **overrides)
+        e = AsyncEngine(loaded, s)
+        engines.append(e)
+        return e
+    yield make
+    for e in engines:
+        e._stopping = True
+        e.output.stop()
+
+
+async def run(engine, req, delay=0.0):
+    await asyncio.sleep(delay)
+    ids: dict[int, list[int]] = {}
+    async for o in engine.generate(req, engine.reserve()):
+        ids.setdefault(o.index, []).extend(o.token_ids)
+    return ids
+
+
+def photo(seed: int, w=96, h=64) -> ImageInput:
+    g = torch.Generator().manual_seed(seed)
+    px = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8)
+    return ImageInput(Image.fromarray(px.numpy()), 4096, 65536)
+
+
+SYSTEM = "You are the support assistant of Example Shop. " + " ".join(
+    f"Rule {i}: answer politely about orders, returns and parcels." for i in range(12))
+
+
+def turn(i: int, image: ImageInput, *, follow_up: bool = False, max_tokens=12) -> EngineRequest:
+    msgs = [{"role": "system", "content": SYSTEM},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is this my parcel?"}]}]
+    if follow_up:
+        msgs += [{"role": "assistant", "content": "It looks like a brown box."},
+                 {"role": "user", "content": f"When does order {i} arrive?"}]
+    return EngineRequest(f"t{i}{follow_up}", msgs, [image],
+                         SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+
+
+# --- the static pool against HF generate --------------------------------------------------
+
+async def test_batches_that_grow_and_shrink_match_hf_generate(make_engine):
+    """Requests of different lengths arriving at staggered times (the batch grows and
+    shrinks, rows join and leave without moving anyone's KV) reproduce ``generate()``."""
+    engine, reference = make_engine(prefix_cache=False), make_engine(scheduler="sequential")
+    reqs = mixed_requests(8)
+    for i, r in enumerate(reqs):
+        r.params.max_tokens = 6 + 5 * (i % 4)
+    expected = [await run(reference, r) for r in reqs]
+    got = await asyncio.gather(*(run(engine, r, delay=0.01 * i) for i, r in enumerate(reqs)))
+    assert got == expected
+    for _ in range(200):  # the last rows leave at the engine's next step
+        if engine.scheduler.batch is None:
+            break
+        await asyncio.sleep(0.01)
+    assert engine.blocks.used == 0 and engine.blocks.promised == 0  # everything given back
+
+
+async def test_capturable_step_no_sync_fixed_buffers(make_engine):
+    """The decode step (what a CUDA graph captures) makes no host sync, and its input and
+    output buffers keep their data pointers from step to step."""
+    engine = make_engine()
+    runner = engine.runner
+    blocks = engine.blocks.allocate(4)
+    try:
+        ptrs, logits = set(), []
+        mode = SyncCounter()
+        with torch.inference_mode():
+            for t in range(1, 6):
+                with mode:
+                    out = runner.decode([5, 7, 9], [t, t, t], [t + 1] * 3,
+                                        [blocks[:2], blocks[2:3], blocks[3:]])
+                step = runner.step_for(3, 2)
+                ptrs.add((step.inp.data_ptr(), step.logits.data_ptr(), out.data_ptr()))
+                logits.append(out.clone())
+        assert mode.count == 0
+        assert len(ptrs) == 1
+        assert engine.decode_path == "eager"  # CPU: the same step, run eagerly
+    finally:
+        engine.blocks.release(blocks)
+
+
+async def test_graph_fallback_is_logged(make_engine, caplog):
+    with caplog.at_level("INFO", logger="qwen_vl.engine"):
+        make_engine(enforce_eager=True)
+    assert any("decode path: eager" in r.getMessage() for r in caplog.records)
+
+
+# --- prefix cache --------------------------------------------------------------------------
+
+async def test_cached_equals_uncached_on_mixed_set(make_engine):
+    """Every request twice on a caching engine (the second time from the cache) gives
+    what an engine without the cache gives: text, images, multi-image, multi-turn."""
+    cached, plain = make_engine(), make_engine(prefix_cache=False)
+    reqs = mixed_requests(8)
+    expected = [await run(plain, r) for r in reqs]
+    first = [await run(cached, r) for r in reqs]
+    hits = cached.blocks.hit_tokens
+    again = await asyncio.gather(*(run(cached, r) for r in reqs))
+    assert first == expected and list(again) == expected
+    assert cached.blocks.hit_tokens > hits  # the second round did come from the cache
+
+
+async def test_follow_up_turn_reuses_system_prompt_and_photo(make_engine):
+    engine, plain = make_engine(), make_engine(prefix_cache=False)
+    pic = photo(1)
+    first = await run(engine, turn(1, pic))
+    q0, h0 = engine.blocks.query_tokens, engine.blocks.hit_tokens
+    follow = await run(engine, turn(1, pic, follow_up=True))
+    q, h = engine.blocks.query_tokens - q0, engine.blocks.hit_tokens - h0
+    assert h >= 0.5 * q, (h, q)  # system prompt and photo came from the cache
+    assert first == await run(plain, turn(1, pic))
+    assert follow == await run(plain, turn(1, pic, follow_up=True))
+
+
+async def test_different_images_same_grid_never_share(make_engine):
+    """Two photos of the same size (identical token ids) share only the text before them."""
+    engine, plain = make_engine(), make_engine(prefix_cache=False)
+    a, b = photo(1), photo(2)
+    await run(engine, turn(1, a))
+    h0 = engine.blocks.hit_tokens
+    got = await run(engine, turn(2, b))
+    hit = engine.blocks.hit_tokens - h0
+    ids = engine.builder.build(turn(2, b)).input_ids[0]
+    first_image = int((ids == engine.model.config.image_token_id).nonzero()[0])
+    assert 0 < hit <= first_image  # the system prompt, never the image's blocks
+    assert got == await run(plain, turn(2, b))
+
+
+async def test_eviction_under_a_tiny_budget(make_engine):
+    """A pool that holds only a few prompts: cached blocks are evicted LRU, the idle cache
+    never exceeds its share, and answers stay those of the uncached engine."""
+    engine = make_engine(kv_cache_tokens=1024, prefix_cache_share=0.25, kv_block_size=16)
+    plain = make_engine(prefix_cache=False)
+    reqs = [turn(i, photo(i)) for i in range(6)]
+    for r in reqs + reqs[:2]:
+        assert await run(engine, r) == await run(plain, r)
+        assert len(engine.blocks.idle) <= engine.blocks.cache_blocks
+    assert engine.blocks.cache_blocks == 16
+
+
+async def test_cache_entry_in_use_survives_pressure(make_engine):
+    """A long request holding cached prefix blocks keeps them while other requests fill
+    the pool and evict everything evictable; its answer is unchanged."""
+    engine = make_engine(kv_cache_tokens=1536, prefix_cache_share=1.0, kv_block_size=16)
+    plain = make_engine(prefix_cache=False)
+    pic = photo(3)
+    long = turn(3, pic, max_tokens=120)
+    await run(engine, turn(3, pic))  # its prefix is now cached
+    task = asyncio.create_task(run(engine, long))
+    while engine.scheduler.batch is None:
+        await asyncio.sleep(0.005)
+    held = list(engine.scheduler.batch.rows[0].blocks)
+    others = await asyncio.gather(*(run(engine, turn(10 + i, photo(10 + i))) for i in range(4)))
+    assert all(len(o[0]) == 12 for o in others)
+    assert all(engine.blocks.ref[b] > 0 for b in held if engine.scheduler.batch)
+    assert await task == await run(plain, long)
+
+
+# --- chunked prefill -----------------------------------------------------------------------
+
+async def test_chunked_equals_unchunked(make_engine):
+    """Prompts prefilled 16 tokens at a time (images cut across chunks, several prompts
+    per chunk step, decode steps in between) give the unchunked answers."""
+    chunked = make_engine(max_prefill_chunk=16, prefix_cache=False)
+    whole = make_engine(max_prefill_chunk=8192, prefix_cache=False)
+    reqs = mixed_requests(8) + [turn(5, photo(5), follow_up=True)]
+    expected = [await run(whole, r) for r in reqs]
+    got = await asyncio.gather(*(run(chunked, r, delay=0.01 * i) for i, r in enumerate(reqs)))
+    assert list(got) == expected
+
+
+async def test_long_prompt_does_not_stall_running_streams(make_engine):
+    """While a long prompt is prefilled in chunks, a running stream keeps getting tokens:
+    the engine interleaves one chunk and one decode step."""
+    engine = make_engine(max_prefill_chunk=32, prefix_cache=False)
+    stream = EngineRequest("s", [{"role": "user", "content": "count"}], [],
+                           SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
+    long = EngineRequest("l", [{"role": "user", "content": "word " * 600}], [],
+                         SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    seen, during = [], []
+
+    async def watch():
+        async for o in engine.generate(stream, engine.reserve()):
+            seen.append(len(o.token_ids))
+            if engine.scheduler.prefilling:
+                during.append(len(o.token_ids))
+    t = asyncio.create_task(watch())
+    while not seen:
+        await asyncio.sleep(0.002)
+    await run(engine, long)
+    await t
+    assert len(during) >= 5  # tokens kept flowing while the long prompt was prefilled
