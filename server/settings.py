@@ -110,7 +110,9 @@ class Settings(BaseSettings):
     scheduler: Literal["batching", "sequential"] = Field("batching", description=(
         "batching = continuous batching; sequential = one generate() at a time (baseline)."))
     max_num_seqs: int = Field(64, ge=1, description="Sequences decoded together at most.")
-    max_batch_tokens: int = Field(8192, ge=64, description="Prefill token budget per step.")
+    max_batch_tokens: int = Field(8192, ge=64, description=(
+        "Padded tokens of one prefill forward at most (prompts x longest chunk): bounds "
+        "its activation memory."))
     max_queue: int = Field(256, ge=1, description="Requests waiting at most; beyond → 429.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description=(
         "Share of the GPU's memory this server may use (weights + KV cache); the KV budget "

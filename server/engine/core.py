@@ -9,15 +9,22 @@ event loop once per step.
 
 Two schedulers run on the worker:
 
-* ``BatchingScheduler`` — continuous batching.  Each step: (1) finished and aborted rows
-  leave; (2) admit waiting requests within ``max_num_seqs``, ``max_batch_tokens`` and the
-  KV budget (``server.engine.kv_budget``: what the layout allocates, padding included)
-  and prefill them together in one left-padded forward pass (one vision-encoder call for
-  all their images), sampling each choice's first token; (3) join them to the running
-  batch; (4) one decode step for every running row in one forward pass; (5) drop
-  finished rows, whose places are refilled at the next step.  Sampling state lives on
-  the device (``server.engine.sampler``); a decode step makes one device-to-host copy
-  (the sampled tokens, with the logprob data packed in when a row asked for it).
+* ``BatchingScheduler`` — continuous batching over a paged KV pool
+  (``server.engine.kv_pool``: the whole KV budget allocated once in blocks; the model
+  is stepped by ``server.engine.runner``).  Each step: (1) finished and aborted rows
+  leave, their blocks go back (full prompt blocks stay in the prefix cache); (2) admit
+  waiting requests within ``max_num_seqs`` and the free blocks: the longest cached
+  prefix of the prompt (token ids, image tokens keyed by the image's content) is reused,
+  blocks are allocated for the rest of the prompt and promised for ``max_tokens``;
+  (3) prefill up to ``--max-prefill-chunk`` prompt tokens, over the admitted prompts in
+  order (a long prompt takes several steps; its images are encoded once and their
+  features sliced per chunk); prompts that complete sample each choice's first token and
+  join the running rows (n > 1 choices share the full prompt blocks); (4) one decode
+  step for every running row (a static-buffer step, replayed from a CUDA graph on a
+  GPU); (5) drop finished rows.  So a running stream waits at most one chunk.  Sampling
+  state lives on the device (``server.engine.sampler``); a decode step makes one
+  device-to-host copy (the sampled tokens, with the logprob data packed in when a row
+  asked for it).
 * ``SequentialScheduler`` — the baseline the benchmark compares against: one request at
   a time through ``model.generate()``.
 
@@ -31,9 +38,9 @@ of shared stages count toward the health circuit: after repeated consecutive fai
 engine reports itself unhealthy.  ``FaultInjector`` reaches each stage for tests.
 
 A request that could never fit in the KV budget, even alone, gets a 400 before any model
-work.  At startup one short prefill checks that the model wrote into the engine's own
-cache (``server.engine.compat``): a transformers that ignores the cache keyword would
-otherwise serve garbage silently.
+work.  At startup one short prefill through the paged path is compared with the model's
+own forward (``ModelRunner.check``): a transformers that stopped routing attention
+through the registered function would otherwise serve garbage silently.
 """
 
 from __future__ import annotations
