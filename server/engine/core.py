@@ -77,7 +77,7 @@ log = logging.getLogger("qwen_vl.engine")
 
 UNHEALTHY_AFTER = 3      # consecutive failed batch steps make /health 503 ...
 HEALTH_COOLDOWN_S = 30.0  # ... until this long without a new failure (then traffic may retry)
-STARTUP_GRAPH_BLOCKS = 128  # decode graphs for tables up to this many blocks are captured
+STARTUP_GRAPH_BLOCKS = 64   # decode graphs for tables up to this many blocks are captured
                             # at startup; wider ones on first use
 GRAMMAR_WORKERS = 2       # compile processes: a slow compile leaves one for the others
 

@@ -144,11 +144,17 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     t = ctx.rows.shape[1] * pool.block_size
     k = kp.index_select(0, idx).view(b, t, h, d).transpose(1, 2).to(query.dtype)
     v = vp.index_select(0, idx).view(b, t, h, d).transpose(1, 2).to(query.dtype)
-    if h != query.shape[1]:  # grouped-query attention
-        rep = query.shape[1] // h
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    out = F.scaled_dot_product_attention(query, k, v, attn_mask=ctx.mask, scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
+    heads = query.shape[1]
+    rep = heads // h
+    mask = ctx.mask
+    if rep > 1:
+        # grouped-query attention without copying K/V once per query head: query head
+        # kv * rep + r reads KV head kv (HF's repeat_kv), so the rep query heads of a KV
+        # head become rep x q query rows of one attention over that head
+        query = query.reshape(b, h, rep * q, d)
+        mask = mask.unsqueeze(2).expand(b, 1, rep, q, t).reshape(b, 1, rep * q, t)
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
+    return out.view(b, heads, q, d).transpose(1, 2).contiguous(), None
 
 
 def install(model) -> None:

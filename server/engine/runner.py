@@ -49,10 +49,12 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
 
 
 def width_buckets(max_blocks: int, smallest: int = 4) -> list[int]:
+    """Block-table widths: 4, 6, 8, 12, 16, 24, ... (x1.5 then x4/3): the attention
+    gathers at most a third more blocks than a row needs."""
     out, w = [], smallest
     while w < max_blocks:
         out.append(w)
-        w *= 2
+        w = w * 3 // 2 if w & (w - 1) == 0 else w * 4 // 3
     return out + [max_blocks]
 
 
@@ -96,16 +98,18 @@ class _DecodeStep:
             h = r.lm(input_ids=self.ids.view(b, 1), attention_mask=ctx.mask,
                      position_ids=self.pos.view(1, b, 1).expand(3, b, 1),
                      use_cache=False).last_hidden_state
-        return r.lm_head(h[:, -1])
+        out = r.lm_head(h[:, -1])
+        # every bucket writes into one shared output buffer (a graph's own output would
+        # cost batch x vocab per graph)
+        dst = r.logits_buffer(out)[:b]
+        dst.copy_(out)
+        return dst
 
     def run(self) -> torch.Tensor:
         if self.graph is not None:
             self.graph.replay()
             return self.logits
-        out = self.forward()
-        if self.logits is None:
-            self.logits = torch.empty_like(out)
-        self.logits.copy_(out)  # a fixed output buffer, as a graph would have
+        self.logits = self.forward()
         return self.logits
 
 
@@ -128,11 +132,17 @@ class ModelRunner:
         self.encoder_hits = 0
         self._staging = None
         self._flip = 0
+        self._logits: torch.Tensor | None = None
         self.decode_path, why = self._choose_path(enforce_eager)
         log.info("decode path: %s (%s)", self.decode_path, why)
         self._mempool = None
 
     # --- decode ---------------------------------------------------------------------------
+    def logits_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        if self._logits is None:
+            self._logits = like.new_empty((self.batch_buckets[-1], like.shape[-1]))
+        return self._logits
+
     def _choose_path(self, enforce_eager: bool) -> tuple[str, str]:
         if self.device.type != "cuda":
             return "eager", f"no CUDA graphs on {self.device.type}"
