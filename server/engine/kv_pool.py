@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -59,7 +60,8 @@ class _Ctx:
         self.pool, self.slots, self.rows, self.mask = pool, slots, rows, mask
 
 
-_current: _Ctx | None = None
+_local = threading.local()  # the step in progress on this thread (another thread may be
+                            # running generate() on the same model: it must see none)
 
 
 class KVPool:
@@ -90,14 +92,13 @@ class KVPool:
     def step(self, inp: StepInputs, q_len: int):
         """Route the text model's attention through this pool for one forward pass of
         ``q_len`` new tokens per row (rows shorter than that are right-padded)."""
-        global _current
         slots, mask = self.layout(inp, q_len)
         ctx = _Ctx(self, slots, inp.tables, mask)
-        prev, _current = _current, ctx
+        prev, _local.ctx = getattr(_local, "ctx", None), ctx
         try:
             yield ctx
         finally:
-            _current = prev
+            _local.ctx = prev
 
     def layout(self, inp: StepInputs, q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots for the new tokens ``[B * q_len]`` and the boolean mask ``[B, 1, q_len,
@@ -129,7 +130,7 @@ def _zeros(shape, dtype, device) -> torch.Tensor:
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                     **kwargs):
-    ctx = _current
+    ctx = getattr(_local, "ctx", None)
     if ctx is None:  # not an engine step: the model's ordinary SDPA path
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask,
@@ -154,7 +155,7 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         query = query.reshape(b, h, rep * q, d)
         mask = mask.unsqueeze(2).expand(b, 1, rep, q, t).reshape(b, 1, rep * q, t)
     out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
-    return out.view(b, heads, q, d).transpose(1, 2).contiguous(), None
+    return out.reshape(b, heads, q, d).transpose(1, 2).contiguous(), None
 
 
 def install(model) -> None:
