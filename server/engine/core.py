@@ -429,9 +429,11 @@ class BatchingScheduler(_SchedulerBase):
         self.prefilling = [p for p in self.prefilling if p not in done]
         new = self._guarded("join", lambda: [p.entry for p in done],
                             lambda: self._start_rows(done, logits))
-        if new is None:
+        if new is None:  # its requests were failed; give back what their rows held
             for p in done:
                 self._release_prompt(p)
+                for s in p.entry.seqs:
+                    self._release_seq(s)
 
     def _prefill(self, picked: list[tuple[_Prompt, int]]):
         self._encode([p for p, n in picked])
