@@ -98,11 +98,16 @@ class _DecodeStep:
             h = r.lm(input_ids=self.ids.view(b, 1), attention_mask=ctx.mask,
                      position_ids=self.pos.view(1, b, 1).expand(3, b, 1),
                      use_cache=False).last_hidden_state
-        out = r.lm_head(h[:, -1])
         # every bucket writes into one shared output buffer (a graph's own output would
-        # cost batch x vocab per graph)
-        dst = r.logits_buffer(out)[:b]
-        dst.copy_(out)
+        # cost batch x vocab per graph), straight from the matmul when lm_head is a plain
+        # linear layer (no batch x vocab copy per step)
+        last = h[:, -1]
+        dst = r.logits_buffer(last)[:b]
+        w = getattr(r.lm_head, "weight", None)
+        if type(r.lm_head) is torch.nn.Linear and r.lm_head.bias is None and w.dtype == last.dtype:
+            torch.mm(last, w.t(), out=dst)
+        else:  # quantised head
+            dst.copy_(r.lm_head(last))
         return dst
 
     def run(self) -> torch.Tensor:
@@ -138,9 +143,10 @@ class ModelRunner:
         self._mempool = None
 
     # --- decode ---------------------------------------------------------------------------
-    def logits_buffer(self, like: torch.Tensor) -> torch.Tensor:
+    def logits_buffer(self, hidden: torch.Tensor) -> torch.Tensor:
         if self._logits is None:
-            self._logits = like.new_empty((self.batch_buckets[-1], like.shape[-1]))
+            vocab = self.model.config.get_text_config().vocab_size
+            self._logits = hidden.new_empty((self.batch_buckets[-1], vocab))
         return self._logits
 
     def _choose_path(self, enforce_eager: bool) -> tuple[str, str]:
