@@ -203,6 +203,7 @@ class BlockManager:
         self.promised = 0                          # blocks reserved for rows' future tokens
         # statistics (tokens)
         self.query_tokens = self.hit_tokens = 0
+        self.evicted = 0                           # cached blocks reused for new content
 
     # --- accounting ----------------------------------------------------------------------
     @property
@@ -258,6 +259,7 @@ class BlockManager:
             else:  # evict the least recently used cached block
                 blk, _ = self.idle.popitem(last=False)
                 self._forget(blk)
+                self.evicted += 1
             self.ref[blk] = 1
             out.append(blk)
         return out
