@@ -175,12 +175,19 @@ async def test_cache_entry_in_use_survives_pressure(make_engine):
     plain = make_engine(prefix_cache=False)
     pic = photo(3)
     long = turn(3, pic, max_tokens=300)
+    long.request_id = "long"
     await run(engine, turn(3, pic))  # its prefix is now cached
     task = asyncio.create_task(run(engine, long))
-    while engine.scheduler.batch is None:
+
+    def long_row():
+        rows = engine.scheduler.batch.rows if engine.scheduler.batch else []
+        return next((r for r in rows if r.request_id == "long"), None)
+    while long_row() is None:
         await asyncio.sleep(0.005)
-    held = list(engine.scheduler.batch.rows[0].blocks)
-    others = await asyncio.gather(*(run(engine, turn(10 + i, photo(10 + i))) for i in range(8)))
+    held = list(long_row().blocks)
+    others = await asyncio.gather(*(run(engine, EngineRequest(
+        f"o{i}", [{"role": "user", "content": f"other customer {i} asks " * 12}], [],
+        SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))) for i in range(10)))
     assert all(len(o[0]) == 12 for o in others)
     assert not task.done()  # still decoding: its blocks (cached prefix included) held
     assert all(engine.blocks.ref[b] > 0 for b in held)
