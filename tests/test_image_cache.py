@@ -110,6 +110,11 @@ def test_image_keys():
     # a digest of the bytes received wins over the pixels, and never meets a pixel key
     assert image_key(ImageInput(a, *BUDGET, digest="ab12")) == "ab12:4096:65536"
     assert image_key(ImageInput(a, *BUDGET)).startswith("px")
+    arr = np.asarray(a)                                # arrays and tensors too
+    assert image_key(ImageInput(arr, *BUDGET)) == image_key(ImageInput(arr.copy(), *BUDGET))
+    assert image_key(ImageInput(torch.from_numpy(arr.copy()), *BUDGET)) == \
+        image_key(ImageInput(arr, *BUDGET))
+    assert image_key(ImageInput(arr, *BUDGET)) != image_key(ImageInput(np.asarray(b), *BUDGET))
 
 
 async def test_fetcher_digest_is_the_bytes_hash():
@@ -211,11 +216,12 @@ def test_eviction_under_a_tiny_budget(processor):
     assert calls == [1, 1, 1] and b.image_cache.stats()["hits"] == 1
 
 
-def test_concurrent_preparation_equals_sequential(processor):
+@pytest.mark.parametrize("mode", ["torch", "pil"])
+def test_concurrent_preparation_equals_sequential(processor, mode):
     """40 requests (text, one or two images, resent images) prepared on 4 threads at once:
     the same ids, pixels and keys as prepared one by one on an uncached builder."""
-    cached, _ = builder(processor, 64 << 20)
-    plain, _ = builder(processor, 0)
+    cached, _ = builder(processor, 64 << 20, mode)
+    plain, _ = builder(processor, 0, mode)
     photos = [synthetic_photo(160 + 16 * i, 120 + 8 * i, i) for i in range(5)]
     reqs = []
     for i in range(40):

@@ -110,6 +110,11 @@ class Engine(Protocol):
     def generate(self, request: EngineRequest, reservation: Reservation) -> AsyncIterator[Output]:
         ...
 
-    def stats(self) -> dict[str, float]: ...
+    def stats(self) -> dict[str, float]:
+        """Figures read on each /metrics scrape (``server.metrics``): ``queue_depth``,
+        ``running_seqs``; cumulative counters ``image_cache_hits``, ``image_cache_queries``
+        and, where the engine has them, ``prefix_cache_query_tokens``,
+        ``prefix_cache_hit_tokens``, ``encoder_cache_hits``; gauges ``kv_blocks_used``,
+        ``kv_blocks_free``.  A key left out is not exported."""
 
     async def shutdown(self, timeout: float) -> None: ...

@@ -35,6 +35,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from models.processor import image_budget_kwargs
@@ -87,6 +88,8 @@ class PromptBuilder:
         self.fast_images = self._fast_images(image_preprocess, device)
         # key -> (pixel_values, grid) of one image, on the host
         self.image_cache: ByteLRU[tuple[torch.Tensor, torch.Tensor]] = ByteLRU(image_cache_bytes)
+        log.info("preprocessed-pixel cache: %s", f"{image_cache_bytes / 2**20:g} MiB"
+                 if image_cache_bytes else "off")
         self._tokenizer_lock = threading.Lock()
 
     def _fast_images(self, mode: str, device) -> TorchImageProcessor | None:
@@ -229,8 +232,14 @@ def image_key(im: ImageInput) -> str:
 
 
 def pixel_digest(image) -> str:
-    """BLAKE2b-128 of a decoded image's mode, size and pixel bytes ("px" + hex)."""
+    """BLAKE2b-128 of a decoded image's mode, size and pixel bytes ("px" + hex); an array
+    or tensor (what the torch pipeline also takes) by its dtype, shape and bytes."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"{image.mode}:{image.width}x{image.height}:".encode())
-    h.update(image.tobytes())
+    if hasattr(image, "mode") and hasattr(image, "tobytes"):  # PIL.Image
+        h.update(f"{image.mode}:{image.width}x{image.height}:".encode())
+        h.update(image.tobytes())
+    else:
+        arr = np.ascontiguousarray(image.cpu() if isinstance(image, torch.Tensor) else image)
+        h.update(f"{arr.dtype}:{arr.shape}:".encode())
+        h.update(memoryview(arr).cast("B"))
     return "px" + h.hexdigest()
