@@ -7,11 +7,6 @@ mode ``RGB`` (EXIF orientation applied, alpha composited on white, palette / CMY
 16-bit converted, animated images reduced to their first frame) or raises one of the typed
 errors from :mod:`server.errors`:
 
-``MediaFetcher.load(url, param=...)`` returns ``(image, digest)``: the same image and
-``image_digest`` of the bytes as received (the fetched body, the data URL's decoded bytes or
-the file's content), hashed on a thread while the image decodes.  Equal bytes give equal digests; the
-engine keys an image's cached pixels and KV by it and the pixel budget.
-
 * ``PayloadTooLarge`` (413) when the encoded image exceeds ``MediaPolicy.max_image_bytes``
   (checked from the base64 length of a data URL, from ``Content-Length`` and while
   streaming a body, and from the size of a local file, always before reading it all);
@@ -19,6 +14,11 @@ engine keys an image's cached pixels and KV by it and the pixel budget.
   base64, refused or unresolvable host, non-2xx status, too many redirects, timeouts,
   non-image content, unsupported format, decompression bombs, corrupt or truncated data,
   zero-sized images and extreme aspect ratios.
+
+``MediaFetcher.load(url, param=...)`` returns ``(image, digest)``: the same image and
+``image_digest`` of the bytes as received (the fetched body, the data URL's decoded bytes or
+the file's content), hashed on a thread while the image decodes.  Equal bytes give equal
+digests; the engine keys an image's cached pixels and KV by it and the pixel budget.
 
 Every error carries the caller's ``param`` (the JSON path of the image part) and a fixed,
 client-safe message: never exception text, server file paths or memory addresses.
@@ -258,8 +258,9 @@ def check_decode_cost(data: bytes, param: str) -> None:
 
 
 def image_digest(data: bytes) -> str:
-    """The content key of an image's bytes: BLAKE2b-128, hex (~1 GB/s: a 10 MB photo costs
-    ~10 ms, on a thread while the image decodes: hashlib releases the GIL).  128 bits: no two different images collide in practice."""
+    """The content key of an image's bytes: BLAKE2b-128, hex.  ~1 GB/s: a 10 MB photo costs
+    ~10 ms, spent on a thread while the image decodes (hashlib releases the GIL); 128 bits:
+    two different images do not collide in practice."""
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 

@@ -201,6 +201,19 @@ def test_mixed_hits_and_misses_in_one_request(processor):
         assert pv.untyped_storage().nbytes() == pv.numel() * pv.element_size()
 
 
+def test_same_image_twice_in_one_request_is_preprocessed_once(processor):
+    cached, calls = builder(processor, 64 << 20)
+    plain, _ = builder(processor, 0)
+    photo = synthetic_photo(200, 150, 9)
+    inputs = [ImageInput(photo, *BUDGET, digest="same"), ImageInput(noise(40, 40), *BUDGET),
+              ImageInput(photo, *BUDGET, digest="same")]
+    got = cached.build(request("r", inputs))
+    want = plain.build(request("r", inputs))
+    assert calls == [2] and got.image_keys[0] == got.image_keys[2]
+    assert torch.equal(got.pixel_values, want.pixel_values)
+    assert torch.equal(got.image_grid_thw, want.image_grid_thw)
+
+
 def test_eviction_under_a_tiny_budget(processor):
     one_image = builder(processor, 64 << 20)[0].build(
         request("x", [ImageInput(noise(64, 64, 0), *BUDGET)])).pixel_values

@@ -23,9 +23,9 @@ cache key by them.  Preprocessed pixels are kept by key in a ``ByteLRU`` (``imag
 ``--image-cache-mb``): a resent image is not preprocessed again.
 
 Thread safety: the engine runs ``plan``/``finish`` on ``--prep-workers`` threads at once.
-The HF fast tokenizer mutates its Rust backend (padding/truncation state) on every call, and
-two threads inside it at once raise "Already borrowed": tokenizer calls hold
-``_tokenizer_lock``.  Template rendering, the image pipeline and the cache are safe to share.
+The HF fast tokenizer may mutate its Rust backend (padding/truncation state) inside a call,
+and a second thread inside it then raises "Already borrowed": tokenizer calls hold
+``_tokenizer_lock`` (a short hold; the images, the long part, run unlocked).  Template rendering, the image pipeline and the cache are safe to share.
 """
 
 from __future__ import annotations
@@ -155,19 +155,21 @@ class PromptBuilder:
         cache = self.image_cache
         if not cache.enabled:
             return self._images(images)
-        found = [cache.get(k) for k in keys]
-        missing = [i for i, f in enumerate(found) if f is None]
+        got = {k: cache.get(k) for k in dict.fromkeys(keys)}  # one query per distinct image
+        missing = [k for k, v in got.items() if v is None]
         if missing:
-            pixels, grids = self._images([images[i] for i in missing])
+            first = {k: keys.index(k) for k in missing}
+            pixels, grids = self._images([images[first[k]] for k in missing])
             sizes = [int(g.prod()) for g in grids]  # patches (rows of pixel_values) per image
             parts = pixels.split(sizes) if len(missing) > 1 else (pixels,)
-            for i, pv, grid in zip(missing, parts, grids):
+            for k, pv, grid in zip(missing, parts, grids):
                 # a slice would keep the whole batch's storage alive behind the cache's back
                 pv = pv.clone() if len(missing) > 1 else pv
                 grid = grid.clone()
-                found[i] = (pv, grid)
-                cache.put(keys[i], found[i], pv.numel() * pv.element_size()
+                got[k] = (pv, grid)
+                cache.put(k, got[k], pv.numel() * pv.element_size()
                           + grid.numel() * grid.element_size())
+        found = [got[k] for k in keys]
         if len(found) == 1:
             return found[0][0], found[0][1].view(1, 3)
         return (torch.cat([f[0] for f in found]),
