@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -303,6 +304,35 @@ async def test_greedy_output_same_with_cache_on_and_off(tiny_model):
     assert hits[0]["image_cache_hits"] == 0
 
 
+async def test_cached_tokens_reach_every_output_of_a_choice(tiny_model):
+    """The engine's prefix cache: the same long prompt resent is partly served from the
+    cache, and every Output of each choice says how much (``Output.cached_tokens``)."""
+    from models.loader import load_model
+    from server.engine.core import AsyncEngine
+    from server.settings import Settings
+
+    s = Settings(model_path=tiny_model, min_pixels=4096, max_pixels=65536)
+    engine = AsyncEngine(load_model(s), s)
+    text = "The store ships within two days and takes returns for thirty days. " * 12
+    try:
+        runs = []
+        for rid in ("first", "again"):
+            req = request(rid, [ImageInput(synthetic_photo(96, 64, 3), *BUDGET, digest="p")],
+                          text=text)
+            req.params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, n=2)
+            runs.append([o async for o in engine.generate(req, engine.reserve())])
+    finally:
+        await engine.shutdown(5)
+    first, again = runs
+    prompt = first[0].prompt_tokens
+    assert {o.cached_tokens for o in first} == {0}
+    cached = {o.cached_tokens for o in again}
+    assert len(cached) == 1 and 0 < cached.pop() < prompt
+    for i in (0, 1):
+        assert [t for o in first if o.index == i for t in o.token_ids] == \
+            [t for o in again if o.index == i for t in o.token_ids]
+
+
 def test_coalesce_keeps_cached_tokens():
     from server.engine.core import _coalesce
     outs = [Output(0, "a", [1], prompt_tokens=9, completion_tokens=1, cached_tokens=6),
@@ -388,6 +418,16 @@ def test_usage_details_and_cache_metrics_on_the_real_server(client, server):
     chunks = list(client.chat.completions.create(**kw, stream=True,
                                                  stream_options={"include_usage": True}))
     assert isinstance(chunks[-1].usage.prompt_tokens_details.cached_tokens, int)
+    # a long prompt resent: the second answer says part of it came from the prefix cache
+    long = dict(model="qwen3-vl", max_tokens=2, temperature=0, messages=[
+        {"role": "system", "content": f"Store {uuid.uuid4().hex} rules: be polite, answer "
+                                      "briefly. " + "Returns within thirty days. " * 20},
+        {"role": "user", "content": "Where is my order?"}])
+    first = client.chat.completions.create(**long).usage
+    second = list(client.chat.completions.create(**long, stream=True,
+                                                 stream_options={"include_usage": True}))[-1].usage
+    assert first.prompt_tokens_details.cached_tokens == 0
+    assert 0 < second.prompt_tokens_details.cached_tokens < second.prompt_tokens
     after = hits()
     assert after["qwen_vl_image_cache_queries_total"] - before["qwen_vl_image_cache_queries_total"] == 3
     assert after["qwen_vl_image_cache_hits_total"] - before["qwen_vl_image_cache_hits_total"] == 2
