@@ -15,6 +15,11 @@ errors from :mod:`server.errors`:
   non-image content, unsupported format, decompression bombs, corrupt or truncated data,
   zero-sized images and extreme aspect ratios.
 
+``MediaFetcher.load(url, param=...)`` returns ``(image, digest)``: the same image and
+``image_digest`` of the bytes as received (the fetched body, the data URL's decoded bytes or
+the file's content), hashed on a thread while the image decodes.  Equal bytes give equal
+digests; the engine keys an image's cached pixels and KV by it and the pixel budget.
+
 Every error carries the caller's ``param`` (the JSON path of the image part) and a fixed,
 client-safe message: never exception text, server file paths or memory addresses.
 
@@ -71,6 +76,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import io
 import ipaddress
 import math
@@ -89,7 +95,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from server.errors import InvalidRequest, PayloadTooLarge
 from server.workers import ProcessPool, WorkerDied
 
-__all__ = ["MediaPolicy", "MediaFetcher", "decode_image_bytes"]
+__all__ = ["MediaPolicy", "MediaFetcher", "decode_image_bytes", "image_digest"]
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
@@ -249,6 +255,13 @@ def check_decode_cost(data: bytes, param: str) -> None:
         if compression in (1, 2):  # BI_RLE8 / BI_RLE4: decoded in pure Python by Pillow
             raise _bad("RLE-compressed BMP images are not supported; send PNG or JPEG",
                        param)
+
+
+def image_digest(data: bytes) -> str:
+    """The content key of an image's bytes: BLAKE2b-128, hex.  ~1 GB/s: a 10 MB photo costs
+    ~10 ms, spent on a thread while the image decodes (hashlib releases the GIL); 128 bits:
+    two different images do not collide in practice."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def _decode_job(data: bytes, policy: "MediaPolicy", param: str,
@@ -442,6 +455,11 @@ class MediaFetcher:
 
     async def load_image(self, url: str, *, param: str, max_pixels: int | None = None,
                          budget: PixelBudget | None = None) -> Image.Image:
+        return (await self.load(url, param=param, max_pixels=max_pixels, budget=budget))[0]
+
+    async def load(self, url: str, *, param: str, max_pixels: int | None = None,
+                   budget: PixelBudget | None = None) -> tuple[Image.Image, str]:
+        """The decoded image and ``image_digest`` of its bytes as received."""
         if not isinstance(url, str) or not url.strip():
             raise _bad("image URL must be a non-empty string", param)
         url = url.strip()
@@ -462,10 +480,12 @@ class MediaFetcher:
             raise _bad(f"the request's images exceed {budget.limit} pixels in total", param)
         check_decode_cost(data, param)
         big = size is None or size[0] * size[1] > BIG_IMAGE_PIXELS
+        digest = asyncio.ensure_future(asyncio.to_thread(image_digest, data))
         try:
-            return await self._decode_pool.run(_decode_job, data, self.policy, param,
-                                               max_pixels, timeout=self.policy.decode_timeout,
-                                               big=big)
+            image = await self._decode_pool.run(_decode_job, data, self.policy, param,
+                                                max_pixels, timeout=self.policy.decode_timeout,
+                                                big=big)
+            return image, await digest
         except WorkerDied:  # e.g. killed for memory: the image's doing
             raise _bad("image data could not be decoded", param) from None
         except TimeoutError:

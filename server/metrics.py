@@ -3,13 +3,64 @@
 Requests by status, queue depth and running sequences (read from the engine on each
 scrape), time to first token, time per output token, tokens in and out, images; and per
 API key name: chat requests by status, 429s, tokens in and out, latency.
+
+Cache figures come from ``engine.stats()`` on each scrape, each exported only when the
+engine reports its key (an engine without a prefix cache has no prefix metrics):
+
+counters ``qwen_vl_prefix_cache_queries_tokens_total`` (key ``prefix_cache_query_tokens``),
+``qwen_vl_prefix_cache_hits_tokens_total`` (``prefix_cache_hit_tokens``),
+``qwen_vl_image_cache_queries_total`` (``image_cache_queries``),
+``qwen_vl_image_cache_hits_total`` (``image_cache_hits``),
+``qwen_vl_encoder_cache_hits_total`` (``encoder_cache_hits``); gauges
+``qwen_vl_kv_blocks_used`` (``kv_blocks_used``) and ``qwen_vl_kv_blocks_free``
+(``kv_blocks_free``): ``ENGINE_STATS``.
+
+The engine's counters are totals since it started (never reset), as Prometheus counters
+must be.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# (name without the _total suffix, stats key, kind, help)
+ENGINE_STATS = (
+    ("qwen_vl_prefix_cache_queries_tokens", "prefix_cache_query_tokens", "counter",
+     "Prompt tokens looked up in the prefix cache"),
+    ("qwen_vl_prefix_cache_hits_tokens", "prefix_cache_hit_tokens", "counter",
+     "Prompt tokens served from the prefix cache"),
+    ("qwen_vl_image_cache_queries", "image_cache_queries", "counter",
+     "Images looked up in the preprocessed-pixel cache"),
+    ("qwen_vl_image_cache_hits", "image_cache_hits", "counter",
+     "Images whose preprocessed pixels came from the cache"),
+    ("qwen_vl_encoder_cache_hits", "encoder_cache_hits", "counter",
+     "Images whose vision-encoder output came from the cache"),
+    ("qwen_vl_kv_blocks_used", "kv_blocks_used", "gauge", "KV cache blocks in use"),
+    ("qwen_vl_kv_blocks_free", "kv_blocks_free", "gauge", "KV cache blocks free"),
+)
+
+
+class _EngineStatsCollector:
+    """Reads ``engine.stats()`` once per scrape and exports the keys it has."""
+
+    def __init__(self, engine_stats):
+        self.engine_stats = engine_stats
+
+    def describe(self):
+        return []  # no fixed set: the metrics depend on what the engine reports
+
+    def collect(self):
+        stats = self.engine_stats()
+        for name, key, kind, doc in ENGINE_STATS:
+            value = stats.get(key)
+            if value is None:
+                continue
+            family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, doc)
+            family.add_metric([], float(value))
+            yield family
 
 
 class Metrics:
@@ -30,6 +81,7 @@ class Metrics:
         running = Gauge("qwen_vl_running_sequences", "Sequences being decoded", registry=r)
         queue.set_function(lambda: engine_stats().get("queue_depth", 0))
         running.set_function(lambda: engine_stats().get("running_seqs", 0))
+        r.register(_EngineStatsCollector(engine_stats))
         # per API key, labelled by the key's name (never the key)
         self.key_requests = Counter("qwen_vl_key_requests", "Chat requests by key and status",
                                     ["key", "status"], registry=r)

@@ -151,10 +151,17 @@ def completion_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex
 
 
+class PromptTokensDetails(_Open):
+    # prompt tokens whose KV came from the prefix cache (OpenAI's field; 0 when none did)
+    cached_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # always present, as OpenAI sends it (vLLM leaves it out when prefix caching is off)
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class TopLogprob(BaseModel):

@@ -39,6 +39,7 @@ class RequestStats:
     """Filled while a request runs; the access log line and metrics read it."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0          # of prompt_tokens, served from the prefix cache
     images: int = 0
     ttft: float | None = None
     t0: float = field(default_factory=time.perf_counter)
@@ -213,7 +214,7 @@ class ChatService:
                     else:
                         param = f"messages[{i}].content[{j}].image_url"
                         lo, hi = self._budget(part.image_url, param)
-                        jobs.append((self.fetcher.load_image(
+                        jobs.append((self.fetcher.load(
                             part.image_url.url, param=param + ".url", max_pixels=hi,
                             budget=pixels), lo, hi))
                         parts.append({"type": "image"})
@@ -234,7 +235,8 @@ class ChatService:
             for t in tasks:  # one image failed (or the client left): stop the other fetches
                 t.cancel()
             raise
-        images = [ImageInput(img, lo, hi) for img, (_, lo, hi) in zip(decoded, jobs)]
+        images = [ImageInput(img, lo, hi, digest)
+                  for (img, digest), (_, lo, hi) in zip(decoded, jobs)]
         return messages, images
 
     def _params(self, req: p.ChatCompletionRequest) -> SamplingParams:
@@ -303,6 +305,7 @@ class ChatService:
             # kept current: a client that hangs up is still charged what it was sent
             stats.completion_tokens = sum(counts)
             stats.prompt_tokens = o.prompt_tokens
+            stats.cached_tokens = o.cached_tokens
             if o.logprobs:
                 logprobs[o.index] += o.logprobs
             if o.finish_reason:
@@ -343,6 +346,7 @@ class ChatService:
                 counts[o.index] = o.completion_tokens
                 stats.completion_tokens = sum(counts)  # current, as in collect()
                 stats.prompt_tokens = o.prompt_tokens
+                stats.cached_tokens = o.cached_tokens
                 parser = parsers[o.index]
                 events = parser.feed(o.text) if o.text else []
                 if o.finish_reason:
@@ -430,7 +434,8 @@ def _deltas(events: list[tuple]) -> list[p.Delta]:
 
 def _usage(stats: RequestStats) -> p.Usage:
     return p.Usage(prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
-                   total_tokens=stats.prompt_tokens + stats.completion_tokens)
+                   total_tokens=stats.prompt_tokens + stats.completion_tokens,
+                   prompt_tokens_details=p.PromptTokensDetails(cached_tokens=stats.cached_tokens))
 
 
 MAX_JSON_DEPTH = 64   # request nesting (tool schemas are the deep part); deeper → 400

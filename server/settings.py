@@ -162,6 +162,12 @@ class Settings(BaseSettings):
     image_preprocess: Literal["torch", "pil"] = Field("torch", description=(
         "Image preprocessing: torch = one tensor pipeline on the model's device (GPU when "
         "there is one); pil = the HF PIL processor on the CPU (the reference)."))
+    image_cache_mb: int = Field(512, ge=0, description=(
+        "MiB of host memory for preprocessed image pixels, keyed by the image's bytes and "
+        "pixel budget: a resent photo is not preprocessed again (LRU). 0 = off."))
+    prep_workers: int = Field(2, ge=1, le=64, description=(
+        "Threads preparing requests (chat template, tokens, image preprocessing) in "
+        "parallel, off the event loop and the model's thread."))
     max_image_bytes: Bytes = Field(10 * 1024 * 1024, ge=1, description="Image size cap (413).")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Decoded pixel cap (bomb guard).")
     max_request_image_pixels: int = Field(200_000_000, ge=1, description=(

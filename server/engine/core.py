@@ -734,7 +734,8 @@ def _coalesce(outs: list[Output]) -> list[Output]:
         if m is None:
             merged[o.index] = Output(o.index, o.text, list(o.token_ids), o.finish_reason,
                                      o.prompt_tokens, o.completion_tokens,
-                                     list(o.logprobs) if o.logprobs else None)
+                                     list(o.logprobs) if o.logprobs else None,
+                                     cached_tokens=o.cached_tokens)
             continue
         m.text += o.text
         m.token_ids += o.token_ids
@@ -760,7 +761,8 @@ class AsyncEngine:
         self.builder = PromptBuilder(loaded.processor, max_model_len=self.max_model_len,
                                      default_max_tokens=settings.max_new_tokens,
                                      image_preprocess=settings.image_preprocess,
-                                     device=self.device)
+                                     device=self.device,
+                                     image_cache_bytes=settings.image_cache_mb * 2**20)
         # the worker decodes with its own Rust tokenizer: the prep thread's one may be
         # mutably borrowed (padding/truncation state) while the worker reads it
         self.detok = Tokenizer.from_str(tok.backend_tokenizer.to_str())
@@ -791,7 +793,9 @@ class AsyncEngine:
         self._consecutive_failures = 0
         self._last_failure = 0.0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._prep = ThreadPoolExecutor(1, thread_name_prefix="prep")
+        # several requests' templates, tokens and images are prepared at once
+        # (PromptBuilder is thread-safe; the torch image pipeline releases the GIL)
+        self._prep = ThreadPoolExecutor(settings.prep_workers, thread_name_prefix="prep")
         self.scheduler = (SequentialScheduler if settings.scheduler == "sequential"
                           else BatchingScheduler)(self)
         self._stopping = False
@@ -900,7 +904,9 @@ class AsyncEngine:
                  f"{settings.encoder_cache_mb} MiB" if encoder_cache is not None else "off")
 
     def stats(self) -> dict[str, float]:
-        out = {"queue_depth": self._waiting, "running_seqs": self.scheduler.num_running}
+        images = self.builder.image_cache.stats()
+        out = {"queue_depth": self._waiting, "running_seqs": self.scheduler.num_running,
+               "image_cache_hits": images["hits"], "image_cache_queries": images["queries"]}
         blocks = getattr(self, "blocks", None)
         if blocks is not None:
             out.update(blocks.stats())

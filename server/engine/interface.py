@@ -49,6 +49,10 @@ class ImageInput:
     image: Any                           # PIL.Image.Image, RGB
     min_pixels: int
     max_pixels: int
+    # hash of the image's bytes as received (``server.media.image_digest``); "" when there
+    # were none (a PIL image from the UI or a test): the engine then hashes the pixels.
+    # With the pixel budget it keys the image's cached pixels and KV (``Prepared.image_keys``)
+    digest: str = ""
 
 
 @dataclass
@@ -82,6 +86,9 @@ class Output:
     prompt_tokens: int = 0
     completion_tokens: int = 0           # so far, for this choice
     logprobs: list[TokenLogprob] | None = None
+    # prompt tokens served from the prefix cache (the same on every Output of a choice);
+    # reported as usage.prompt_tokens_details.cached_tokens
+    cached_tokens: int = 0
 
 
 class Reservation(Protocol):
@@ -103,6 +110,11 @@ class Engine(Protocol):
     def generate(self, request: EngineRequest, reservation: Reservation) -> AsyncIterator[Output]:
         ...
 
-    def stats(self) -> dict[str, float]: ...
+    def stats(self) -> dict[str, float]:
+        """Figures read on each /metrics scrape (``server.metrics``): ``queue_depth``,
+        ``running_seqs``; cumulative counters ``image_cache_hits``, ``image_cache_queries``
+        and, where the engine has them, ``prefix_cache_query_tokens``,
+        ``prefix_cache_hit_tokens``, ``encoder_cache_hits``; gauges ``kv_blocks_used``,
+        ``kv_blocks_free``.  A key left out is not exported."""
 
     async def shutdown(self, timeout: float) -> None: ...

@@ -13,18 +13,35 @@ template and counts each image's tokens from its size and budget alone (the proc
 ``get_number_of_image_patches``), then checks the context length; ``finish`` preprocesses
 the pixels (and re-counts, should the processor disagree).  ``build`` does both.  The
 engine compiles a request's grammar between the two.
+
+Image identity: ``Prepared.image_keys`` holds one key per image, in order:
+``"<digest>:<min_pixels>:<max_pixels>"``, where the digest is the hash of the image's bytes
+as received (``ImageInput.digest``, from ``server.media``) or, for an image handed over
+already decoded, a BLAKE2b hash of its mode, size and pixels ("px" prefix, so the two kinds
+never meet).  Equal keys mean equal pixel values and grids; the prefix cache and encoder
+cache key by them.  Preprocessed pixels are kept by key in a ``ByteLRU`` (``image_cache``,
+``--image-cache-mb``): a resent image is not preprocessed again.
+
+Thread safety: the engine runs ``plan``/``finish`` on ``--prep-workers`` threads at once.
+The HF fast tokenizer may mutate its Rust backend (padding/truncation state) inside a call,
+and a second thread inside it then raises "Already borrowed": tokenizer calls hold
+``_tokenizer_lock`` (a short hold; the images, the long part, run unlocked).  Template rendering, the image pipeline and the cache are safe to share.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from models.processor import image_budget_kwargs
 from models.vision_prep import TorchImageProcessor
-from server.engine.interface import EngineRequest, SamplingParams
+from server.engine.interface import EngineRequest, ImageInput, SamplingParams
+from server.engine.lru import ByteLRU
 from server.errors import ContextLengthExceeded, InvalidRequest, ServiceUnavailable
 
 IMAGE_PAD = "<|image_pad|>"
@@ -39,6 +56,8 @@ class Prepared:
     pixel_values: torch.Tensor | None  # (patches, dim)
     image_grid_thw: torch.Tensor | None  # (images, 3)
     params: SamplingParams             # max_tokens filled in
+    # one per image, in order: "<digest>:<min_pixels>:<max_pixels>" (see the module doc)
+    image_keys: list[str] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -57,7 +76,8 @@ class Plan:
 
 class PromptBuilder:
     def __init__(self, processor, *, max_model_len: int, default_max_tokens: int,
-                 image_preprocess: str = "torch", device: torch.device | str = "cpu"):
+                 image_preprocess: str = "torch", device: torch.device | str = "cpu",
+                 image_cache_bytes: int = 0):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
@@ -66,6 +86,11 @@ class PromptBuilder:
         self.default_max_tokens = default_max_tokens
         self.opens_think = self._template_opens_think()
         self.fast_images = self._fast_images(image_preprocess, device)
+        # key -> (pixel_values, grid) of one image, on the host
+        self.image_cache: ByteLRU[tuple[torch.Tensor, torch.Tensor]] = ByteLRU(image_cache_bytes)
+        log.info("preprocessed-pixel cache: %s", f"{image_cache_bytes / 2**20:g} MiB"
+                 if image_cache_bytes else "off")
+        self._tokenizer_lock = threading.Lock()
 
     def _fast_images(self, mode: str, device) -> TorchImageProcessor | None:
         if mode == "torch":
@@ -110,7 +135,8 @@ class PromptBuilder:
 
     def finish(self, req: EngineRequest, plan: Plan) -> Prepared:
         """Preprocess the images; ``req.params`` may carry the compiled grammar by now."""
-        pixel_values, grids = self._images(req.images) if req.images else (None, None)
+        keys = [image_key(im) for im in req.images]
+        pixel_values, grids = self._cached_images(req.images, keys) if req.images else (None, None)
         counts = [int(g.prod()) // self.merge ** 2 for g in grids] if req.images else []
         ids = plan.input_ids if counts == plan.image_tokens else self._tokenize(plan.pieces,
                                                                                 counts)
@@ -119,7 +145,35 @@ class PromptBuilder:
             mm_token_type_ids=(ids == self.image_token_id).int(),
             pixel_values=pixel_values,
             image_grid_thw=grids,
-            params=self._fill_max_tokens(req.params, ids.shape[1]))
+            params=self._fill_max_tokens(req.params, ids.shape[1]),
+            image_keys=keys)
+
+    def _cached_images(self, images: list[ImageInput],
+                       keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_images`` through the pixel cache: the misses are preprocessed together (one
+        batched pipeline call), split per image and stored; the hits are reused as is."""
+        cache = self.image_cache
+        if not cache.enabled:
+            return self._images(images)
+        got = {k: cache.get(k) for k in dict.fromkeys(keys)}  # one query per distinct image
+        missing = [k for k, v in got.items() if v is None]
+        if missing:
+            first = {k: keys.index(k) for k in missing}
+            pixels, grids = self._images([images[first[k]] for k in missing])
+            sizes = [int(g.prod()) for g in grids]  # patches (rows of pixel_values) per image
+            parts = pixels.split(sizes) if len(missing) > 1 else (pixels,)
+            for k, pv, grid in zip(missing, parts, grids):
+                # a slice would keep the whole batch's storage alive behind the cache's back
+                pv = pv.clone() if len(missing) > 1 else pv
+                grid = grid.clone()
+                got[k] = (pv, grid)
+                cache.put(k, got[k], pv.numel() * pv.element_size()
+                          + grid.numel() * grid.element_size())
+        found = [got[k] for k in keys]
+        if len(found) == 1:
+            return found[0][0], found[0][1].view(1, 3)
+        return (torch.cat([f[0] for f in found]),
+                torch.stack([f[1].view(3) for f in found]))
 
     def _images(self, images) -> tuple[torch.Tensor, torch.Tensor]:
         """(pixel values, grids) of a request's images, each in its own pixel budget."""
@@ -153,8 +207,9 @@ class PromptBuilder:
         expanded = [pieces[0]]
         for n, rest in zip(counts, pieces[1:]):
             expanded.append(IMAGE_PAD * n + rest)
-        return self.tokenizer("".join(expanded), add_special_tokens=False,
-                              return_tensors="pt")["input_ids"]
+        with self._tokenizer_lock:
+            return self.tokenizer("".join(expanded), add_special_tokens=False,
+                                  return_tensors="pt")["input_ids"]
 
     def _fill_max_tokens(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
         room = self.max_model_len - prompt_len
@@ -170,3 +225,23 @@ class PromptBuilder:
                 f"messages use {prompt_len} and max_tokens asks for {params.max_tokens}.",
                 param="max_tokens")
         return params
+
+
+def image_key(im: ImageInput) -> str:
+    """The image's content key with its pixel budget (see the module doc)."""
+    digest = im.digest or pixel_digest(im.image)
+    return f"{digest}:{im.min_pixels}:{im.max_pixels}"
+
+
+def pixel_digest(image) -> str:
+    """BLAKE2b-128 of a decoded image's mode, size and pixel bytes ("px" + hex); an array
+    or tensor (what the torch pipeline also takes) by its dtype, shape and bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    if hasattr(image, "mode") and hasattr(image, "tobytes"):  # PIL.Image
+        h.update(f"{image.mode}:{image.width}x{image.height}:".encode())
+        h.update(image.tobytes())
+    else:
+        arr = np.ascontiguousarray(image.cpu() if isinstance(image, torch.Tensor) else image)
+        h.update(f"{arr.dtype}:{arr.shape}:".encode())
+        h.update(memoryview(arr).cast("B"))
+    return "px" + h.hexdigest()

@@ -52,6 +52,7 @@ class Sequence:
         self.stopped = False                     # set by the output side or an abort
         self.key: tuple[int, int] = (0, 0)       # random stream key (server.engine.sampler)
         self.matcher = None  # xgrammar matcher of a constrained row (server.engine.structured)
+        self.cached_tokens = 0  # prompt tokens the prefix cache served (set at admission)
         self._stream = DecodeStream(skip_special_tokens=True)
 
     @property
@@ -100,7 +101,8 @@ class Sequence:
         return Output(index=self.index, text=delta, token_ids=[token],
                       finish_reason=self.finish_reason, prompt_tokens=self.prompt_len,
                       completion_tokens=len(self.output_ids),
-                      logprobs=[logprob] if logprob is not None else None)
+                      logprobs=[logprob] if logprob is not None else None,
+                      cached_tokens=self.cached_tokens)
 
     def append(self, token: int, logprob: TokenLogprob | None = None) -> Output:
         finish = self.accept(token)
