@@ -229,3 +229,18 @@ async def test_long_prompt_does_not_stall_running_streams(make_engine):
     await run(engine, long)
     await t
     assert len(during) >= 5  # tokens kept flowing while the long prompt was prefilled
+
+
+async def test_cached_tokens_reported_exactly(make_engine):
+    """``cached_tokens``: 0 the first time; for the same prompt again, every full block
+    but the one holding the last prompt token (which is always computed)."""
+    engine = make_engine(kv_block_size=16)
+    req = turn(7, photo(7))
+    n = engine.builder.build(req).num_tokens
+
+    async def cached():
+        outs = [o async for o in engine.generate(req, engine.reserve())]
+        assert len({o.cached_tokens for o in outs}) == 1
+        return outs[-1].cached_tokens
+    assert await cached() == 0
+    assert await cached() == (n - 1) // 16 * 16

@@ -48,7 +48,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
-import hashlib
 import logging
 import math
 import queue
@@ -340,7 +339,7 @@ class BatchingScheduler(_SchedulerBase):
             img_ord = torch.cumsum(is_img, 0) - 1
             for g in (p.image_grid_thw.prod(-1) // self.merge).tolist():
                 bounds.append(bounds[-1] + g)
-            img_keys = self._image_keys(p, len(bounds) - 1)
+            img_keys = list(p.image_keys)  # content hash + pixel budget, per image
         keys = []
         if self.blocks.cache_blocks:
             entries = ids.tolist()
@@ -366,19 +365,6 @@ class BatchingScheduler(_SchedulerBase):
         self._note_allocation()
         return _Prompt(e, ids, pos[:, 0], int(delta.view(-1)[0]), keys, blocks, cached, cached,
                        promise, img_ord, bounds, img_keys)
-
-    def _image_keys(self, p, count: int) -> list:
-        keys = getattr(p, "image_keys", None)
-        if keys and len(keys) == count:
-            return list(keys)
-        # no content keys from preparation: key each image by its pixels
-        sizes = p.image_grid_thw.prod(-1).tolist()
-        out, off = [], 0
-        for s in sizes:
-            chunk = p.pixel_values[off:off + s].contiguous()
-            out.append("px:" + hashlib.blake2b(chunk.numpy().tobytes(), digest_size=16).hexdigest())
-            off += s
-        return out
 
     def _note_allocation(self):
         self.peak_kv_tokens = max(self.peak_kv_tokens, self.blocks.used * self.bs)
