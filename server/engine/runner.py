@@ -138,6 +138,7 @@ class ModelRunner:
         self._staging = None
         self._flip = 0
         self._logits: torch.Tensor | None = None
+        self._capture_failures = 0
         self.decode_path, why = self._choose_path(enforce_eager)
         log.info("decode path: %s (%s)", self.decode_path, why)
         self._mempool = None
@@ -180,16 +181,23 @@ class ModelRunner:
                     step.forward()
             torch.cuda.current_stream(self.device).wait_stream(s)
             graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(graph, pool=self._mempool):
+            # thread_local: preparation threads may use the GPU (image preprocessing)
+            # while a bucket is captured on first use
+            with torch.inference_mode(), torch.cuda.graph(graph, pool=self._mempool,
+                                                          capture_error_mode="thread_local"):
                 step.logits = step.forward()
             step.graph = graph
-        except Exception as exc:  # run eagerly rather than not at all
-            log.warning("CUDA graph capture failed for batch %d x width %d (%r): decode runs "
-                        "eagerly from now on", step.batch, step.width, exc)
-            self.decode_path = "eager"
+        except Exception as exc:  # this bucket runs eagerly rather than not at all
             step.graph, step.logits = None, None
-            for other in self.steps.values():
-                other.graph = None
+            self._capture_failures += 1
+            if self._capture_failures >= 3:
+                self.decode_path = "eager"
+                for other in self.steps.values():
+                    other.graph = None
+            log.warning("CUDA graph capture failed for batch %d x width %d (%r): that bucket "
+                        "runs eagerly%s", step.batch, step.width, exc,
+                        "; three failures: decode runs eagerly from now on"
+                        if self.decode_path == "eager" else "")
             return
         log.info("captured decode graph batch %d x %d blocks in %.0f ms (+%.1f MiB)",
                  step.batch, step.width, (time.perf_counter() - t0) * 1e3,
