@@ -244,3 +244,20 @@ async def test_cached_tokens_reported_exactly(make_engine):
         return outs[-1].cached_tokens
     assert await cached() == 0
     assert await cached() == (n - 1) // 16 * 16
+
+
+async def test_failed_graph_capture_falls_back_to_eager(make_engine, caplog):
+    """A capture that fails (here: no CUDA at all) leaves that bucket eager with a warning;
+    after three failures the whole decode path is eager; answers are unchanged."""
+    engine, plain = make_engine(prefix_cache=False), make_engine(prefix_cache=False)
+    reqs = mixed_requests(4)
+    expected = [await run(plain, r) for r in reqs]
+    runner = engine.runner
+    runner.decode_path, runner.steps = "cuda-graphs", {}  # as on a GPU
+    with caplog.at_level("WARNING", logger="qwen_vl.engine"):
+        got = await asyncio.gather(*(run(engine, r, delay=0.02 * i) for i, r in enumerate(reqs)))
+    assert list(got) == expected
+    failed = [r for r in caplog.records if "CUDA graph capture failed" in r.getMessage()]
+    assert failed and all(s.graph is None for s in runner.steps.values())
+    if len(failed) >= 3:
+        assert runner.decode_path == "eager"
