@@ -1,6 +1,6 @@
 """Build a tiny, randomly initialised Qwen3-VL checkpoint for offline tests.
 
-    python -m models.tiny OUT_DIR [--seed 0]
+    python -m models.tiny OUT_DIR [--seed 0] [--mid-size | --full-size] [--layers N] [--hidden-size N]
 
 OUT_DIR then loads with ``AutoModelForImageTextToText.from_pretrained(OUT_DIR)`` (a
 ``Qwen3VLForConditionalGeneration``) and ``models.processor.load_processor(OUT_DIR)``,
@@ -18,6 +18,12 @@ Contents of OUT_DIR:
 * ``processor_config.json``: ``Qwen2VLImageProcessorPil`` settings with a small pixel budget
   (4 to 64 visual tokens per image).
 * ``generation_config.json``: eos = [<|im_end|>, <|endoftext|>], pad = <|endoftext|>.
+
+Other shapes, same tokenizer: ``--mid-size`` (text hidden 384, 8 layers, ~15M parameters,
+context 32768: prefill compute dominates on a CPU, for the prefix-cache benchmark),
+``--full-size`` (the real 2B shapes in bf16, for GPU benchmarks); ``--layers``,
+``--hidden-size``, ``--intermediate-size`` and ``--vision-depth`` override any of them.
+``build_in_memory()`` gives the model and processor without writing files.
 """
 
 from __future__ import annotations
@@ -338,7 +344,21 @@ FULL_SIZE_VISION = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_
                         deepstack_visual_indexes=[5, 11, 17])
 
 
-def build_config(tokenizer, full_size: bool = False):
+# For CPU benchmarks where prefill compute must dominate (bench/prefix_cache.py): 8 layers,
+# hidden 384, ~15M parameters, a vision tower that costs something, a long context.
+MID_SIZE_TEXT = dict(hidden_size=384, intermediate_size=1152, num_hidden_layers=8,
+                     num_attention_heads=6, num_key_value_heads=2, head_dim=64,
+                     max_position_embeddings=32768, initializer_range=0.05,  # 0.02: degenerate
+                     rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
+                                      "mrope_section": [12, 10, 10], "mrope_interleaved": True})
+MID_SIZE_VISION = dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4,
+                       out_hidden_size=384, num_position_embeddings=2304,
+                       deepstack_visual_indexes=[1, 3])
+
+
+def build_config(tokenizer, full_size: bool = False, *, mid_size: bool = False,
+                 layers: int | None = None, hidden_size: int | None = None,
+                 intermediate_size: int | None = None, vision_depth: int | None = None):
     from transformers import Qwen3VLConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -386,9 +406,25 @@ def build_config(tokenizer, full_size: bool = False):
         initializer_range=0.02,
         dtype="float32",
     )
+    if full_size and mid_size:
+        raise ValueError("full_size and mid_size exclude each other")
     if full_size:  # the real Qwen3-VL-2B-Instruct dimensions (shared/QWEN3VL-NOTES.md)
         text_config.update(FULL_SIZE_TEXT, dtype="bfloat16")
         vision_config.update(FULL_SIZE_VISION, dtype="bfloat16")
+    if mid_size:
+        text_config.update(MID_SIZE_TEXT)
+        vision_config.update(MID_SIZE_VISION)
+    if layers is not None:
+        text_config["num_hidden_layers"] = layers
+    if hidden_size is not None:  # heads keep their head_dim; o_proj maps back to hidden
+        text_config["hidden_size"] = hidden_size
+        vision_config["out_hidden_size"] = hidden_size
+    if intermediate_size is not None:
+        text_config["intermediate_size"] = intermediate_size
+    if vision_depth is not None:
+        vision_config["depth"] = vision_depth
+        vision_config["deepstack_visual_indexes"] = [
+            i for i in vision_config["deepstack_visual_indexes"] if i < vision_depth] or [vision_depth - 1]
     return Qwen3VLConfig(
         text_config=text_config,
         vision_config=vision_config,
@@ -421,27 +457,35 @@ def check_not_degenerate(model, tokenizer, *, new_tokens: int = 30, min_distinct
     return new
 
 
-def build(out_dir: str | os.PathLike, seed: int = 0, *, check: bool = True,
-          full_size: bool = False) -> Path:
-    """Write the tiny checkpoint to ``out_dir`` and return its path.
+def build_in_memory(seed: int = 0, *, check: bool = True, full_size: bool = False,
+                    mid_size: bool = False, device=None, dtype=None, attn_implementation=None,
+                    **shape):
+    """The model (eval mode) and its ``ImageOnlyQwen3VLProcessor``, built in memory.
 
-    With ``check`` (default) a greedy 30-token generation must give several distinct tokens.
-    ``full_size`` writes the real 2B shapes in bfloat16 instead (random weights, for GPU
-    benchmarks; no check), with the real model's image budget.
+    ``device`` builds the weights directly there (e.g. ``"cuda"``: no 4 GB round trip
+    through the disk for the full-size model); ``dtype`` defaults to bfloat16 for
+    ``full_size`` and float32 otherwise.  ``shape`` takes ``build_config``'s overrides
+    (``layers``, ``hidden_size``, ``intermediate_size``, ``vision_depth``).  The same seed
+    gives the same weights on the same device.
     """
     import torch
     from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
 
     from models.processor import ImageOnlyQwen3VLProcessor
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
     tokenizer = build_tokenizer()
-    config = build_config(tokenizer, full_size=full_size)
+    config = build_config(tokenizer, full_size=full_size, mid_size=mid_size, **shape)
+    if dtype is None:
+        dtype = torch.bfloat16 if full_size else torch.float32
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config).to(
-        torch.bfloat16 if full_size else torch.float32).eval()
+    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if device is None:
+        model = Qwen3VLForConditionalGeneration(config).to(dtype).eval()
+    else:
+        with torch.device(device):
+            model = Qwen3VLForConditionalGeneration._from_config(config, **kw).to(dtype).eval()
+    if kw and device is None:
+        model.set_attn_implementation(attn_implementation)
     eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
     model.generation_config = GenerationConfig(
         bos_token_id=pad,
@@ -455,12 +499,27 @@ def build(out_dir: str | os.PathLike, seed: int = 0, *, check: bool = True,
     )
     if check and not full_size:
         check_not_degenerate(model, tokenizer)
-    model.save_pretrained(out, safe_serialization=True)
-
     processor = ImageOnlyQwen3VLProcessor(
         image_processor=build_image_processor(*((65536, 16777216) if full_size else ())),
         tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
     )
+    return model, processor
+
+
+def build(out_dir: str | os.PathLike, seed: int = 0, *, check: bool = True,
+          full_size: bool = False, mid_size: bool = False, **shape) -> Path:
+    """Write the tiny checkpoint to ``out_dir`` and return its path.
+
+    With ``check`` (default) a greedy 30-token generation must give several distinct tokens.
+    ``full_size`` writes the real 2B shapes in bfloat16 instead (random weights, for GPU
+    benchmarks; no check), with the real model's image budget.  ``mid_size`` (and the
+    ``shape`` overrides of ``build_config``) write other float32 shapes.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, processor = build_in_memory(seed, check=check, full_size=full_size,
+                                       mid_size=mid_size, **shape)
+    model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     return out
 
@@ -472,8 +531,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-check", action="store_true", help="skip the greedy-generation sanity check")
     parser.add_argument("--full-size", action="store_true",
                         help="real Qwen3-VL-2B shapes, random bf16 weights (GPU benchmarks; ~4 GB)")
+    parser.add_argument("--mid-size", action="store_true",
+                        help="8 layers, hidden 384, ~15M parameters, context 32768 (CPU benchmarks "
+                             "where prefill compute dominates)")
+    parser.add_argument("--layers", type=int, default=None, help="text decoder layers")
+    parser.add_argument("--hidden-size", type=int, default=None, help="text hidden size")
+    parser.add_argument("--intermediate-size", type=int, default=None, help="text MLP width")
+    parser.add_argument("--vision-depth", type=int, default=None, help="vision encoder layers")
     args = parser.parse_args(argv)
-    out = build(args.out_dir, seed=args.seed, check=not args.no_check, full_size=args.full_size)
+    if args.full_size and args.mid_size:
+        parser.error("--full-size and --mid-size exclude each other")
+    shape = {k: getattr(args, k) for k in ("layers", "hidden_size", "intermediate_size",
+                                           "vision_depth") if getattr(args, k) is not None}
+    out = build(args.out_dir, seed=args.seed, check=not args.no_check, full_size=args.full_size,
+                mid_size=args.mid_size, **shape)
     print(json.dumps({"out_dir": str(out), "files": sorted(p.name for p in out.iterdir())}))
     return 0
 

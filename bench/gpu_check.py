@@ -1,0 +1,465 @@
+"""One-shot GPU check (issue 11): eager decode vs CUDA graphs on the full-size random model.
+
+    python -m bench.gpu_check [--device cuda|cpu] [--out FILE.json]
+
+Builds the model in memory (``models.tiny.build_in_memory``: the real Qwen3-VL-2B shapes,
+random weights, bf16, created directly on the GPU: nothing is written to disk), then runs the
+same workload twice through the engine itself (``server.engine.core.AsyncEngine``, requests
+via ``AsyncEngine.generate(EngineRequest(...), engine.reserve())``: no HTTP layer), once with
+``enforce_eager=True`` and once with ``enforce_eager=False``, and reports for each:
+
+* time per output token at batch 1 (one greedy request, ``ignore_eos``);
+* decode tokens/s at batch 16 and 64 with ~1k tokens of context each (counted in the window
+  where every row of the batch is decoding);
+* TTFT of one request with a 1024x1024 image at batch 1 (median of a few, a fresh image each);
+* throughput of 64 concurrent requests, each with its own 1024x1024 image;
+* peak GPU memory (``torch.cuda.max_memory_allocated``, weights included);
+* the decode path the engine reports (``engine.decode_path``: "cuda-graphs" or "eager");
+
+and one correctness line: the token ids of 8 concurrent greedy requests (text and images) with
+CUDA graphs equal those of the eager run (same dtype).  It prints a table and writes one JSON
+file (``--out``, default ``bench/results/gpu_check_<device>.json``).  The whole run is sized to
+finish within 10 minutes on an H200.
+
+``--device cpu`` runs the same code on the tiny model (float32) with a scaled-down workload
+(batches 4 and 8, ~128-token contexts, 256x256 images, a few tokens each) in well under a
+minute: the tests run it with fastapi, pydantic, pydantic-settings, xgrammar, openai and
+uvicorn blocked.  On CPU both columns run eagerly (the same static-buffer path).
+
+Carrying it to the GPU machine
+------------------------------
+The device tool copies the working tree (tracked and untracked, not ignored files) and runs
+the command in its root, so from a checkout:
+
+    run(command="python -m bench.gpu_check --out $OUT/gpu_check.json", timeout_s=600)
+
+The H200 image has torch, transformers, tokenizers, safetensors, accelerate, PIL and numpy,
+which is all this check imports: it needs no wheels brought along and no network.  It never
+imports ``server.settings`` (pydantic): the engine's settings are the defaults of the one
+settings definition, read from ``server/settings.py``'s source (``settings_defaults``), with
+the few overrides below.  Nor does the engine import xgrammar unless a request asks for a
+grammar (without it, structured output answers 400; this check sends none).  The tokenizer
+is the tiny one (trained in a second at startup); token ids past it decode to nothing, which
+does not matter for timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import asyncio
+import gc
+import json
+import platform
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ("eager", "graphs")
+
+
+# --- settings without pydantic -------------------------------------------------------
+
+def settings_defaults(path: Path = ROOT / "server" / "settings.py") -> dict:
+    """Every field of ``server.settings.Settings`` with its default, read from the source
+    (the GPU image has no pydantic): ``name: T = Field(default, ...)``,
+    ``Field(default_factory=list)`` and plain ``name: T = value``."""
+    tree = ast.parse(path.read_text())
+    consts: dict = {}
+    for node in tree.body:  # module-level constants a default may name (HUB_ID, ...)
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 \
+                and isinstance(node.targets[0], ast.Name):
+            try:
+                consts[node.targets[0].id] = _eval(node.value, consts)
+            except Exception:
+                pass
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Settings")
+    out = {}
+    for node in cls.body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and node.value is not None) or node.target.id.startswith("_") \
+                or node.target.id == "model_config":
+            continue
+        v = node.value
+        if isinstance(v, ast.Call) and getattr(v.func, "id", None) == "Field":
+            kw = {k.arg: k.value for k in v.keywords}
+            if v.args:
+                out[node.target.id] = _eval(v.args[0], consts)
+            elif "default" in kw:
+                out[node.target.id] = _eval(kw["default"], consts)
+            elif "default_factory" in kw:
+                out[node.target.id] = {"list": list, "dict": dict}[kw["default_factory"].id]()
+        else:
+            out[node.target.id] = _eval(v, consts)
+    return out
+
+
+def _eval(node: ast.AST, names: dict):
+    return eval(compile(ast.Expression(node), "<settings>", "eval"), {"__builtins__": {}},
+                dict(names))
+
+
+def engine_settings(**overrides) -> SimpleNamespace:
+    """A settings object for ``AsyncEngine``: the defaults plus ``overrides``."""
+    values = settings_defaults()
+    unknown = set(overrides) - set(values)
+    if unknown:
+        raise KeyError(f"not settings: {sorted(unknown)}")
+    return SimpleNamespace(**{**values, **overrides})
+
+
+# --- workload --------------------------------------------------------------------------
+
+@dataclass
+class Workload:
+    tpot_tokens: int            # output tokens of the batch-1 request
+    decode_batches: tuple       # batch sizes of the decode rows
+    decode_context: int         # prompt tokens of each decode row
+    decode_tokens: int          # output tokens of each decode row
+    image_size: int             # side of the square test images
+    image_ttft_reps: int        # sequential single-image requests (median TTFT)
+    image_requests: int         # concurrent image requests (throughput)
+    image_tokens: int           # output tokens of each image request
+    correctness_batch: int
+    correctness_tokens: int
+    max_model_len: int
+    max_num_seqs: int
+
+
+WORKLOADS = {
+    "cuda": Workload(tpot_tokens=256, decode_batches=(16, 64), decode_context=1024,
+                     decode_tokens=256, image_size=1024, image_ttft_reps=5, image_requests=64,
+                     image_tokens=128, correctness_batch=8, correctness_tokens=64,
+                     max_model_len=4096, max_num_seqs=64),
+    "cpu": Workload(tpot_tokens=24, decode_batches=(4, 8), decode_context=128, decode_tokens=12,
+                    image_size=256, image_ttft_reps=2, image_requests=8, image_tokens=6,
+                    correctness_batch=8, correctness_tokens=12, max_model_len=2048,
+                    max_num_seqs=16),
+}
+
+QUESTIONS = ["What colour and style is this product?", "Is this item damaged? Answer briefly.",
+             "Where is my parcel? Order 48213 was shipped on Monday.",
+             "Write a short, friendly reply to a customer asking about returns.",
+             "Read the order number on this screenshot.", "Summarise the customer's problem.",
+             "Can I exchange these shoes for a larger pair?", "你好，请问有什么可以帮您？"]
+
+
+def context_text(tokenizer, tokens: int, seed: int) -> str:
+    """Shop-support text of about ``tokens`` tokens, different for each seed."""
+    from models.tiny import corpus
+    lines = corpus()
+    rng = random.Random(seed)
+    parts, est = [], 0
+    while est < tokens * 1.3 + 50:
+        line = rng.choice(lines)
+        parts.append(line)
+        est += max(1, len(line) // 3)
+    ids = tokenizer(" ".join(parts), add_special_tokens=False)["input_ids"]
+    while len(ids) < tokens:  # the estimate fell short: double up
+        ids = ids + ids
+    return f"Ticket {seed}. " + tokenizer.decode(ids[:tokens])
+
+
+def noise_image(size: int, seed: int):
+    """A fresh random photo stand-in: noise over a gradient (no two seeds alike)."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed % 2**32)
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    base = (ramp[None, :, None] * rng.uniform(0.2, 1.0, 3)[None, None, :]
+            + ramp[:, None, None] * rng.uniform(0.0, 0.5, 3)[None, None, :])
+    img = np.clip(base * 0.6 + rng.integers(0, 100, (size, size, 3)), 0, 255).astype(np.uint8)
+    return Image.fromarray(img, "RGB")
+
+
+class Runner:
+    """Sends requests to one engine and times their events."""
+
+    def __init__(self, engine, settings, tokenizer):
+        self.engine, self.settings, self.tokenizer = engine, settings, tokenizer
+        self.n = 0
+
+    def request(self, text: str, max_tokens: int, image=None):
+        from server.engine.interface import EngineRequest, ImageInput, SamplingParams
+        self.n += 1
+        content = text if image is None else [{"type": "image"}, {"type": "text", "text": text}]
+        images = [] if image is None else [ImageInput(image, self.settings.min_pixels,
+                                                      self.settings.max_pixels)]
+        return EngineRequest(request_id=f"check-{self.n}",
+                             messages=[{"role": "user", "content": content}], images=images,
+                             params=SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                   ignore_eos=True))
+
+    async def run(self, req) -> dict:
+        t0 = time.perf_counter()
+        events, ids, prompt = [], [], 0
+        async for out in self.engine.generate(req, self.engine.reserve()):
+            if out.token_ids:
+                events.append((time.perf_counter(), len(out.token_ids)))
+                ids += out.token_ids
+            prompt = out.prompt_tokens or prompt
+        return {"t0": t0, "events": events, "ids": ids, "prompt_tokens": prompt,
+                "ttft": events[0][0] - t0 if events else None}
+
+    async def run_all(self, reqs) -> list[dict]:
+        return await asyncio.gather(*(self.run(r) for r in reqs))
+
+
+def decode_rate(results: list[dict]) -> float:
+    """Output tokens/s while every row is decoding: from the moment the last row got its
+    first token to the moment the first row got its last."""
+    start = max(r["events"][0][0] for r in results)
+    end = min(r["events"][-1][0] for r in results)
+    if end - start > 1e-3:
+        n = sum(k for r in results for t, k in r["events"] if start < t <= end)
+        if n:
+            return n / (end - start)
+    # no common window (rows joined and left apart): the whole span instead
+    start = min(r["events"][0][0] for r in results)
+    end = max(r["events"][-1][0] for r in results)
+    n = sum(k for r in results for _, k in r["events"][1:])
+    return n / max(end - start, 1e-9)
+
+
+async def measure_mode(loaded, settings, w: Workload, device: str, seed: int) -> dict:
+    """Start an engine with ``settings``, run the workload, shut it down."""
+    import torch
+
+    from server.engine.core import AsyncEngine
+
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    engine = AsyncEngine(loaded, settings)
+    startup = time.perf_counter() - t
+    tok = loaded.processor.tokenizer
+    r = Runner(engine, settings, tok)
+    res: dict = {"decode_path": getattr(engine, "decode_path", "eager"),
+                 "engine_startup_s": round(startup, 3)}
+    try:
+        # warm-up: every kind of request once (lazy initialisation, allocator, kernels)
+        await r.run_all([r.request("Hello!", 4), r.request("Hi there.", 4),
+                         r.request("What is this?", 2, noise_image(w.image_size, seed + 999))])
+
+        # 1. time per output token at batch 1 (best of two)
+        tpots = []
+        for i in range(2):
+            x = await r.run(r.request(QUESTIONS[i], w.tpot_tokens))
+            first_t, first_n = x["events"][0]
+            n = len(x["ids"]) - first_n
+            tpots.append((x["events"][-1][0] - first_t) / max(n, 1))
+        res["tpot_batch1_ms"] = 1000 * min(tpots)
+
+        # 2. decode tokens/s at each batch with ~decode_context tokens of context
+        res["decode"] = []
+        for b in w.decode_batches:
+            reqs = [r.request(context_text(tok, w.decode_context, seed + 100 * b + i),
+                              w.decode_tokens) for i in range(b)]
+            xs = await r.run_all(reqs)
+            rate = decode_rate(xs)
+            res["decode"].append({"batch": b,
+                                  "context_tokens": round(statistics.mean(
+                                      x["prompt_tokens"] for x in xs)),
+                                  "output_tokens": w.decode_tokens,
+                                  "tokens_per_s": rate, "step_ms": 1000 * b / rate})
+
+        # 3. TTFT of one image request at batch 1 (a fresh image each time: no cache helps)
+        ttfts = []
+        for i in range(w.image_ttft_reps):
+            x = await r.run(r.request("Describe this photo.", 2,
+                                      noise_image(w.image_size, seed + 2000 + i)))
+            ttfts.append(x["ttft"])
+            res["image_prompt_tokens"] = x["prompt_tokens"]
+        res["image_ttft_ms"] = 1000 * statistics.median(ttfts)
+
+        # 4. throughput: image_requests concurrent requests, one fresh image each
+        images = [noise_image(w.image_size, seed + 3000 + i) for i in range(w.image_requests)]
+        reqs = [r.request(QUESTIONS[i % len(QUESTIONS)], w.image_tokens, im)
+                for i, im in enumerate(images)]
+        t = time.perf_counter()
+        xs = await r.run_all(reqs)
+        wall = time.perf_counter() - t
+        res["image_batch"] = {
+            "requests": w.image_requests, "output_tokens": w.image_tokens,
+            "tokens_per_s": sum(len(x["ids"]) for x in xs) / wall,
+            "requests_per_s": len(xs) / wall, "wall_s": wall,
+            "ttft_p50_ms": 1000 * statistics.median(x["ttft"] for x in xs),
+            "ttft_max_ms": 1000 * max(x["ttft"] for x in xs)}
+
+        # 5. correctness material: greedy token ids of a mixed batch
+        reqs = []
+        for i in range(w.correctness_batch):
+            image = noise_image(w.image_size // 2, seed + 4000 + i) if i % 4 == 3 else None
+            text = (QUESTIONS[i % len(QUESTIONS)] if image is not None
+                    else context_text(tok, 16 + 24 * i, seed + 5000 + i))
+            reqs.append(r.request(text, w.correctness_tokens, image))
+        xs = await r.run_all(reqs)
+        res["correctness_ids"] = [x["ids"] for x in xs]
+    finally:
+        await engine.shutdown(30)
+    res["peak_gpu_memory_gib"] = (torch.cuda.max_memory_allocated() / 2**30) if cuda else None
+    del engine, r
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return res
+
+
+def compare(a: list[list[int]], b: list[list[int]]) -> dict:
+    firsts = []
+    for x, y in zip(a, b):
+        d = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), None)
+        if d is None and len(x) != len(y):
+            d = min(len(x), len(y))
+        firsts.append(d)
+    same = sum(d is None for d in firsts)
+    return {"batch": len(a), "sequences_equal": same, "equal": same == len(a) and len(a) > 0,
+            "first_divergence": firsts}
+
+
+# --- model -----------------------------------------------------------------------------
+
+def load(device: str, settings, via_loader: bool, seed: int):
+    """The ``LoadedModel`` the engine takes: the full-size model built on the GPU (or the
+    tiny one on CPU), in memory; ``via_loader`` saves it to a temporary folder and loads it
+    through ``models.loader.load_model`` instead (as the server does)."""
+    import torch
+
+    from models import tiny
+    from models.loader import LoadedModel, load_model
+    from models.processor import _set_default_budget, has_video_support
+
+    full = device == "cuda"
+    if via_loader:
+        import tempfile
+        tmp = tempfile.mkdtemp(prefix="gpu_check_model_")
+        tiny.build(tmp, seed=seed, full_size=full, check=False)
+        return load_model(SimpleNamespace(**{**vars(settings), "model_path": tmp})), tmp
+    model, processor = tiny.build_in_memory(
+        seed, check=False, full_size=full, device=device,
+        dtype=torch.bfloat16 if full else torch.float32,
+        attn_implementation=settings.attn_implementation)
+    _set_default_budget(processor, settings.min_pixels, settings.max_pixels)
+    max_len = min(settings.max_model_len, model.config.get_text_config().max_position_embeddings)
+    return LoadedModel(model=model, processor=processor, model_id="random-qwen3-vl-"
+                       + ("2b" if full else "tiny"), max_model_len=max_len,
+                       device=next(model.parameters()).device,
+                       supports_video=has_video_support()), None
+
+
+# --- report ----------------------------------------------------------------------------
+
+def rows(report: dict) -> list[tuple[str, str, str]]:
+    m = report["modes"]
+    e, g = m["eager"], m["graphs"]
+    w = report["workload"]
+    f = lambda v, d=1: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    out = [("decode path", e["decode_path"], g["decode_path"]),
+           ("engine startup s", f(e["engine_startup_s"], 2), f(g["engine_startup_s"], 2)),
+           ("ms per output token, batch 1", f(e["tpot_batch1_ms"], 2), f(g["tpot_batch1_ms"], 2))]
+    for de, dg in zip(e["decode"], g["decode"]):
+        out.append((f"decode tok/s, batch {de['batch']}, ~{de['context_tokens']} ctx",
+                    f(de["tokens_per_s"], 0), f(dg["tokens_per_s"], 0)))
+    out += [(f"TTFT ms, one {w['image_size']}px image ({e.get('image_prompt_tokens')} tok)",
+             f(e["image_ttft_ms"]), f(g["image_ttft_ms"])),
+            (f"tok/s, {w['image_requests']} concurrent {w['image_size']}px image requests",
+             f(e["image_batch"]["tokens_per_s"], 0), f(g["image_batch"]["tokens_per_s"], 0)),
+            ("  their TTFT p50 ms", f(e["image_batch"]["ttft_p50_ms"], 0),
+             f(g["image_batch"]["ttft_p50_ms"], 0)),
+            ("peak GPU memory GiB", f(e["peak_gpu_memory_gib"], 2),
+             f(g["peak_gpu_memory_gib"], 2))]
+    return out
+
+
+def table(report: dict) -> str:
+    lines = ["| | eager | graphs |", "|---|---:|---:|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows(report)]
+    c = report["correctness"]
+    lines.append("")
+    lines.append(f"correctness: graph tokens == eager tokens at batch {c['batch']} (greedy, "
+                 f"{report['dtype']}): {'PASS' if c['equal'] else 'FAIL'} "
+                 f"({c['sequences_equal']}/{c['batch']} sequences equal)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_check",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="default: cuda when available, else cpu")
+    p.add_argument("--out", default=None,
+                   help="JSON file (default bench/results/gpu_check_<device>.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--via-loader", action="store_true",
+                   help="save the model to a temporary folder and load it with models.loader "
+                        "(as the server does) instead of handing the in-memory model over")
+    args = p.parse_args(argv)
+
+    t_start = time.perf_counter()
+    import torch
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device")
+    w = WORKLOADS[device]
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    base = dict(device_map="cuda:0" if device == "cuda" else "cpu", dtype=dtype,
+                max_model_len=w.max_model_len, max_num_seqs=w.max_num_seqs,
+                log_level="warning", seed=args.seed)
+    settings = engine_settings(**base)
+    t = time.perf_counter()
+    loaded, tmp = load(device, settings, args.via_loader, args.seed)
+    build_s = time.perf_counter() - t
+    print(f"model built in {build_s:.1f} s on {loaded.device} "
+          f"({sum(q.numel() for q in loaded.model.parameters()) / 1e6:.1f}M parameters)",
+          flush=True)
+
+    modes = {}
+    for mode in MODES:
+        s = engine_settings(**base, enforce_eager=(mode == "eager"))
+        t = time.perf_counter()
+        modes[mode] = asyncio.run(measure_mode(loaded, s, w, device, args.seed))
+        print(f"{mode}: {time.perf_counter() - t:.1f} s, decode path "
+              f"{modes[mode]['decode_path']}", flush=True)
+    correctness = compare(modes["eager"].pop("correctness_ids"),
+                          modes["graphs"].pop("correctness_ids"))
+    if tmp:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    report = {
+        "device": device,
+        "device_name": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor()
+        or platform.machine(),
+        "dtype": dtype,
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "python": platform.python_version(),
+        "model": {"parameters_m": round(sum(q.numel() for q in loaded.model.parameters()) / 1e6, 1),
+                  "layers": loaded.model.config.get_text_config().num_hidden_layers,
+                  "hidden": loaded.model.config.get_text_config().hidden_size,
+                  "built_in_s": round(build_s, 2), "via_loader": args.via_loader},
+        "workload": asdict(w),
+        "modes": modes,
+        "correctness": correctness,
+        "elapsed_s": None,
+    }
+    report["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    out = Path(args.out or ROOT / "bench" / "results" / f"gpu_check_{device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print()
+    print(table(report))
+    print(f"\nelapsed {report['elapsed_s']} s; wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
