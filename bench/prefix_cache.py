@@ -20,9 +20,11 @@ requests streamed and greedy:
    between chunks in those 4 streams (from the long prompt's arrival until shortly after its
    first token) / the long prompt's TTFT (target <= 0.3).
 
-Each round uses its own system prompt (a different first line: no cache entry from an
-earlier round can help its first turn), ``--conversations`` conversations (the first is the
-cold first turn; the others are new conversations with new photos) and one long prompt.
+Each round uses its own system prompt (a different first token: no cache entry from an
+earlier round can help its first turn), ``--conversations`` conversations (the first one's
+first turn is cold; the others are new conversations with new photos), ``--cold-samples``
+cold first turns in all (the extra ones with system prompts of their own; their median is
+the round's first-turn TTFT) and one long prompt.
 Servers take turns per round, so both see the same machine load.  The ratios are medians
 over rounds.  Prints a table and the ratios and writes JSON to ``--out``.
 
@@ -114,30 +116,44 @@ async def stream(client, model: str, messages: list, max_tokens: int, *, until=N
 
 async def conversations(url: str, args, rnd: int, tok) -> dict:
     """Scenarios 1 and 2 for one round: ``args.conversations`` conversations sharing one
-    system prompt, a different photo each, two turns each."""
+    system prompt, a different photo each, two turns each; plus ``args.cold_samples - 1``
+    more cold first turns, each with a system prompt of its own (the cold TTFT of the round
+    is the median of the cold first turns: the machine is shared and noisy)."""
     from openai import AsyncOpenAI
     client = AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
     model = (await client.models.list()).data[0].id
-    system = sized_text(tok, args.system_tokens, 1000 + rnd,
-                        f"You are the support assistant of store number {rnd}. Store rules:")
-    out = []
+
+    def system(k: int) -> str:  # differs from its first token on: shares no cache block
+        return sized_text(tok, args.system_tokens, 1000 * (rnd + 2) + k,
+                          f"{rnd}-{k}: you are the support assistant of this store. Rules:")
+
+    def photo(c: int) -> dict:
+        return {"type": "image_url",
+                "image_url": {"url": photo_url(10_000 * (rnd + 2) + c, args.image_size)}}
+
+    out, colds = [], []
     for c in range(args.conversations):
-        photo = {"type": "image_url",
-                 "image_url": {"url": photo_url(10_000 * rnd + c, args.image_size)}}
         q1, q2 = QUESTIONS_1[c % len(QUESTIONS_1)], QUESTIONS_2[c % len(QUESTIONS_2)]
-        msgs = [{"role": "system", "content": system},
-                {"role": "user", "content": [photo, {"type": "text", "text": q1}]}]
+        msgs = [{"role": "system", "content": system(0)},
+                {"role": "user", "content": [photo(c), {"type": "text", "text": q1}]}]
         first = await stream(client, model, msgs, args.answer_tokens)
         msgs += [{"role": "assistant", "content": first["text"] or "(no answer)"},
                  {"role": "user", "content": q2}]
         follow = await stream(client, model, msgs, args.probe_tokens)
         out.append({k: {f: r[f] for f in ("ttft", "prompt_tokens", "cached_tokens")}
                     for k, r in (("first_turn", first), ("follow_up", follow))})
+        if c == 0:
+            colds.append(first["ttft"])
+    for k in range(1, args.cold_samples):
+        msgs = [{"role": "system", "content": system(k)},
+                {"role": "user", "content": [photo(100 + k),
+                                             {"type": "text", "text": QUESTIONS_1[0]}]}]
+        colds.append((await stream(client, model, msgs, args.probe_tokens))["ttft"])
     await client.close()
-    cold = out[0]["first_turn"]["ttft"]
+    cold = statistics.median(colds)
     new = [c["first_turn"]["ttft"] for c in out[1:]]
     fol = [c["follow_up"]["ttft"] for c in out]
-    return {"conversations": out, "first_turn_ttft_s": cold,
+    return {"conversations": out, "cold_first_turns_s": colds, "first_turn_ttft_s": cold,
             "follow_up_ttft_s": statistics.median(fol),
             "new_conversation_ttft_s": statistics.median(new) if new else None,
             "follow_up_ratio": statistics.median(fol) / cold,
@@ -213,9 +229,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server-args", default=DEFAULT_SERVER_ARGS, help="flags for every server")
     p.add_argument("--after-args", default="",
                    help="flags for this checkout's server only (e.g. --max-prefill-chunk 512)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--conversations", type=int, default=3,
                    help="per round: the first is the cold one, the others new conversations")
+    p.add_argument("--cold-samples", type=int, default=2,
+                   help="cold first turns per round (each with its own system prompt)")
     p.add_argument("--system-tokens", type=int, default=2200)
     p.add_argument("--image-size", type=int, default=448)
     p.add_argument("--answer-tokens", type=int, default=32, help="first-turn answer length")
@@ -231,8 +249,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds the streams are watched after the long prompt's first token")
     p.add_argument("--out", default="bench/results/prefix_cache.json")
     args = p.parse_args(argv)
-    if args.conversations < 1 or args.rounds < 1 or args.streams < 1:
-        p.error("--rounds, --conversations and --streams must be at least 1")
+    if min(args.conversations, args.rounds, args.streams, args.cold_samples) < 1:
+        p.error("--rounds, --conversations, --cold-samples and --streams must be at least 1")
     return args
 
 
@@ -246,7 +264,7 @@ def summarise(label: str, rounds: list[dict]) -> dict:
             "follow_up_ratio": med("follow_up_ratio"),
             "new_conversation_ratio": med("new_conversation_ratio") if have_new else None,
             "gap_ratio": med("gap_ratio"),
-            "system_prompt_tokens": rounds[0]["conversations"][0]["first_turn"]["prompt_tokens"],
+            "first_turn_prompt_tokens": rounds[0]["conversations"][0]["first_turn"]["prompt_tokens"],
             "follow_up_prompt_tokens": rounds[0]["conversations"][0]["follow_up"]["prompt_tokens"],
             "follow_up_cached_tokens": rounds[0]["conversations"][0]["follow_up"]["cached_tokens"],
             "long_prompt_tokens": rounds[0]["long_prompt_tokens"]}
@@ -286,8 +304,8 @@ def main(argv: list[str] | None = None) -> dict:
             servers[label] = start_server(model, "batching", flags, root=root)
         for label, (_, url) in servers.items():  # warm-up: nothing the rounds reuse
             asyncio.run(conversations(url, argparse.Namespace(**{
-                **vars(args), "conversations": 1, "system_tokens": 64, "image_size": 128,
-                "answer_tokens": 4}), -1, tok))
+                **vars(args), "conversations": 1, "cold_samples": 1, "system_tokens": 64,
+                "image_size": 128, "answer_tokens": 4}), -1, tok))
         for rnd in range(args.rounds):
             for label, (_, url) in servers.items():
                 res = asyncio.run(conversations(url, args, rnd, tok))

@@ -1,0 +1,167 @@
+"""The benchmarks of issues 11 and 12 run end to end on CPU, so they are known to work before
+anyone spends GPU time (or ten minutes) on them.
+
+* ``bench.gpu_check --device cpu`` runs in a subprocess where fastapi, pydantic,
+  pydantic-settings, xgrammar, openai and uvicorn cannot be imported (as on the H200 image)
+  and writes every field of its report, with a passing correctness line.
+* ``bench.prefix_cache`` runs its whole workload, scaled down, against the tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCKED = ("fastapi", "pydantic", "pydantic_settings", "xgrammar", "openai", "uvicorn")
+
+# runs bench.gpu_check as __main__ behind a finder that refuses the server-only packages
+WRAPPER = textwrap.dedent(f"""
+    import json, runpy, sys
+    BLOCKED = {BLOCKED!r}
+    tried = set()
+
+    class Blocker:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                tried.add(name)
+                raise ModuleNotFoundError(f"No module named {{name!r}} (blocked)", name=name)
+            return None
+
+    sys.meta_path.insert(0, Blocker())
+    sys.argv = ["bench.gpu_check"] + sys.argv[1:]
+    try:
+        runpy.run_module("bench.gpu_check", run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+    finally:
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+        print("BLOCKED-REPORT " + json.dumps({{"tried": sorted(tried), "loaded": loaded}}))
+""")
+
+MODE_FIELDS = {"decode_path", "engine_startup_s", "tpot_batch1_ms", "decode", "image_ttft_ms",
+               "image_prompt_tokens", "image_batch", "peak_gpu_memory_gib"}
+
+
+def test_gpu_check_cpu_without_server_packages(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", WRAPPER, "--device", "cpu", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+    took = time.perf_counter() - t0
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    report_line = next(line for line in r.stdout.splitlines() if line.startswith("BLOCKED-REPORT"))
+    blocked = json.loads(report_line.split(" ", 1)[1])
+    assert blocked["loaded"] == [], blocked
+
+    rep = json.loads(out.read_text())
+    assert set(rep) >= {"device", "device_name", "dtype", "torch", "transformers", "python",
+                        "model", "workload", "modes", "correctness", "elapsed_s"}
+    assert rep["device"] == "cpu" and rep["dtype"] == "float32"
+    assert set(rep["modes"]) == {"eager", "graphs"}
+    for mode in rep["modes"].values():
+        assert set(mode) == MODE_FIELDS, mode.keys()
+        assert mode["decode_path"] == "eager"  # no CUDA graphs on CPU
+        assert mode["peak_gpu_memory_gib"] is None
+        assert mode["tpot_batch1_ms"] > 0 and mode["image_ttft_ms"] > 0
+        assert [d["batch"] for d in mode["decode"]] == list(rep["workload"]["decode_batches"])
+        for d in mode["decode"]:
+            assert set(d) == {"batch", "context_tokens", "output_tokens", "tokens_per_s", "step_ms"}
+            assert d["tokens_per_s"] > 0 and d["context_tokens"] >= rep["workload"]["decode_context"]
+        assert set(mode["image_batch"]) == {"requests", "output_tokens", "tokens_per_s",
+                                            "requests_per_s", "wall_s", "ttft_p50_ms",
+                                            "ttft_max_ms"}
+    c = rep["correctness"]
+    assert c == {"batch": 8, "sequences_equal": 8, "equal": True, "first_divergence": [None] * 8}
+    # the table, as on a GPU
+    assert "| decode path | eager | eager |" in r.stdout
+    assert "correctness: graph tokens == eager tokens at batch 8 (greedy, float32): PASS" in r.stdout
+    print(f"gpu_check --device cpu took {took:.1f} s (report: {rep['elapsed_s']} s)")
+
+
+def test_settings_defaults_without_pydantic_match_settings():
+    from bench.gpu_check import engine_settings, settings_defaults
+    from server.settings import Settings
+
+    expected = {n: f.get_default(call_default_factory=True) for n, f in Settings.model_fields.items()}
+    assert settings_defaults() == expected
+    assert expected["enforce_eager"] is False
+    s = engine_settings(enforce_eager=True, max_num_seqs=4)
+    assert s.enforce_eager is True and s.max_num_seqs == 4 and s.max_model_len == 32768
+    with pytest.raises(KeyError):
+        engine_settings(no_such_setting=1)
+
+
+def test_enforce_eager_flag():
+    from server.settings import Settings
+
+    assert Settings.load([]).enforce_eager is False
+    assert Settings.load(["--enforce-eager"]).enforce_eager is True
+
+
+def test_mid_size_shapes():
+    from models.tiny import build_config, build_tokenizer
+
+    tok = build_tokenizer()
+    mid = build_config(tok, mid_size=True)
+    assert (mid.text_config.num_hidden_layers, mid.text_config.hidden_size) == (8, 384)
+    assert mid.vision_config.out_hidden_size == 384
+    assert mid.text_config.max_position_embeddings >= 8192
+    custom = build_config(tok, layers=3, hidden_size=96, vision_depth=1)
+    assert (custom.text_config.num_hidden_layers, custom.text_config.hidden_size) == (3, 96)
+    assert custom.vision_config.out_hidden_size == 96 and custom.vision_config.depth == 1
+    assert custom.vision_config.deepstack_visual_indexes == [0]
+    tiny = build_config(tok)
+    assert (tiny.text_config.num_hidden_layers, tiny.text_config.hidden_size) == (2, 64)
+
+
+def test_longest_gap():
+    from bench.prefix_cache import longest_gap
+
+    times = [0.0, 0.1, 0.2, 1.5, 1.6, 1.7, 3.0]
+    assert longest_gap(times, 0.25, 2.0) == pytest.approx(1.3)  # 0.2 -> 1.5 spans the send
+    assert longest_gap(times, 1.55, 1.65) == pytest.approx(0.1)
+    assert longest_gap(times, 1.75, 2.5) == pytest.approx(1.3)  # 1.7 -> 3.0 crosses the end
+    assert longest_gap([], 1.0, 2.0) == pytest.approx(1.0)      # silent stream
+
+
+def test_prefix_cache_args():
+    from bench.prefix_cache import DEFAULT_SERVER_ARGS, parse_args
+
+    a = parse_args([])
+    assert a.system_tokens >= 2000 and a.long_tokens >= 6000 and a.streams == 4
+    assert a.image_size == 448 and a.label == "after" and a.before is None
+    assert "--max-model-len 8192" in DEFAULT_SERVER_ARGS
+    a = parse_args(["--before", "/tmp/x", "--after-args", "--max-prefill-chunk 512"])
+    assert a.before == "/tmp/x" and a.after_args.split() == ["--max-prefill-chunk", "512"]
+
+
+def test_prefix_cache_reduced_run(tiny_model, tmp_path):
+    """The whole prefix-cache workload, scaled down, against the tiny model."""
+    from bench.prefix_cache import main
+
+    out = tmp_path / "pc.json"
+    rep = main(["--model-path", tiny_model, "--rounds", "1", "--conversations", "2",
+                "--system-tokens", "300", "--long-tokens", "600", "--image-size", "128",
+                "--answer-tokens", "6", "--warm-s", "0.3", "--after-s", "0.3",
+                "--server-args", "--max-model-len 4096 --max-num-seqs 8", "--out", str(out)])
+    assert json.loads(out.read_text())["summary"] == rep["summary"]
+    s = rep["summary"]["after"]
+    for key in ("first_turn_ttft_s", "follow_up_ttft_s", "new_conversation_ttft_s",
+                "long_ttft_s", "longest_gap_s", "follow_up_ratio", "new_conversation_ratio",
+                "gap_ratio"):
+        assert math.isfinite(s[key]) and s[key] > 0, key
+    assert s["first_turn_prompt_tokens"] >= 300 and s["long_prompt_tokens"] >= 600
+    assert s["follow_up_prompt_tokens"] > s["first_turn_prompt_tokens"]
+    assert len(rep["rounds"]["after"][0]["cold_first_turns_s"]) == 2
+    assert rep["rounds"]["after"][0]["streams_finished_before_long_first_token"] == 0
