@@ -48,6 +48,8 @@ from __future__ import annotations
 import argparse
 import ast
 import asyncio
+import builtins
+import functools
 import gc
 import json
 import platform
@@ -85,22 +87,33 @@ def settings_defaults(path: Path = ROOT / "server" / "settings.py") -> dict:
                 and node.value is not None) or node.target.id.startswith("_") \
                 or node.target.id == "model_config":
             continue
-        v = node.value
-        if isinstance(v, ast.Call) and getattr(v.func, "id", None) == "Field":
-            kw = {k.arg: k.value for k in v.keywords}
-            if v.args:
-                out[node.target.id] = _eval(v.args[0], consts)
-            elif "default" in kw:
-                out[node.target.id] = _eval(kw["default"], consts)
-            elif "default_factory" in kw:
-                out[node.target.id] = {"list": list, "dict": dict}[kw["default_factory"].id]()
-        else:
-            out[node.target.id] = _eval(v, consts)
+        v, name = node.value, node.target.id
+        try:
+            if isinstance(v, ast.Call) and getattr(v.func, "id", None) == "Field":
+                kw = {k.arg: k.value for k in v.keywords}
+                if v.args:
+                    out[name] = _eval(v.args[0], consts)
+                elif "default" in kw:
+                    out[name] = _eval(kw["default"], consts)
+                elif "default_factory" in kw:
+                    out[name] = _eval(kw["default_factory"], consts)()
+                else:  # required: no default
+                    out[name] = None
+            else:
+                out[name] = _eval(v, consts)
+        except Exception as exc:  # a default this reader cannot evaluate: say so, go on
+            print(f"settings_defaults: {name}: cannot evaluate its default ({exc!r}); "
+                  "using None", file=sys.stderr)
+            out[name] = None
     return out
 
 
+_SAFE = {n: getattr(builtins, n) for n in ("list", "dict", "set", "tuple", "int", "float",
+                                            "str", "bool", "min", "max", "len")}
+
+
 def _eval(node: ast.AST, names: dict):
-    return eval(compile(ast.Expression(node), "<settings>", "eval"), {"__builtins__": {}},
+    return eval(compile(ast.Expression(node), "<settings>", "eval"), {"__builtins__": _SAFE},
                 dict(names))
 
 
@@ -165,6 +178,7 @@ def context_text(tokenizer, tokens: int, seed: int) -> str:
     return f"Ticket {seed}. " + tokenizer.decode(ids[:tokens])
 
 
+@functools.lru_cache(maxsize=256)
 def noise_image(size: int, seed: int):
     """A fresh random photo stand-in: noise over a gradient (no two seeds alike)."""
     import numpy as np
@@ -367,7 +381,7 @@ def rows(report: dict) -> list[tuple[str, str, str]]:
     for de, dg in zip(e["decode"], g["decode"]):
         out.append((f"decode tok/s, batch {de['batch']}, ~{de['context_tokens']} ctx",
                     f(de["tokens_per_s"], 0), f(dg["tokens_per_s"], 0)))
-    out += [(f"TTFT ms, one {w['image_size']}px image ({e.get('image_prompt_tokens')} tok)",
+    out += [(f"TTFT ms, one {w['image_size']}px image ({e.get('image_prompt_tokens')} prompt tok)",
              f(e["image_ttft_ms"]), f(g["image_ttft_ms"])),
             (f"tok/s, {w['image_requests']} concurrent {w['image_size']}px image requests",
              f(e["image_batch"]["tokens_per_s"], 0), f(g["image_batch"]["tokens_per_s"], 0)),
