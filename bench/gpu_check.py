@@ -248,8 +248,11 @@ def decode_rate(results: list[dict]) -> float:
     return n / max(end - start, 1e-9)
 
 
-async def measure_mode(loaded, settings, w: Workload, device: str, seed: int) -> dict:
-    """Start an engine with ``settings``, run the workload, shut it down."""
+async def measure_mode(loaded, settings, w: Workload, device: str, seed: int,
+                       res: dict, note=lambda msg: None) -> dict:
+    """Start an engine with ``settings``, run the workload into ``res`` (filled as it goes:
+    what was measured survives a later failure), shut the engine down.  ``note(msg)`` is
+    called after each part."""
     import torch
 
     from server.engine.core import AsyncEngine
@@ -263,8 +266,9 @@ async def measure_mode(loaded, settings, w: Workload, device: str, seed: int) ->
     startup = time.perf_counter() - t
     tok = loaded.processor.tokenizer
     r = Runner(engine, settings, tok)
-    res: dict = {"decode_path": getattr(engine, "decode_path", "eager"),
-                 "engine_startup_s": round(startup, 3)}
+    res.update({"decode_path": getattr(engine, "decode_path", "eager"),
+                "engine_startup_s": round(startup, 3)})
+    note(f"engine started in {startup:.1f} s, decode path {res['decode_path']}")
     try:
         # warm-up: every kind of request once (lazy initialisation, allocator, kernels)
         await r.run_all([r.request("Hello!", 4), r.request("Hi there.", 4),
@@ -278,6 +282,7 @@ async def measure_mode(loaded, settings, w: Workload, device: str, seed: int) ->
             n = len(x["ids"]) - first_n
             tpots.append((x["events"][-1][0] - first_t) / max(n, 1))
         res["tpot_batch1_ms"] = 1000 * min(tpots)
+        note(f"{res['tpot_batch1_ms']:.2f} ms per output token at batch 1")
 
         # 2. decode tokens/s at each batch with ~decode_context tokens of context
         res["decode"] = []
@@ -291,6 +296,7 @@ async def measure_mode(loaded, settings, w: Workload, device: str, seed: int) ->
                                       x["prompt_tokens"] for x in xs)),
                                   "output_tokens": w.decode_tokens,
                                   "tokens_per_s": rate, "step_ms": 1000 * b / rate})
+            note(f"decode at batch {b}: {rate:.0f} tok/s")
 
         # 3. TTFT of one image request at batch 1 (a fresh image each time: no cache helps)
         ttfts = []
@@ -300,6 +306,7 @@ async def measure_mode(loaded, settings, w: Workload, device: str, seed: int) ->
             ttfts.append(x["ttft"])
             res["image_prompt_tokens"] = x["prompt_tokens"]
         res["image_ttft_ms"] = 1000 * statistics.median(ttfts)
+        note(f"image TTFT {res['image_ttft_ms']:.1f} ms")
 
         # 4. throughput: image_requests concurrent requests, one fresh image each
         images = [noise_image(w.image_size, seed + 3000 + i) for i in range(w.image_requests)]
@@ -314,6 +321,8 @@ async def measure_mode(loaded, settings, w: Workload, device: str, seed: int) ->
             "requests_per_s": len(xs) / wall, "wall_s": wall,
             "ttft_p50_ms": 1000 * statistics.median(x["ttft"] for x in xs),
             "ttft_max_ms": 1000 * max(x["ttft"] for x in xs)}
+        note(f"{w.image_requests} image requests: "
+             f"{res['image_batch']['tokens_per_s']:.0f} tok/s")
 
         # 5. correctness material: greedy token ids of a batch of 8 text prompts of one
         # length (no padding, whichever steps admit them: in bf16 a different grouping
@@ -322,13 +331,14 @@ async def measure_mode(loaded, settings, w: Workload, device: str, seed: int) ->
                 for i in range(w.correctness_batch)]
         xs = await r.run_all(reqs)
         res["correctness_ids"] = [x["ids"] for x in xs]
+        note("correctness batch done")
     finally:
+        res["peak_gpu_memory_gib"] = (torch.cuda.max_memory_allocated() / 2**30) if cuda else None
         await engine.shutdown(30)
-    res["peak_gpu_memory_gib"] = (torch.cuda.max_memory_allocated() / 2**30) if cuda else None
-    del engine, r
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
+        del engine, r
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
     return res
 
 
@@ -377,24 +387,36 @@ def load(device: str, settings, via_loader: bool, seed: int):
 # --- report ----------------------------------------------------------------------------
 
 def rows(report: dict) -> list[tuple[str, str, str]]:
-    m = report["modes"]
-    e, g = m["eager"], m["graphs"]
+    """The table's rows; a part that failed or did not run shows as "-"."""
     w = report["workload"]
-    f = lambda v, d=1: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
-    out = [("decode path", e["decode_path"], g["decode_path"]),
-           ("engine startup s", f(e["engine_startup_s"], 2), f(g["engine_startup_s"], 2)),
-           ("ms per output token, batch 1", f(e["tpot_batch1_ms"], 2), f(g["tpot_batch1_ms"], 2))]
-    for de, dg in zip(e["decode"], g["decode"]):
-        out.append((f"decode tok/s, batch {de['batch']}, ~{de['context_tokens']} ctx",
-                    f(de["tokens_per_s"], 0), f(dg["tokens_per_s"], 0)))
-    out += [(f"TTFT ms, one {w['image_size']}px image ({e.get('image_prompt_tokens')} prompt tok)",
-             f(e["image_ttft_ms"]), f(g["image_ttft_ms"])),
+    e, g = (report["modes"].get(m, {}) for m in MODES)
+
+    def f(mode: dict, *path, d: int = 1) -> str:
+        v = mode
+        for k in path:
+            v = v.get(k) if isinstance(v, dict) else (v[k] if isinstance(v, list)
+                                                     and k < len(v) else None)
+        return "-" if v is None else v if isinstance(v, str) else f"{v:.{d}f}"
+
+    out = [("decode path", f(e, "decode_path"), f(g, "decode_path")),
+           ("engine startup s", f(e, "engine_startup_s", d=2), f(g, "engine_startup_s", d=2)),
+           ("ms per output token, batch 1", f(e, "tpot_batch1_ms", d=2),
+            f(g, "tpot_batch1_ms", d=2))]
+    for i, b in enumerate(w["decode_batches"]):
+        out.append((f"decode tok/s, batch {b}, ~{w['decode_context']} ctx",
+                    f(e, "decode", i, "tokens_per_s", d=0), f(g, "decode", i, "tokens_per_s", d=0)))
+    tokens = e.get("image_prompt_tokens") or g.get("image_prompt_tokens")
+    out += [(f"TTFT ms, one {w['image_size']}px image ({tokens} prompt tok)",
+             f(e, "image_ttft_ms"), f(g, "image_ttft_ms")),
             (f"tok/s, {w['image_requests']} concurrent {w['image_size']}px image requests",
-             f(e["image_batch"]["tokens_per_s"], 0), f(g["image_batch"]["tokens_per_s"], 0)),
-            ("  their TTFT p50 ms", f(e["image_batch"]["ttft_p50_ms"], 0),
-             f(g["image_batch"]["ttft_p50_ms"], 0)),
-            ("peak GPU memory GiB", f(e["peak_gpu_memory_gib"], 2),
-             f(g["peak_gpu_memory_gib"], 2))]
+             f(e, "image_batch", "tokens_per_s", d=0), f(g, "image_batch", "tokens_per_s", d=0)),
+            ("  their TTFT p50 ms", f(e, "image_batch", "ttft_p50_ms", d=0),
+             f(g, "image_batch", "ttft_p50_ms", d=0)),
+            ("peak GPU memory GiB", f(e, "peak_gpu_memory_gib", d=2),
+             f(g, "peak_gpu_memory_gib", d=2))]
+    for name, m in zip(MODES, (e, g)):
+        if m.get("error"):
+            out.append((f"{name} FAILED", m["error"][:80], ""))
     return out
 
 
@@ -403,9 +425,12 @@ def table(report: dict) -> str:
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows(report)]
     c = report["correctness"]
     lines.append("")
-    lines.append(f"correctness: graph tokens == eager tokens at batch {c['batch']} (greedy, "
-                 f"{report['dtype']}): {'PASS' if c['equal'] else 'FAIL'} "
-                 f"({c['sequences_equal']}/{c['batch']} sequences equal)")
+    if c is None:
+        lines.append("correctness: not measured (a mode failed)")
+    else:
+        lines.append(f"correctness: graph tokens == eager tokens at batch {c['batch']} (greedy, "
+                     f"{report['dtype']}): {'PASS' if c['equal'] else 'FAIL'} "
+                     f"({c['sequences_equal']}/{c['batch']} sequences equal)")
     return "\n".join(lines)
 
 
@@ -441,23 +466,12 @@ def main(argv: list[str] | None = None) -> int:
           f"({sum(q.numel() for q in loaded.model.parameters()) / 1e6:.1f}M parameters)",
           flush=True)
 
-    modes = {}
-    for mode in MODES:
-        s = engine_settings(**base, enforce_eager=(mode == "eager"))
-        t = time.perf_counter()
-        modes[mode] = asyncio.run(measure_mode(loaded, s, w, device, args.seed))
-        print(f"{mode}: {time.perf_counter() - t:.1f} s, decode path "
-              f"{modes[mode]['decode_path']}", flush=True)
-    correctness = compare(modes["eager"].pop("correctness_ids"),
-                          modes["graphs"].pop("correctness_ids"))
-    if tmp:
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-
+    out = Path(args.out or ROOT / "bench" / "results" / f"gpu_check_{device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "device": device,
-        "device_name": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor()
-        or platform.machine(),
+        "device_name": (torch.cuda.get_device_name(0) if device == "cuda"
+                        else platform.processor() or platform.machine()),
         "dtype": dtype,
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
@@ -467,18 +481,47 @@ def main(argv: list[str] | None = None) -> int:
                   "hidden": loaded.model.config.get_text_config().hidden_size,
                   "built_in_s": round(build_s, 2), "via_loader": args.via_loader},
         "workload": asdict(w),
-        "modes": modes,
-        "correctness": correctness,
+        "modes": {},
+        "correctness": None,
+        "complete": False,
         "elapsed_s": None,
     }
-    report["elapsed_s"] = round(time.perf_counter() - t_start, 1)
-    out = Path(args.out or ROOT / "bench" / "results" / f"gpu_check_{device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+
+    def save():  # after every part: a run cut short still leaves what it measured
+        report["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+        public = {**report, "modes": {m: {k: v for k, v in r.items() if k != "correctness_ids"}
+                                      for m, r in report["modes"].items()}}
+        out.write_text(json.dumps(public, indent=2))
+
+    ids = {}
+    for mode in MODES:
+        s = engine_settings(**base, enforce_eager=(mode == "eager"))
+        res = report["modes"][mode] = {}
+        t = time.perf_counter()
+
+        def note(msg, mode=mode):
+            print(f"  [{time.perf_counter() - t_start:6.1f} s] {mode}: {msg}", flush=True)
+            save()
+        try:
+            asyncio.run(measure_mode(loaded, s, w, device, args.seed, res, note))
+        except Exception as exc:  # report it, and still run the other mode
+            import traceback
+            traceback.print_exc()
+            res["error"] = repr(exc)
+        ids[mode] = res.pop("correctness_ids", None)
+        print(f"{mode}: {time.perf_counter() - t:.1f} s", flush=True)
+        save()
+    if ids["eager"] is not None and ids["graphs"] is not None:
+        report["correctness"] = compare(ids["eager"], ids["graphs"])
+    report["complete"] = all("error" not in r for r in report["modes"].values())
+    if tmp:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    save()
     print()
     print(table(report))
     print(f"\nelapsed {report['elapsed_s']} s; wrote {out}")
-    return 0
+    return 0 if report["complete"] else 1
 
 
 if __name__ == "__main__":

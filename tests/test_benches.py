@@ -66,7 +66,8 @@ def test_gpu_check_cpu_without_server_packages(tmp_path):
 
     rep = json.loads(out.read_text())
     assert set(rep) >= {"device", "device_name", "dtype", "torch", "transformers", "python",
-                        "model", "workload", "modes", "correctness", "elapsed_s"}
+                        "model", "workload", "modes", "correctness", "complete", "elapsed_s"}
+    assert rep["complete"] is True
     assert rep["device"] == "cpu" and rep["dtype"] == "float32"
     assert set(rep["modes"]) == {"eager", "graphs"}
     for mode in rep["modes"].values():
