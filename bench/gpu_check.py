@@ -25,6 +25,11 @@ whole run is sized to finish within 10 minutes on an H200.
 (batches 4 and 8, ~128-token contexts, 256x256 images, a few tokens each) in well under a
 minute: the tests run it with fastapi, pydantic, pydantic-settings, xgrammar, openai and
 uvicorn blocked.  On CPU both columns run eagerly (the same static-buffer path).
+``--device cpu --workload cuda`` runs the GPU's full request mix on the tiny model (about a
+minute and a half here): a dry run of the GPU workload's sizes.  A part that fails is
+reported (``"error"`` in its mode, ``"complete": false``, exit status 1) and the other mode
+still runs; the JSON is rewritten after every part, so a run cut short keeps what it
+measured.
 
 Carrying it to the GPU machine
 ------------------------------
@@ -232,20 +237,20 @@ class Runner:
         return await asyncio.gather(*(self.run(r) for r in reqs))
 
 
-def decode_rate(results: list[dict]) -> float:
+def decode_rate(results: list[dict]) -> tuple[float, float]:
     """Output tokens/s while every row is decoding: from the moment the last row got its
-    first token to the moment the first row got its last."""
+    first token to the moment the first row got its last; and that window's length in s
+    (0.0: the rows never all decoded at once, and the rate is over the whole span)."""
     start = max(r["events"][0][0] for r in results)
     end = min(r["events"][-1][0] for r in results)
     if end - start > 1e-3:
         n = sum(k for r in results for t, k in r["events"] if start < t <= end)
         if n:
-            return n / (end - start)
-    # no common window (rows joined and left apart): the whole span instead
+            return n / (end - start), end - start
     start = min(r["events"][0][0] for r in results)
     end = max(r["events"][-1][0] for r in results)
     n = sum(k for r in results for _, k in r["events"][1:])
-    return n / max(end - start, 1e-9)
+    return n / max(end - start, 1e-9), 0.0
 
 
 async def measure_mode(loaded, settings, w: Workload, device: str, seed: int,
@@ -290,12 +295,13 @@ async def measure_mode(loaded, settings, w: Workload, device: str, seed: int,
             reqs = [r.request(context_text(tok, w.decode_context, seed + 100 * b + i),
                               w.decode_tokens) for i in range(b)]
             xs = await r.run_all(reqs)
-            rate = decode_rate(xs)
+            rate, window = decode_rate(xs)
             res["decode"].append({"batch": b,
                                   "context_tokens": round(statistics.mean(
                                       x["prompt_tokens"] for x in xs)),
                                   "output_tokens": w.decode_tokens,
-                                  "tokens_per_s": rate, "step_ms": 1000 * b / rate})
+                                  "tokens_per_s": rate, "step_ms": 1000 * b / rate,
+                                  "window_s": window})
             note(f"decode at batch {b}: {rate:.0f} tok/s")
 
         # 3. TTFT of one image request at batch 1 (a fresh image each time: no cache helps)
@@ -442,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="default: cuda when available, else cpu")
     p.add_argument("--out", default=None,
                    help="JSON file (default bench/results/gpu_check_<device>.json)")
+    p.add_argument("--workload", choices=tuple(WORKLOADS), default=None,
+                   help="the workload's sizes (default: the device's); --device cpu "
+                        "--workload cuda runs the GPU's request mix on the tiny model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--via-loader", action="store_true",
                    help="save the model to a temporary folder and load it with models.loader "
@@ -453,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device")
-    w = WORKLOADS[device]
+    w = WORKLOADS[args.workload or device]
     dtype = "bfloat16" if device == "cuda" else "float32"
     base = dict(device_map="cuda:0" if device == "cuda" else "cpu", dtype=dtype,
                 max_model_len=w.max_model_len, max_num_seqs=w.max_num_seqs,

@@ -77,7 +77,8 @@ def test_gpu_check_cpu_without_server_packages(tmp_path):
         assert mode["tpot_batch1_ms"] > 0 and mode["image_ttft_ms"] > 0
         assert [d["batch"] for d in mode["decode"]] == list(rep["workload"]["decode_batches"])
         for d in mode["decode"]:
-            assert set(d) == {"batch", "context_tokens", "output_tokens", "tokens_per_s", "step_ms"}
+            assert set(d) == {"batch", "context_tokens", "output_tokens", "tokens_per_s", "step_ms",
+                              "window_s"}
             assert d["tokens_per_s"] > 0 and d["context_tokens"] >= rep["workload"]["decode_context"]
         assert set(mode["image_batch"]) == {"requests", "output_tokens", "tokens_per_s",
                                             "requests_per_s", "wall_s", "ttft_p50_ms",
@@ -166,3 +167,17 @@ def test_prefix_cache_reduced_run(tiny_model, tmp_path):
     assert s["follow_up_prompt_tokens"] > s["first_turn_prompt_tokens"]
     assert len(rep["rounds"]["after"][0]["cold_first_turns_s"]) == 2
     assert rep["rounds"]["after"][0]["streams_finished_before_long_first_token"] == 0
+
+
+def test_decode_rate_window():
+    from bench.gpu_check import decode_rate
+
+    # two rows: one starts at 0, the other at 1; both emit one token per 0.1 s until 3 / 4
+    a = {"events": [(round(0.1 * i, 1), 1) for i in range(0, 31)]}
+    b = {"events": [(round(1 + 0.1 * i, 1), 1) for i in range(0, 31)]}
+    rate, window = decode_rate([a, b])
+    assert window == pytest.approx(2.0) and rate == pytest.approx(20, rel=0.06)
+    # rows that never decode together: the whole span instead, window 0
+    c = {"events": [(5.0 + 0.1 * i, 1) for i in range(11)]}
+    rate, window = decode_rate([a, c])
+    assert window == 0.0 and rate > 0
