@@ -249,6 +249,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds the streams are watched after the long prompt's first token")
     p.add_argument("--out", default="bench/results/prefix_cache.json")
     args = p.parse_args(argv)
+    if args.before and args.label == "before":
+        p.error("--label before is taken by the --before checkout's server")
     if min(args.conversations, args.rounds, args.streams, args.cold_samples) < 1:
         p.error("--rounds, --conversations, --cold-samples and --streams must be at least 1")
     return args
