@@ -30,7 +30,8 @@ over rounds.  Prints a table and the ratios and writes JSON to ``--out``.
 
 ``--server-args`` go to every server (they set ``--max-model-len 8192`` so the 6k prompt
 fits); ``--after-args`` only to this checkout's server (flags such as
-``--max-prefill-chunk N`` or ``--no-prefix-cache`` that an older server does not know).
+``--max-prefill-chunk N`` or ``--no-prefix-cache`` that an older server does not know; a
+single flag goes as ``--after-args=--no-prefix-cache``, or argparse takes it for an option).
 """
 
 from __future__ import annotations
@@ -228,7 +229,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label", default="after", help="the name of this checkout's server")
     p.add_argument("--server-args", default=DEFAULT_SERVER_ARGS, help="flags for every server")
     p.add_argument("--after-args", default="",
-                   help="flags for this checkout's server only (e.g. --max-prefill-chunk 512)")
+                   help="flags for this checkout's server only, e.g. \"--max-prefill-chunk "
+                        "512\" (one flag alone: --after-args=--no-prefix-cache)")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--conversations", type=int, default=3,
                    help="per round: the first is the cold one, the others new conversations")

@@ -162,6 +162,9 @@ def test_prefix_cache_args():
     assert "--max-model-len 8192" in DEFAULT_SERVER_ARGS
     a = parse_args(["--before", "/tmp/x", "--after-args", "--max-prefill-chunk 512"])
     assert a.before == "/tmp/x" and a.after_args.split() == ["--max-prefill-chunk", "512"]
+    assert parse_args(["--after-args=--no-prefix-cache"]).after_args == "--no-prefix-cache"
+    with pytest.raises(SystemExit):
+        parse_args(["--before", "/tmp/x", "--label", "before"])
 
 
 def test_prefix_cache_reduced_run(tiny_model, tmp_path):
