@@ -14,7 +14,9 @@ via ``AsyncEngine.generate(EngineRequest(...), engine.reserve())``: no HTTP laye
 * TTFT of one request with a 1024x1024 image at batch 1 (median of a few, a fresh image each);
 * throughput of 64 concurrent requests, each with its own 1024x1024 image;
 * peak GPU memory (``torch.cuda.max_memory_allocated``, weights included);
-* the decode path the engine reports (``engine.decode_path``: "cuda-graphs" or "eager");
+* the decode path the engine reports (``engine.decode_path``: "cuda-graphs" or "eager"), at
+  startup and at the end (a capture that fails later turns it eager), and the number of
+  decode graphs captured;
 
 and one correctness line: the token ids of 8 concurrent greedy requests (text prompts of
 one length) with CUDA graphs equal those of the eager run (same dtype).  It prints a table
@@ -340,12 +342,25 @@ async def measure_mode(loaded, settings, w: Workload, device: str, seed: int,
         note("correctness batch done")
     finally:
         res["peak_gpu_memory_gib"] = (torch.cuda.max_memory_allocated() / 2**30) if cuda else None
+        res.update(decode_path_now(engine))
         await engine.shutdown(30)
         del engine, r
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
     return res
+
+
+def decode_path_now(engine) -> dict:
+    """The decode path at the end of the run (a graph capture that fails later, for a new
+    table width, turns the runner eager) and how many decode graphs were captured."""
+    runner = getattr(engine, "runner", None)
+    path = getattr(runner, "decode_path", None) or getattr(engine, "decode_path", "eager")
+    try:
+        graphs = sum(1 for st in runner.steps.values() if getattr(st, "graph", None) is not None)
+    except Exception:
+        graphs = None
+    return {"decode_path_end": path, "graphs_captured": graphs}
 
 
 def compare(a: list[list[int]], b: list[list[int]]) -> dict:
@@ -404,7 +419,13 @@ def rows(report: dict) -> list[tuple[str, str, str]]:
                                                      and k < len(v) else None)
         return "-" if v is None else v if isinstance(v, str) else f"{v:.{d}f}"
 
-    out = [("decode path", f(e, "decode_path"), f(g, "decode_path")),
+    def path(m: dict) -> str:
+        start, end = m.get("decode_path", "-"), m.get("decode_path_end")
+        return start if end in (None, start) else f"{start} -> {end}"
+
+    out = [("decode path", path(e), path(g)),
+           ("decode graphs captured", f(e, "graphs_captured", d=0),
+            f(g, "graphs_captured", d=0)),
            ("engine startup s", f(e, "engine_startup_s", d=2), f(g, "engine_startup_s", d=2)),
            ("ms per output token, batch 1", f(e, "tpot_batch1_ms", d=2),
             f(g, "tpot_batch1_ms", d=2))]

@@ -204,8 +204,14 @@ async def long_prompt(url: str, args, rnd: int, tok) -> dict:
     await client.close()
     gaps = [longest_gap(r["times"], t_send, until) for r in results]
     finished_early = sum(1 for r in results if r["times"] and r["times"][-1] < t_first)
+    # when each stream's chunks came, relative to the long prompt's arrival (the last one
+    # before it, then those until the end of the window): where the stalls fall
+    timeline = [[round(t - t_send, 3) for t in r["times"]
+                 if t >= max((x for x in r["times"] if x <= t_send), default=t_send)
+                 and t <= until] for r in results]
     return {"long_prompt_tokens": long["prompt_tokens"], "long_ttft_s": long["ttft"],
             "longest_gap_s": max(gaps), "gaps_s": gaps,
+            "long_first_token_at_s": round(t_first - t_send, 3), "stream_chunks_at_s": timeline,
             "streams_finished_before_long_first_token": finished_early,
             "gap_ratio": max(gaps) / long["ttft"]}
 

@@ -62,8 +62,9 @@ WRAPPER = textwrap.dedent(f"""
         print("BLOCKED-REPORT " + json.dumps({{"tried": sorted(tried), "loaded": loaded}}))
 """)
 
-MODE_FIELDS = {"decode_path", "engine_startup_s", "tpot_batch1_ms", "decode", "image_ttft_ms",
-               "image_prompt_tokens", "image_batch", "peak_gpu_memory_gib"}
+MODE_FIELDS = {"decode_path", "decode_path_end", "graphs_captured", "engine_startup_s",
+               "tpot_batch1_ms", "decode", "image_ttft_ms", "image_prompt_tokens", "image_batch",
+               "peak_gpu_memory_gib"}
 
 
 def test_gpu_check_cpu_without_server_packages(tmp_path):
@@ -88,7 +89,8 @@ def test_gpu_check_cpu_without_server_packages(tmp_path):
     assert set(rep["modes"]) == {"eager", "graphs"}
     for mode in rep["modes"].values():
         assert set(mode) == MODE_FIELDS, mode.keys()
-        assert mode["decode_path"] == "eager"  # no CUDA graphs on CPU
+        assert mode["decode_path"] == mode["decode_path_end"] == "eager"  # no graphs on CPU
+        assert not mode["graphs_captured"]
         assert mode["peak_gpu_memory_gib"] is None
         assert mode["tpot_batch1_ms"] > 0 and mode["image_ttft_ms"] > 0
         assert [d["batch"] for d in mode["decode"]] == list(rep["workload"]["decode_batches"])
