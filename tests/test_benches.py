@@ -182,7 +182,7 @@ def test_prefix_cache_reduced_run(tiny_model, tmp_path):
     s = rep["summary"]["after"]
     for key in ("first_turn_ttft_s", "follow_up_ttft_s", "new_conversation_ttft_s",
                 "long_ttft_s", "longest_gap_s", "follow_up_ratio", "new_conversation_ratio",
-                "gap_ratio"):
+                "gap_ratio", "longest_gap_prefill_s", "gap_prefill_ratio", "gap_after_join_s"):
         assert math.isfinite(s[key]) and s[key] > 0, key
     assert s["first_turn_prompt_tokens"] >= 300 and s["long_prompt_tokens"] >= 600
     assert s["follow_up_prompt_tokens"] > s["first_turn_prompt_tokens"]
