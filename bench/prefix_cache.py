@@ -18,11 +18,12 @@ requests streamed and greedy:
    TTFT / the first turn's (target <= 0.5).
 3. **long prompt**: a ~6k-token prompt arrives while 4 streams run.  Ratio: the longest gap
    between chunks in those 4 streams (from the long prompt's arrival until ``--after-s``
-   after its first token, so the streams' first steps beside the long row count too) / the
-   long prompt's TTFT (target <= 0.3).  Also reported: the longest gap until the long
-   prompt's first token only (``longest_gap_prefill_s``, ``gap_prefill_ratio``), the
-   streams' median gap after it (``gap_after_join_s``: their step time beside a 6k-token
-   row) and each stream's chunk times around it (``stream_chunks_at_s``).
+   after it finished (it asks for ``--probe-tokens``), so the streams' steps beside the long
+   row count too) / the long prompt's TTFT (target <= 0.3).  Also reported, split at the
+   long prompt's first token: the longest gap until then (``longest_gap_prefill_s``,
+   ``gap_prefill_ratio``: the chunked-prefill stall alone) and after it
+   (``longest_gap_after_first_token_s``: decode steps beside a 6k-token row); and each
+   stream's chunk times around it (``stream_chunks_at_s``, seconds from its arrival).
 
 Each round uses its own system prompt (a different first token: no cache entry from an
 earlier round can help its first turn), ``--conversations`` conversations (the first one's
@@ -165,16 +166,17 @@ async def conversations(url: str, args, rnd: int, tok) -> dict:
             "new_conversation_ratio": statistics.median(new) / cold if new else None}
 
 
-def longest_gap(times: list[float], since: float, until: float) -> float:
+def longest_gap(times: list[float], since: float, until: float, *, clip: bool = False) -> float:
     """The longest wait between consecutive chunks of one stream within [since, until]
-    (the wait that spans ``since`` counts, as does a stream silent until ``until``)."""
+    (the wait that spans ``since`` counts whole, as does a stream silent until ``until``).
+    The wait that spans ``until`` counts whole too, or only up to ``until`` with ``clip``."""
     prev = max((t for t in times if t <= since), default=since)
     gap = 0.0
     for t in times:
         if t <= since:
             continue
         if t > until:
-            return max(gap, t - prev)
+            return max(gap, (until if clip else t) - prev)
         gap, prev = max(gap, t - prev), t
     return max(gap, until - prev)
 
@@ -213,16 +215,15 @@ async def long_prompt(url: str, args, rnd: int, tok) -> dict:
     timeline = [[round(t - t_send, 3) for t in r["times"]
                  if t >= max((x for x in r["times"] if x <= t_send), default=t_send)
                  and t <= until] for r in results]
-    # the same, split: while the long prompt is prefilled (until its first token), and
-    # the streams' step time once it decodes beside them (median gap after its first token)
-    prefill_gaps = [longest_gap(r["times"], t_send, t_first) for r in results]
-    after = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])
-             if a >= t_first and b <= until]
+    # the same, split at the long prompt's first token: while it is prefilled (the wait
+    # that spans its first token counted only up to it), and once it decodes beside them
+    prefill_gaps = [longest_gap(r["times"], t_send, t_first, clip=True) for r in results]
+    join_gaps = [longest_gap(r["times"], t_first, until) for r in results]
     return {"long_prompt_tokens": long["prompt_tokens"], "long_ttft_s": long["ttft"],
             "longest_gap_s": max(gaps), "gaps_s": gaps,
             "longest_gap_prefill_s": max(prefill_gaps),
             "gap_prefill_ratio": max(prefill_gaps) / long["ttft"],
-            "gap_after_join_s": statistics.median(after) if after else None,
+            "longest_gap_after_first_token_s": max(join_gaps),
             "long_first_token_at_s": round(t_first - t_send, 3), "stream_chunks_at_s": timeline,
             "streams_finished_before_long_first_token": finished_early,
             "gap_ratio": max(gaps) / long["ttft"]}
@@ -266,7 +267,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warm-s", type=float, default=2.0,
                    help="seconds the streams run before the long prompt is sent")
     p.add_argument("--after-s", type=float, default=1.0,
-                   help="seconds the streams are watched after the long prompt's first token")
+                   help="seconds the streams are watched after the long prompt finished")
     p.add_argument("--out", default="bench/results/prefix_cache.json")
     args = p.parse_args(argv)
     if args.before and args.label == "before":
@@ -284,9 +285,7 @@ def summarise(label: str, rounds: list[dict]) -> dict:
             "new_conversation_ttft_s": med("new_conversation_ttft_s") if have_new else None,
             "long_ttft_s": med("long_ttft_s"), "longest_gap_s": med("longest_gap_s"),
             "longest_gap_prefill_s": med("longest_gap_prefill_s"),
-            "gap_after_join_s": (med("gap_after_join_s")
-                                 if any(r["gap_after_join_s"] is not None for r in rounds)
-                                 else None),
+            "longest_gap_after_first_token_s": med("longest_gap_after_first_token_s"),
             "follow_up_ratio": med("follow_up_ratio"),
             "new_conversation_ratio": med("new_conversation_ratio") if have_new else None,
             "gap_ratio": med("gap_ratio"), "gap_prefill_ratio": med("gap_prefill_ratio"),
@@ -302,16 +301,17 @@ TARGETS = {"follow_up_ratio": 0.2, "new_conversation_ratio": 0.5, "gap_ratio": 0
 def table(summary: dict[str, dict]) -> str:
     f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     lines = ["| server | first turn TTFT s | follow-up TTFT s | new conversation TTFT s "
-             "| long prompt TTFT s | longest stream gap s (during prefill) "
-             "| stream step after join s | follow-up / first (<= 0.2) "
-             "| new conv. / first (<= 0.5) | gap / long TTFT (<= 0.3) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| long prompt TTFT s | longest stream gap s | of which: until its first token "
+             "/ after | follow-up / first (<= 0.2) | new conv. / first (<= 0.5) "
+             "| gap / long TTFT (<= 0.3) | prefill gap / long TTFT |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, s in summary.items():
         lines.append(f"| {label} | {f(s['first_turn_ttft_s'])} | {f(s['follow_up_ttft_s'])} "
                      f"| {f(s['new_conversation_ttft_s'])} | {f(s['long_ttft_s'])} "
-                     f"| {f(s['longest_gap_s'])} ({f(s.get('longest_gap_prefill_s'))}) "
-                     f"| {f(s.get('gap_after_join_s'), 3)} | {f(s['follow_up_ratio'])} "
-                     f"| {f(s['new_conversation_ratio'])} | {f(s['gap_ratio'])} |")
+                     f"| {f(s['longest_gap_s'])} | {f(s.get('longest_gap_prefill_s'))} / "
+                     f"{f(s.get('longest_gap_after_first_token_s'))} "
+                     f"| {f(s['follow_up_ratio'])} | {f(s['new_conversation_ratio'])} "
+                     f"| {f(s['gap_ratio'])} | {f(s.get('gap_prefill_ratio'))} |")
     return "\n".join(lines)
 
 

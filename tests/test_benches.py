@@ -153,6 +153,7 @@ def test_longest_gap():
     assert longest_gap(times, 1.55, 1.65) == pytest.approx(0.1)
     assert longest_gap(times, 1.75, 2.5) == pytest.approx(1.3)  # 1.7 -> 3.0 crosses the end
     assert longest_gap([], 1.0, 2.0) == pytest.approx(1.0)      # silent stream
+    assert longest_gap(times, 1.75, 2.5, clip=True) == pytest.approx(0.8)  # 1.7 -> 2.5 only
 
 
 def test_prefix_cache_args():
@@ -182,7 +183,8 @@ def test_prefix_cache_reduced_run(tiny_model, tmp_path):
     s = rep["summary"]["after"]
     for key in ("first_turn_ttft_s", "follow_up_ttft_s", "new_conversation_ttft_s",
                 "long_ttft_s", "longest_gap_s", "follow_up_ratio", "new_conversation_ratio",
-                "gap_ratio", "longest_gap_prefill_s", "gap_prefill_ratio", "gap_after_join_s"):
+                "gap_ratio", "longest_gap_prefill_s", "gap_prefill_ratio",
+                "longest_gap_after_first_token_s"):
         assert math.isfinite(s[key]) and s[key] > 0, key
     assert s["first_turn_prompt_tokens"] >= 300 and s["long_prompt_tokens"] >= 600
     assert s["follow_up_prompt_tokens"] > s["first_turn_prompt_tokens"]
