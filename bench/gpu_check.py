@@ -25,10 +25,10 @@ whole run is sized to finish within 10 minutes on an H200.
 
 ``--device cpu`` runs the same code on the tiny model (float32) with a scaled-down workload
 (batches 4 and 8, ~128-token contexts, 256x256 images, a few tokens each) in well under a
-minute: the tests run it with fastapi, pydantic, pydantic-settings, xgrammar, openai and
-uvicorn blocked.  On CPU both columns run eagerly (the same static-buffer path).
-``--device cpu --workload cuda`` runs the GPU's full request mix on the tiny model (about a
-minute and a half here): a dry run of the GPU workload's sizes.  A part that fails is
+minute: the tests run it with fastapi, pydantic, pydantic-settings, xgrammar, openai,
+uvicorn, bitsandbytes and prometheus_client blocked.  On CPU both columns run eagerly (the
+same static-buffer path).  ``--device cpu --workload cuda`` runs the GPU's full request mix
+on the tiny model (about a minute here): a dry run of the GPU workload's sizes.  A part that fails is
 reported (``"error"`` in its mode, ``"complete": false``, exit status 1) and the other mode
 still runs; the JSON is rewritten after every part, so a run cut short keeps what it
 measured.
@@ -40,11 +40,17 @@ the command in its root, so from a checkout:
 
     run(command="python -m bench.gpu_check --out $OUT/gpu_check.json", timeout_s=600)
 
+(no ``.venv``: the image's own python has what it needs; nothing to ``carry``).  Expect a few
+minutes: building the model on the GPU, two engine startups (the second captures the decode
+graphs), and per column some 2,000 decode steps.  The JSON is rewritten after every part, so
+even a run cut short by the timeout returns what it measured under ``$OUT``.
+
 The H200 image has torch, transformers, tokenizers, safetensors, accelerate, PIL and numpy,
 which is all this check imports: it needs no wheels brought along and no network.  It never
 imports ``server.settings`` (pydantic): the engine's settings are the defaults of the one
 settings definition, read from ``server/settings.py``'s source (``settings_defaults``), with
-the few overrides below.  Nor does the engine import xgrammar unless a request asks for a
+a few overrides: ``device_map``, ``dtype`` (bfloat16 on cuda), ``max_model_len`` (4096),
+``max_num_seqs`` (64), ``seed`` and, per column, ``enforce_eager``.  Nor does the engine import xgrammar unless a request asks for a
 grammar (without it, structured output answers 400; this check sends none).  The tokenizer
 is the tiny one (trained in a second at startup); token ids past it decode to nothing, which
 does not matter for timing.
