@@ -42,7 +42,7 @@ the command in its root, so from a checkout:
 
 (no ``.venv``: the image's own python has what it needs; nothing to ``carry``).  Expect a few
 minutes: building the model on the GPU, two engine startups (the second captures the decode
-graphs), and per column some 2,000 decode steps.  The JSON is rewritten after every part, so
+graphs), and per column about 1,300 decode steps.  The JSON is rewritten after every part, so
 even a run cut short by the timeout returns what it measured under ``$OUT``.
 
 The H200 image has torch, transformers, tokenizers, safetensors, accelerate, PIL and numpy,
