@@ -54,10 +54,11 @@ class StepInputs:
 
 class _Ctx:
     """What the attention function reads during one forward pass."""
-    __slots__ = ("pool", "slots", "rows", "mask")
+    __slots__ = ("pool", "slots", "rows", "mask", "fresh")
 
-    def __init__(self, pool, slots, rows, mask):
+    def __init__(self, pool, slots, rows, mask, fresh=False):
         self.pool, self.slots, self.rows, self.mask = pool, slots, rows, mask
+        self.fresh = fresh  # one row, its context is exactly the new tokens
 
 
 _local = threading.local()  # the step in progress on this thread (another thread may be
@@ -89,11 +90,13 @@ class KVPool:
         self.v[:, dst] = self.v[:, src]
 
     @contextlib.contextmanager
-    def step(self, inp: StepInputs, q_len: int):
+    def step(self, inp: StepInputs, q_len: int, *, fresh: bool = False):
         """Route the text model's attention through this pool for one forward pass of
-        ``q_len`` new tokens per row (rows shorter than that are right-padded)."""
+        ``q_len`` new tokens per row (rows shorter than that are right-padded).
+        ``fresh``: one row whose context is exactly these tokens (a prompt's first chunk):
+        attention is plain causal over them, SDPA's fastest path, with nothing gathered."""
         slots, mask = self.layout(inp, q_len)
-        ctx = _Ctx(self, slots, inp.tables, mask)
+        ctx = _Ctx(self, slots, inp.tables, mask, fresh)
         prev, _local.ctx = getattr(_local, "ctx", None), ctx
         try:
             yield ctx
@@ -141,6 +144,11 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     flat_k, flat_v = kp.view(-1, h, d), vp.view(-1, h, d)
     flat_k.index_copy_(0, ctx.slots, key.transpose(1, 2).reshape(b * q, h, d).to(kp.dtype))
     flat_v.index_copy_(0, ctx.slots, value.transpose(1, 2).reshape(b * q, h, d).to(vp.dtype))
+    if ctx.fresh:
+        out = F.scaled_dot_product_attention(query, key.to(query.dtype), value.to(query.dtype),
+                                             is_causal=True, scale=scaling,
+                                             enable_gqa=query.shape[1] != h)
+        return out.transpose(1, 2).contiguous(), None
     idx = ctx.rows.reshape(-1)
     t = ctx.rows.shape[1] * pool.block_size
     k = kp.index_select(0, idx).view(b, t, h, d).transpose(1, 2).to(query.dtype)

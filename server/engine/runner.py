@@ -258,7 +258,8 @@ class ModelRunner:
             n = c.ids.numel()
             ids[i, :n] = c.ids
             pos[:, i, :n] = c.pos
-            tables[i, :len(c.table)] = torch.tensor(c.table, dtype=torch.long)
+            row = c.table[:width]  # blocks past the chunk's end are not read
+            tables[i, :len(row)] = torch.tensor(row, dtype=torch.long)
         starts = torch.tensor([c.start for c in chunks], dtype=torch.long)
         lens = torch.tensor([c.start + c.ids.numel() for c in chunks], dtype=torch.long)
         ids, pos, tables = ids.to(dev), pos.to(dev), tables.to(dev)
@@ -273,7 +274,8 @@ class ModelRunner:
                 extra = dict(visual_pos_masks=vmask, deepstack_visual_embeds=[
                     torch.cat([v[1][k] for v in vis]) for k in range(len(vis[0][1]))])
         inp = StepInputs(tables, starts.to(dev), lens.to(dev))
-        with self.pool.step(inp, q) as ctx:
+        fresh = b == 1 and chunks[0].start == 0
+        with self.pool.step(inp, q, fresh=fresh) as ctx:
             h = self.lm(inputs_embeds=emb, attention_mask=ctx.mask, position_ids=pos,
                         use_cache=False, **extra).last_hidden_state
         rows = [i for i, c in enumerate(chunks) if c.last]
@@ -323,8 +325,11 @@ class ModelRunner:
         pos = torch.arange(n).view(1, n).expand(3, n)
         with torch.inference_mode():
             self.pool.k[:, blocks] = 0  # what the check finds there was written by it
-            try:
-                ours = self.prefill([PrefillChunk(ids, pos, 0, blocks, None, True)])[0].float()
+            try:  # two chunks: the fresh causal path, then one through the pool's blocks
+                cut = n - 5
+                self.prefill([PrefillChunk(ids[:cut], pos[:, :cut], 0, blocks, None, False)])
+                ours = self.prefill([PrefillChunk(ids[cut:], pos[:, cut:], cut, blocks, None,
+                                                  True)])[0].float()
             except Exception as exc:  # e.g. a transformers whose attention bypasses ours
                 ours, failure = None, exc
             ref = self.model(input_ids=ids.view(1, n).to(self.device),
