@@ -130,6 +130,26 @@ def test_array_matches_pydantic_models():
     json.loads(writer.array(entries(rng, 5, 5, True)))  # NaN/inf come out as null
 
 
+def test_written_entries_match_pydantic_models():
+    """The engine's output thread writes each step's entries from token ids and floats
+    (``LogprobJSON.write``); the serving layer joins them, alone or beside objects."""
+    rng = random.Random(1)
+    adapter = TypeAdapter(list[p.TokenLogprob])
+
+    def info(i):
+        return TOKENS[i], RAW.get(i, list(TOKENS[i].encode()))
+
+    writer, other = p.LogprobJSON(), p.LogprobJSON()
+    for trial in range(60):
+        es = entries(rng, rng.randint(0, 12), rng.choice([0, 1, 5, 20]), with_ids=True)
+        want = adapter.dump_json([old_wire_logprob(e) for e in es]).decode()
+        written = writer.write([(e.token_id, e.logprob, e.top_ids, [t[1] for t in e.top])
+                                for e in es], info)
+        assert other.array(written) == want
+        mixed = [w if rng.random() < 0.5 else e for w, e in zip(written, es)]
+        assert other.array(mixed) == want
+
+
 def fake_outputs(rng, n_choices: int, k: int, with_ids: bool) -> list[Output]:
     outs, counts = [], [0] * n_choices
     pieces = ["Hi", "", ' "quoted"', "\n", "é", "", "done"]

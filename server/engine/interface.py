@@ -81,7 +81,10 @@ class Output:
     finish_reason: str | None = None     # "stop" | "length" | None while running
     prompt_tokens: int = 0
     completion_tokens: int = 0           # so far, for this choice
-    logprobs: list[TokenLogprob] | None = None
+    # per token its logprob entry: a ``TokenLogprob``, or that entry already written as its
+    # wire JSON (a str: the batching engine's output thread writes them, see
+    # ``protocol.LogprobJSON``)
+    logprobs: list[TokenLogprob | str] | None = None
 
 
 class Reservation(Protocol):
