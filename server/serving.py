@@ -42,9 +42,9 @@ def freeze_startup_heap():
     """Move everything alive after the model load (torch, transformers, the model, the
     tokenizer: millions of objects) out of the cyclic garbage collector's reach, once per
     process.  Without it every full collection walks that whole heap: ~0.25 s on the 2-core
-    box, and the logprobs path (many short-lived objects per token) set one off in about
-    every second of serving, stalling the model thread for the duration.  Later objects are
-    collected as before."""
+    box, and the logprobs path (several objects per token, alive until the response is
+    written) set one off about once per second of serving, stalling the model thread for the
+    duration.  Later objects are collected as before."""
     global _heap_frozen
     if not _heap_frozen:
         _heap_frozen = True

@@ -132,7 +132,8 @@ class OutputStage:
                 lp = None
                 if written is not None and s.params.logprobs:
                     lp = written[i]
-                    if lp is None:  # the step's batch write failed: this row alone
+                    if lp is None:  # the step's batch write failed (or the row is
+                        # closed, and emit drops it): this row alone
                         lp = self._write_logprobs([s], [tokens[i]], _Row(lps, i))[0]
                 o = s.emit(tokens[i], lp, finishes[i], hides[i])
             except Exception as exc:  # this request only
