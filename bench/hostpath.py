@@ -14,8 +14,9 @@ through the ``openai`` SDK (raw responses: the client shares the CPU), in three 
 
 Modes alternate between the servers, so both see the same machine load.  Prints output
 tokens/s per mode and server (best of ``--rounds``), the ratios the issue asks for
-(sampling / greedy, logprobs / greedy: best over best, and the median of the ratios within
-each round; greedy after / before), and writes them to ``--out``.
+(sampling / greedy, logprobs / greedy: best over best, and the median, min and max of the
+ratios within each round; greedy after / before, and per mode the median of after / before
+within each round), and writes them to ``--out``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -72,8 +74,11 @@ def main():
     p.add_argument("--requests", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3, help="best of this many runs per cell")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="comma-separated subset of the modes (greedy is always run)")
     p.add_argument("--out", default="bench/results/hostpath_cpu_tiny.json")
     args = p.parse_args()
+    modes = ["greedy"] + [m for m in args.modes.split(",") if m in MODES and m != "greedy"]
 
     roots = {"after": ROOT}
     if args.before:
@@ -90,7 +95,7 @@ def main():
         for _ in range(args.rounds):
             for label in servers:
                 rounds[label].append({})
-            for mode in MODES:
+            for mode in modes:
                 for label, (_, url) in servers.items():
                     tps = asyncio.run(run_mode(url, mode, args))
                     res[label][mode] = max(res[label].get(mode, 0.0), tps)
@@ -105,17 +110,23 @@ def main():
     # run back to back), and the median over rounds is reported beside best / best
     ratios = {}
     for label, r in res.items():
-        for mode in ("sampling", "logprobs"):
+        for mode in modes[1:]:
             paired = sorted(x[mode] / x["greedy"] for x in rounds[label])
             ratios[f"{label} {mode}/greedy"] = r[mode] / r["greedy"]
-            ratios[f"{label} {mode}/greedy, median of rounds"] = paired[len(paired) // 2]
+            ratios[f"{label} {mode}/greedy, median of rounds"] = statistics.median(paired)
+            ratios[f"{label} {mode}/greedy, min of rounds"] = paired[0]
+            ratios[f"{label} {mode}/greedy, max of rounds"] = paired[-1]
     if "before" in res:
         ratios["greedy after/before"] = res["after"]["greedy"] / res["before"]["greedy"]
-    print("\n| server | greedy tok/s | sampling tok/s | logprobs tok/s | sampling/greedy "
-          "| logprobs/greedy |\n|---|---:|---:|---:|---:|---:|")
+        for mode in modes:  # the same mode, the two servers back to back
+            ratios[f"{mode} after/before, median of rounds"] = statistics.median(
+                a[mode] / b[mode] for a, b in zip(rounds["after"], rounds["before"]))
+    print("\n| server | " + " | ".join(f"{m} tok/s" for m in modes) + " | "
+          + " | ".join(f"{m}/greedy" for m in modes[1:]) + " |\n|---|"
+          + "---:|" * (2 * len(modes) - 1))
     for label, r in res.items():
-        print(f"| {label} | {r['greedy']:.0f} | {r['sampling']:.0f} | {r['logprobs']:.0f} "
-              f"| {r['sampling'] / r['greedy']:.2f}x | {r['logprobs'] / r['greedy']:.2f}x |")
+        print(f"| {label} | " + " | ".join(f"{r[m]:.0f}" for m in modes) + " | "
+              + " | ".join(f"{r[m] / r['greedy']:.2f}x" for m in modes[1:]) + " |")
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

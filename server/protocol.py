@@ -274,9 +274,12 @@ def _jstr(x) -> str:
 class LogprobJSON:
     """Writes lists of logprob entries as the JSON array of ``ChoiceLogprobs.content``.
 
-    An entry has ``token``, ``logprob``, ``bytes`` (None: the token's UTF-8), ``top``
-    (``(token, logprob, bytes)`` tuples) and optionally ``token_id`` / ``top_ids``: with
-    ids the fragments are cached per id (one server has one vocabulary)."""
+    An entry is either a str, the entry already written (``write``: the batching engine's
+    output thread writes each step's entries, so that a response's logprobs are joined,
+    not built, here), or an object with ``token``, ``logprob``, ``bytes`` (None: the
+    token's UTF-8), ``top`` (``(token, logprob, bytes)`` tuples) and optionally
+    ``token_id`` / ``top_ids``: with ids the fragments are cached per id (one server has
+    one vocabulary).  One instance per thread (the cache is not locked)."""
 
     def __init__(self):
         self._by_id: dict[int, tuple[str, str]] = {}
@@ -294,7 +297,38 @@ class LogprobJSON:
             f = self._by_id[tid] = self._frags(token, raw)
         return f
 
+    def write(self, items, info) -> list[str]:
+        """The entries of ``items``, ``(token_id, logprob, top_ids, top_logprobs)`` each,
+        written; ``info(id)`` gives a token's ``(text, bytes)`` the first time its id is
+        seen.  All the floats in one ``to_json``, the rest from the per-id fragments."""
+        floats: list[float] = []
+        for _, lp, _, vals in items:
+            floats.append(lp)
+            floats += vals
+        fl = pydantic_core.to_json(floats, inf_nan_mode="null").decode()[1:-1].split(",")
+        by_id, frag = self._by_id, self._frag
+        out = []
+        j = 0
+        for tid, _, ids, _ in items:
+            head, tail = by_id.get(tid) or frag(tid, *info(tid))
+            x = fl[j]
+            j += 1
+            tops = []
+            for i in ids:
+                f = by_id.get(i) or frag(i, *info(i))
+                tops.append(f"{f[0]}{fl[j]}{f[1]}}}")
+                j += 1
+            out.append(f'{head}{x}{tail},"top_logprobs":[{",".join(tops)}]}}')
+        return out
+
     def array(self, entries) -> str:
+        objs = [e for e in entries if type(e) is not str]
+        if not objs:
+            return "[" + ",".join(entries) + "]"
+        written = iter(self._objects(objs))
+        return "[" + ",".join(e if type(e) is str else next(written) for e in entries) + "]"
+
+    def _objects(self, entries) -> list[str]:
         floats: list[float] = []
         for e in entries:
             floats.append(e.logprob)
@@ -321,7 +355,7 @@ class LogprobJSON:
                     tops.append(f"{f[0]}{fl[j]}{f[1]}}}")
                     j += 1
             out.append(f'{head}{x}{tail},"top_logprobs":[{",".join(tops)}]}}')
-        return "[" + ",".join(out) + "]"
+        return out
 
 
 def completion_json(c: ChatCompletion, logprobs: list[str]) -> str:

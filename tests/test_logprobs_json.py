@@ -130,6 +130,26 @@ def test_array_matches_pydantic_models():
     json.loads(writer.array(entries(rng, 5, 5, True)))  # NaN/inf come out as null
 
 
+def test_written_entries_match_pydantic_models():
+    """The engine's output thread writes each step's entries from token ids and floats
+    (``LogprobJSON.write``); the serving layer joins them, alone or beside objects."""
+    rng = random.Random(1)
+    adapter = TypeAdapter(list[p.TokenLogprob])
+
+    def info(i):
+        return TOKENS[i], RAW.get(i, list(TOKENS[i].encode()))
+
+    writer, other = p.LogprobJSON(), p.LogprobJSON()
+    for trial in range(60):
+        es = entries(rng, rng.randint(0, 12), rng.choice([0, 1, 5, 20]), with_ids=True)
+        want = adapter.dump_json([old_wire_logprob(e) for e in es]).decode()
+        written = writer.write([(e.token_id, e.logprob, e.top_ids, [t[1] for t in e.top])
+                                for e in es], info)
+        assert other.array(written) == want
+        mixed = [w if rng.random() < 0.5 else e for w, e in zip(written, es)]
+        assert other.array(mixed) == want
+
+
 def fake_outputs(rng, n_choices: int, k: int, with_ids: bool) -> list[Output]:
     outs, counts = [], [0] * n_choices
     pieces = ["Hi", "", ' "quoted"', "\n", "é", "", "done"]
@@ -202,3 +222,74 @@ def test_server_bodies_are_the_models_json(server):
     entries_seen = [e for c in chunks for ch in json.loads(c)["choices"]
                     for e in (ch.get("logprobs") or {}).get("content", [])]
     assert len(entries_seen) == 12 and all(len(e["top_logprobs"]) == 5 for e in entries_seen)
+
+
+def test_output_thread_write_failure_fails_that_request_only():
+    """The output thread writes a step's entries at once; when that fails (here: one
+    request's top token cannot be decoded), it writes row by row, so that only the request
+    concerned gets an error and the others their events, with the entries a batch writes."""
+    from server.engine.interface import SamplingParams
+    from server.engine.output import OutputStage
+    from server.engine.sampler import LogprobRows
+    from server.errors import InternalError
+
+    class Faults:
+        def tick(self, stage):
+            pass
+
+    class Engine:
+        faults, failures = Faults(), 0
+
+        def token_text(self, t):
+            if t == 13:
+                raise ValueError("undecodable")
+            return f"t{t}"
+
+        def token_bytes(self, t):
+            return list(f"t{t}".encode())
+
+        def _note_failure(self):
+            self.failures += 1
+
+    class Entry:
+        def __init__(self):
+            self.sink, self.seqs, self.released = object(), [], False
+            self.reservation = self
+
+        def release(self):
+            self.released = True
+
+    class Row:
+        def __init__(self, entry, k):
+            self.sink, self.finish_reason, self.stopped = entry, None, False
+            self.params = SamplingParams(temperature=0, logprobs=True, top_logprobs=k)
+            entry.seqs.append(self)
+
+        def emit(self, token, lp, finish, hide):
+            return (token, lp)
+
+    engine = Engine()
+    stage = OutputStage(engine)
+    try:
+        a, b, c = Entry(), Entry(), Entry()
+        rows = [Row(a, 2), Row(b, 2), Row(c, 1)]
+        host = [[1.0, -0.5, 2.0, 3.0, -0.5, -1.25],
+                [4.0, -0.1, 13.0, 5.0, -0.1, -3.0],   # top id 13 cannot be decoded
+                [6.0, -2.0, 7.0, 8.0, -0.25, -9.0]]
+        order: list = []
+        stage._process(("step", rows, [1, 4, 6], [None] * 3, [False] * 3,
+                        LogprobRows(host, 2)), {}, order)
+        got = {id(sink): thing for sink, thing in order}
+        assert isinstance(got[id(b.sink)], InternalError) and b.released and engine.failures == 1
+        assert all(r.stopped for r in b.seqs)
+
+        def info(i):
+            return engine.token_text(i), engine.token_bytes(i)
+        want = p.LogprobJSON().write([(1, -0.5, [2, 3], [-0.5, -1.25]), (6, -2.0, [7], [-0.25])],
+                                     info)
+        assert got[id(a.sink)] == [(1, want[0])] and got[id(c.sink)] == [(6, want[1])]
+        assert json.loads(want[1]) == {"token": "t6", "logprob": -2.0, "bytes": list(b"t6"),
+                                       "top_logprobs": [{"token": "t7", "logprob": -0.25,
+                                                         "bytes": list(b"t7")}]}
+    finally:
+        stage.stop()

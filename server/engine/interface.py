@@ -85,7 +85,10 @@ class Output:
     finish_reason: str | None = None     # "stop" | "length" | None while running
     prompt_tokens: int = 0
     completion_tokens: int = 0           # so far, for this choice
-    logprobs: list[TokenLogprob] | None = None
+    # per token its logprob entry: a ``TokenLogprob``, or that entry already written as its
+    # wire JSON (a str: the batching engine's output thread writes them, see
+    # ``protocol.LogprobJSON``)
+    logprobs: list[TokenLogprob | str] | None = None
     # prompt tokens served from the prefix cache (the same on every Output of a choice);
     # reported as usage.prompt_tokens_details.cached_tokens
     cached_tokens: int = 0

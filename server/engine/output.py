@@ -5,10 +5,12 @@ Contract:
 * The model thread hands over one item per step (``put_step``: the rows, their token ids,
   the finish reasons the ids decide, and the host copy of the logprob data) or a failure
   (``put_fail``: entries and the error to send them).  Items are processed in order.
-* The output thread detokenises, applies stop strings (``Sequence.emit``) and builds the
-  logprob objects, then delivers everything it has processed with one
-  ``call_soon_threadsafe`` per event loop (not one per request): it drains the queue
-  first, so a slow consumer gets several steps per wake-up.
+* The output thread detokenises, applies stop strings (``Sequence.emit``) and writes the
+  logprob entries' JSON (the step's rows at once, ``protocol.LogprobJSON.write``: a
+  token's logprobs travel as one str, which the serving layer joins), then delivers
+  everything it has processed with one ``call_soon_threadsafe`` per event loop (not one
+  per request): it drains the queue first, so a slow consumer gets several steps per
+  wake-up.
 * A failure while producing one request's events fails that request only (its rows are
   marked stopped, so the model thread drops them at its next step) and counts toward the
   engine's health circuit.  Fault injection: stage ``output``.
@@ -20,8 +22,8 @@ import logging
 import queue
 import threading
 
-from server.engine.interface import TokenLogprob
 from server.errors import APIError, InternalError
+from server.protocol import LogprobJSON
 
 log = logging.getLogger("qwen_vl.engine")
 
@@ -49,6 +51,16 @@ class _TokenCache(dict):
         return hit
 
 
+class _Row:
+    """Row ``i`` of a step's ``LogprobRows`` as a one-row ``LogprobRows``."""
+
+    def __init__(self, lps, i):
+        self.lps, self.i = lps, i
+
+    def entry(self, _, k):
+        return self.lps.entry(self.i, k)
+
+
 def _deliver(pairs):
     for sink, item in pairs:
         sink.put(item)
@@ -59,6 +71,7 @@ class OutputStage:
         self.engine = engine
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._tokens = _TokenCache(engine)  # id -> (text, bytes), this thread
+        self._json = LogprobJSON()           # per-id JSON fragments, this thread
         self._thread = threading.Thread(target=self._run, name="engine-output", daemon=True)
         self._thread.start()
 
@@ -108,6 +121,7 @@ class OutputStage:
                 send(e.sink, err)
             return
         _, rows, tokens, finishes, hides, lps = item
+        written = self._write_logprobs(rows, tokens, lps) if lps is not None else None
         outs: dict[int, tuple] = {}  # id(entry) -> (entry, events, or None once it failed)
         for i, s in enumerate(rows):
             entry = s.sink
@@ -115,7 +129,12 @@ class OutputStage:
                 continue  # this request already failed in this step
             try:
                 self.engine.faults.tick("output")
-                lp = self._logprob(s, tokens[i], lps[i]) if lps is not None else None
+                lp = None
+                if written is not None and s.params.logprobs:
+                    lp = written[i]
+                    if lp is None:  # the step's batch write failed (or the row is
+                        # closed, and emit drops it): this row alone
+                        lp = self._write_logprobs([s], [tokens[i]], _Row(lps, i))[0]
                 o = s.emit(tokens[i], lp, finishes[i], hides[i])
             except Exception as exc:  # this request only
                 log.exception("output stage failed", exc_info=exc)
@@ -133,17 +152,28 @@ class OutputStage:
             elif events:
                 send(entry.sink, events)
 
-    def _logprob(self, s, token: int, data) -> TokenLogprob | None:
-        if not s.params.logprobs:
-            return None
-        lp, top_ids, top_lps = data
-        k = s.params.top_logprobs
-        ids = top_ids[:k] if k < len(top_ids) else top_ids
-        tokens = self._tokens
-        # (text, logprob, bytes) from the per-id cache; the bytes lists are shared
-        top = [(x[0], v, x[1]) for x, v in zip(map(tokens.__getitem__, ids), top_lps)]
-        text, raw = tokens[token]
-        return TokenLogprob(text, lp, top, raw, token, ids)
+    def _write_logprobs(self, rows, tokens, lps) -> list[str | None]:
+        """Per row the JSON of its token's logprob entry (None: no logprobs asked for, or
+        the write failed; ``lps`` is the step's ``sampler.LogprobRows``)."""
+        items, at = [], []
+        for i, s in enumerate(rows):
+            p = s.params
+            if p.logprobs and not s.finish_reason and not s.stopped:
+                lp, ids, vals = lps.entry(i, p.top_logprobs)
+                items.append((tokens[i], lp, ids, vals))
+                at.append(i)
+        written: list[str | None] = [None] * len(rows)
+        if len(rows) > 1:
+            try:
+                out = self._json.write(items, self._tokens.__getitem__)
+            except Exception:  # retried row by row, so that it fails its request only
+                log.debug("batched logprob write failed", exc_info=True)
+                return written
+        else:
+            out = self._json.write(items, self._tokens.__getitem__)
+        for i, w in zip(at, out):
+            written[i] = w
+        return written
 
     @staticmethod
     def _flush(order):

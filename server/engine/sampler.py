@@ -75,15 +75,33 @@ class SampleResult:
     top_k: int = 0                    # top logprobs packed per row
     with_logprobs: bool = False
 
-    def unpack(self, host: list) -> tuple[list[int], list | None]:
+    def unpack(self, host: list) -> tuple[list[int], "LogprobRows | None"]:
         """``host`` = ``packed.tolist()``: token ids, and per row ``(logprob, top_ids,
-        top_logprobs)`` when logprobs were asked for."""
+        top_logprobs)`` when logprobs were asked for (read lazily: ``LogprobRows``)."""
         if not self.with_logprobs:
             return host, None
-        k = self.top_k
-        toks = [int(r[0]) for r in host]
-        lps = [(r[1], [int(t) for t in r[2:2 + k]], r[2 + k:2 + 2 * k]) for r in host]
-        return toks, lps
+        return [int(r[0]) for r in host], LogprobRows(host, self.top_k)
+
+
+class LogprobRows:
+    """Per row ``(logprob, top_ids, top_logprobs)`` of a step, read from its host copy
+    when asked for: the model thread only hands the copy on, the output thread reads the
+    rows (``entry(i, k)``: the row's own ``top_logprobs`` count, ``k`` <= the packed one)."""
+
+    __slots__ = ("host", "k")
+
+    def __init__(self, host: list, k: int):
+        self.host, self.k = host, k
+
+    def __len__(self) -> int:
+        return len(self.host)
+
+    def __getitem__(self, i: int) -> tuple[float, list[int], list[float]]:
+        return self.entry(i, self.k)
+
+    def entry(self, i: int, k: int) -> tuple[float, list[int], list[float]]:
+        r, w = self.host[i], 2 + self.k
+        return r[1], [int(t) for t in r[2:2 + k]], r[w:w + k]
 
 
 _FLOAT = ("temperature", "top_p", "min_p", "presence", "frequency", "repetition")

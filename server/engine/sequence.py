@@ -81,8 +81,8 @@ class Sequence:
             self.model_finish = "length"
         return self.model_finish
 
-    def emit(self, token: int, logprob: TokenLogprob | None = None, finish: str | None = None,
-             hide: bool = False) -> Output | None:
+    def emit(self, token: int, logprob: TokenLogprob | str | None = None,
+             finish: str | None = None, hide: bool = False) -> Output | None:
         """Output thread: the event for ``token``; None once the choice is closed."""
         if self.finish_reason is not None or self.stopped:
             return None
