@@ -7,35 +7,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 import torch
 from PIL import Image
 
-from models.loader import load_model
-from server.engine.core import AsyncEngine
 from server.engine.interface import EngineRequest, ImageInput, SamplingParams
-from server.settings import Settings
 from tests.test_batching import mixed_requests
-from tests.test_hostpath import SyncCounter
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model):
-    return load_model(Settings(model_path=tiny_model, min_pixels=4096, max_pixels=65536))
-
-
-@pytest.fixture(scope="module")
-def make_engine(tiny_model, loaded):
-    engines = []
-
-    def make(**overrides) -> AsyncEngine:
-        s = Settings(model_path=tiny_model, min_pixels=4096, max_pixels=65536, **overrides)
-        e = AsyncEngine(loaded, s)
-        engines.append(e)
-        return e
-    yield make
-    for e in engines:
-        e._stopping = True
-        e.output.stop()
+from tests.test_hostpath import SyncCounter, loaded, make_engine  # noqa: F401 (fixtures)
 
 
 async def run(engine, req, delay=0.0):
@@ -261,3 +239,44 @@ async def test_failed_graph_capture_falls_back_to_eager(make_engine, caplog):
     assert failed and all(s.graph is None for s in runner.steps.values())
     if len(failed) >= 3:
         assert runner.decode_path == "eager"
+
+
+async def test_failed_join_gives_back_every_block_once(make_engine, monkeypatch):
+    """A failure while n > 1 choices join (after the prompt's blocks were handed to them)
+    fails the request and returns each block and promise exactly once."""
+    engine = make_engine(prefix_cache=False)
+    sched = engine.scheduler
+    real = sched._sample_into
+    calls = {"n": 0}
+
+    def failing(batch, logits):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected sampling failure at join")
+        return real(batch, logits)
+    monkeypatch.setattr(sched, "_sample_into", failing)
+    req = EngineRequest("n2", [{"role": "user", "content": "two answers " * 7}], [],
+                        SamplingParams(max_tokens=5, temperature=1.0, n=2, seed=1, ignore_eos=True))
+    from server.errors import APIError
+    with pytest.raises(APIError):
+        await run(engine, req)
+    bm = engine.blocks
+    for _ in range(200):  # the error reaches the client before the engine thread cleans up
+        if not sched.prefilling and sched.batch is None and bm.used == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert bm.promised == 0 and bm.used == 0 and min(bm.ref) == 0
+    assert len(set(bm.free)) == len(bm.free)  # no block twice on the free list
+    ok = await run(engine, req)
+    assert sorted(ok) == [0, 1] and all(len(v) == 5 for v in ok.values())
+
+
+async def test_n_above_max_num_seqs_is_a_400(make_engine):
+    from server.errors import APIError
+    engine = make_engine(max_num_seqs=2)
+    req = EngineRequest("n4", [{"role": "user", "content": "four"}], [],
+                        SamplingParams(max_tokens=3, temperature=1.0, n=4))
+    with pytest.raises(APIError) as err:
+        await run(engine, req)
+    assert err.value.status == 400 and err.value.param == "n"
+    assert engine.healthy

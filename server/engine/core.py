@@ -76,7 +76,7 @@ log = logging.getLogger("qwen_vl.engine")
 
 UNHEALTHY_AFTER = 3      # consecutive failed batch steps make /health 503 ...
 HEALTH_COOLDOWN_S = 30.0  # ... until this long without a new failure (then traffic may retry)
-STARTUP_GRAPH_BLOCKS = 64   # decode graphs for tables up to this many blocks are captured
+STARTUP_GRAPH_BLOCKS = 128  # decode graphs for tables up to this many blocks are captured
                             # at startup; wider ones on first use
 GRAMMAR_WORKERS = 2       # compile processes: a slow compile leaves one for the others
 
@@ -275,7 +275,8 @@ class BatchingScheduler(_SchedulerBase):
 
     @property
     def num_running(self) -> int:
-        return (len(self.batch) if self.batch else 0) + sum(p.entry.n for p in self.prefilling)
+        batch = self.batch  # read once: the event loop asks while the engine thread steps
+        return (len(batch) if batch else 0) + sum(p.entry.n for p in list(self.prefilling))
 
     def has_work(self) -> bool:
         return bool(self.waiting) or self.batch is not None or bool(self.prefilling)
@@ -296,6 +297,12 @@ class BatchingScheduler(_SchedulerBase):
         return prompt - matched, [total - prompt] + [total - full] * (e.n - 1)
 
     def add(self, entry: Entry):
+        if entry.n > self.max_num_seqs:  # its choices could never decode together
+            entry.reservation.release()
+            self.engine.output.put_fail([entry], InvalidRequest(
+                f"n={entry.n} is more than the {self.max_num_seqs} sequences this server "
+                "decodes together (--max-num-seqs); lower n.", param="n"))
+            return
         now, promise = self._need(entry)
         need = now + sum(promise)
         if need > self.blocks.num_blocks:  # would wait forever: say so before any model work
@@ -349,6 +356,10 @@ class BatchingScheduler(_SchedulerBase):
                     k = next(j for j in range(len(bounds) - 1) if o < bounds[j + 1])
                     entries[i] = img_keys[k]
             keys = chain_keys(entries, self.bs)
+        grid = p.image_grid_thw
+        pos, delta = self.model.model.get_rope_index(  # before any block is taken
+            p.input_ids, mm_token_type_ids=p.mm_token_type_ids, image_grid_thw=grid,
+            attention_mask=torch.ones_like(p.input_ids))
         matched = self.blocks.match(keys, (n - 1) // self.bs)  # the last token is computed
         now, promise = self._need(e, len(matched))
         if now + sum(promise) > self.blocks.available:
@@ -358,10 +369,6 @@ class BatchingScheduler(_SchedulerBase):
         self.blocks.promise(sum(promise))
         cached = len(matched) * self.bs
         self.blocks.count(n, cached)
-        grid = p.image_grid_thw
-        pos, delta = self.model.model.get_rope_index(
-            p.input_ids, mm_token_type_ids=p.mm_token_type_ids, image_grid_thw=grid,
-            attention_mask=torch.ones_like(p.input_ids))
         self._note_allocation()
         return _Prompt(e, ids, pos[:, 0], int(delta.view(-1)[0]), keys, blocks, cached, cached,
                        promise, img_ord, bounds, img_keys)
@@ -486,21 +493,22 @@ class BatchingScheduler(_SchedulerBase):
         rows, counts = [], []
         for p in done:
             seqs = self._start(p.entry)
+            full = p.length // self.bs
+            # hand the prompt's blocks and promises over to its choices first (nothing here
+            # can fail), so that on any failure below each block has exactly one owner
             for j, s in enumerate(seqs):
                 s.delta, s.kv_len, s.promise = p.delta, p.length, p.promise[j]
                 s.cached_tokens = p.cached
-                if j == 0:
-                    s.blocks = p.blocks
-                    continue
-                full = p.length // self.bs
-                s.blocks = p.blocks[:full]
-                self.blocks.fork(s.blocks)
-                if p.length % self.bs:
-                    blk = self.blocks.allocate(1, promised=True)[0]
-                    s.promise -= 1
-                    self.runner.pool.copy_block(p.blocks[full], blk)
-                    s.blocks = s.blocks + [blk]
-            p.blocks = []
+                s.blocks = list(p.blocks) if j == 0 else p.blocks[:full]
+                if j:
+                    self.blocks.fork(s.blocks)
+            partial = p.blocks[full] if p.length % self.bs else None
+            p.blocks, p.promise = [], [0] * len(p.promise)
+            for s in seqs[1:] if partial is not None else ():
+                blk = self.blocks.allocate(1, promised=True)[0]  # a copy of the partial block
+                s.promise -= 1
+                s.blocks.append(blk)
+                self.runner.pool.copy_block(partial, blk)
             rows += seqs
             counts.append(len(seqs))
         dev = self.engine.device

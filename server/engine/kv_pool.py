@@ -31,6 +31,7 @@ Contract:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import threading
 from collections import OrderedDict
@@ -185,12 +186,15 @@ def install(model) -> None:
 
 # --- blocks ------------------------------------------------------------------------------
 
-def chain_keys(entries: list, block_size: int) -> list[int]:
+def chain_keys(entries: list, block_size: int) -> list[bytes]:
     """Hash chain over the full blocks of ``entries`` (token ids, image tokens replaced
-    by their image's key): block i's key covers blocks 0..i."""
-    keys, h = [], 0
+    by their image's key): block i's key covers blocks 0..i.  A cryptographic hash, not
+    Python's ``hash``: a client must not be able to craft a block that collides with
+    another client's cached prefix (vLLM's CVE-2025-25183)."""
+    keys, h = [], b""
     for i in range(len(entries) // block_size):
-        h = hash((h, tuple(entries[i * block_size:(i + 1) * block_size])))
+        block = repr(tuple(entries[i * block_size:(i + 1) * block_size])).encode()
+        h = hashlib.blake2b(h + block, digest_size=16).digest()
         keys.append(h)
     return keys
 
@@ -205,8 +209,8 @@ class BlockManager:
         self.cache_blocks = cache_blocks          # 0: prefix cache off
         self.free: list[int] = list(range(num_blocks, 0, -1))  # never-cached blocks; pop() = 1 first
         self.ref = [0] * (num_blocks + 1)
-        self.key_of: dict[int, int] = {}           # block -> chain key (cached content)
-        self.block_of: dict[int, int] = {}         # chain key -> block
+        self.key_of: dict[int, bytes] = {}         # block -> chain key (cached content)
+        self.block_of: dict[bytes, int] = {}       # chain key -> block
         self.idle: OrderedDict[int, None] = OrderedDict()  # cached, unused: LRU first
         self.promised = 0                          # blocks reserved for rows' future tokens
         # statistics (tokens)
@@ -227,7 +231,7 @@ class BlockManager:
         return math.ceil(tokens / self.block_size)
 
     # --- prefix cache --------------------------------------------------------------------
-    def match(self, keys: list[int], limit: int) -> list[int]:
+    def match(self, keys: list[bytes], limit: int) -> list[int]:
         """The cached blocks of the longest prefix of ``keys`` (at most ``limit`` blocks),
         taken: their reference counts rise, so they cannot be evicted."""
         got: list[int] = []
@@ -245,7 +249,7 @@ class BlockManager:
         self.query_tokens += query_tokens
         self.hit_tokens += hit_tokens
 
-    def commit(self, block: int, key: int):
+    def commit(self, block: int, key: bytes):
         """``block`` now holds the full prompt block keyed ``key``."""
         if self.cache_blocks and key not in self.block_of and block not in self.key_of:
             self.key_of[block] = key

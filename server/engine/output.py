@@ -23,7 +23,6 @@ import queue
 import threading
 
 from server.errors import APIError, InternalError
-from server.protocol import LogprobJSON
 
 log = logging.getLogger("qwen_vl.engine")
 
@@ -71,11 +70,19 @@ class OutputStage:
         self.engine = engine
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._tokens = _TokenCache(engine)  # id -> (text, bytes), this thread
-        self._json = LogprobJSON()           # per-id JSON fragments, this thread
+        self._json_writer = None             # per-id JSON fragments, this thread
         self._thread = threading.Thread(target=self._run, name="engine-output", daemon=True)
         self._thread.start()
 
     # --- model thread ----------------------------------------------------------------
+    def _logprob_json(self):
+        """The wire writer, imported on first use: the engine itself runs without the
+        HTTP layer's packages (``bench.gpu_check`` on a GPU image without pydantic)."""
+        if self._json_writer is None:
+            from server.protocol import LogprobJSON
+            self._json_writer = LogprobJSON()
+        return self._json_writer
+
     def put_step(self, rows, tokens: list[int], finishes: list, hides: list[bool], lps):
         self._q.put(("step", rows, tokens, finishes, hides, lps))
 
@@ -165,12 +172,12 @@ class OutputStage:
         written: list[str | None] = [None] * len(rows)
         if len(rows) > 1:
             try:
-                out = self._json.write(items, self._tokens.__getitem__)
+                out = self._logprob_json().write(items, self._tokens.__getitem__)
             except Exception:  # retried row by row, so that it fails its request only
                 log.debug("batched logprob write failed", exc_info=True)
                 return written
         else:
-            out = self._json.write(items, self._tokens.__getitem__)
+            out = self._logprob_json().write(items, self._tokens.__getitem__)
         for i, w in zip(at, out):
             written[i] = w
         return written

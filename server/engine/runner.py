@@ -311,6 +311,9 @@ class ModelRunner:
             deep = [torch.split(f, sizes) for f in (res.deepstack_features or [])]
             for j, i in enumerate(todo):
                 item = (embeds[j], [d[j] for d in deep])
+                if len(todo) > 1 and self.encoder_cache is not None:
+                    # a slice would keep the whole call's outputs alive in the cache
+                    item = (item[0].clone(), [d.clone() for d in item[1]])
                 out[i] = item
                 if self.encoder_cache is not None and keys[i] is not None:
                     nbytes = sum(t.numel() * t.element_size() for t in [item[0], *item[1]])
@@ -326,7 +329,7 @@ class ModelRunner:
         with torch.inference_mode():
             self.pool.k[:, blocks] = 0  # what the check finds there was written by it
             try:  # two chunks: the fresh causal path, then one through the pool's blocks
-                cut = n - 5
+                cut = max(1, n - 5)
                 self.prefill([PrefillChunk(ids[:cut], pos[:, :cut], 0, blocks, None, False)])
                 ours = self.prefill([PrefillChunk(ids[cut:], pos[:, cut:], cut, blocks, None,
                                                   True)])[0].float()
@@ -340,7 +343,7 @@ class ModelRunner:
         err = (ours - ref).abs().max().item() / scale if ours is not None else math.inf
         tol = 1e-3 if self.pool.dtype == torch.float32 else 5e-2
         import transformers
-        if not written or err > tol:
+        if not written or not err <= tol:  # NaN fails too
             raise RuntimeError(
                 f"the engine's paged attention disagrees with the model's own forward under "
                 f"transformers {transformers.__version__} (relative error {err:.2e}, pool "
