@@ -74,7 +74,9 @@ class Settings(BaseSettings):
         "One device (cuda:0, cuda:1, cpu) or a split across GPUs (auto, balanced: slower "
         "for a 2B model). No CUDA → cpu."))
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
-        "sdpa", description="Attention kernel.")
+        "sdpa", description=(
+            "Attention kernel of the vision tower (and of --scheduler sequential); the batching "
+            "engine's text attention is its own paged function."))
     quantization: Literal["none", "4bit", "8bit"] = Field(
         "none", description="bitsandbytes quantization (4bit = nf4). Needs CUDA for speed.")
     max_model_len: int = Field(32768, ge=256, description=(

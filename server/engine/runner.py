@@ -26,6 +26,8 @@ Contract (the scheduler decides what runs; this module only runs it):
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import math
 import time
@@ -63,6 +65,16 @@ def _pick(buckets: list[int], n: int) -> int:
         if b >= n:
             return b
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+@contextlib.contextmanager
+def _gc_collect_skipped():
+    collect = gc.collect
+    gc.collect = lambda *a, **k: 0
+    try:
+        yield
+    finally:
+        gc.collect = collect
 
 
 @dataclass
@@ -182,9 +194,11 @@ class ModelRunner:
             torch.cuda.current_stream(self.device).wait_stream(s)
             graph = torch.cuda.CUDAGraph()
             # thread_local: preparation threads may use the GPU (image preprocessing)
-            # while a bucket is captured on first use
-            with torch.inference_mode(), torch.cuda.graph(graph, pool=self._mempool,
-                                                          capture_error_mode="thread_local"):
+            # while a bucket is captured on first use.  torch.cuda.graph runs a full
+            # gc.collect() on entry: over a hundred captures of a large heap would take
+            # tens of seconds (vLLM skips it the same way)
+            with _gc_collect_skipped(), torch.inference_mode(), \
+                    torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
                 step.logits = step.forward()
             step.graph = graph
         except Exception as exc:  # this bucket runs eagerly rather than not at all
