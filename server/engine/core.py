@@ -884,7 +884,7 @@ class AsyncEngine:
                                   max_model_len=self.max_model_len,
                                   enforce_eager=getattr(settings, "enforce_eager", False),
                                   encoder_cache=encoder_cache)
-        probe = self.blocks.allocate(3)
+        probe = self.blocks.allocate(min(3, num_blocks))
         try:
             self.runner.check(probe)
         finally:
