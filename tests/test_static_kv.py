@@ -280,3 +280,26 @@ async def test_n_above_max_num_seqs_is_a_400(make_engine):
         await run(engine, req)
     assert err.value.status == 400 and err.value.param == "n"
     assert engine.healthy
+
+
+async def test_wide_row_splits_the_decode_step(make_engine, monkeypatch):
+    """One long conversation beside short ones: the decode step runs as two passes (so the
+    short rows do not gather the long row's width), and every row's tokens are unchanged."""
+    import server.engine.runner as runner_mod
+    reqs = [EngineRequest("long", [{"role": "user", "content": "word " * 400}], [],
+                          SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))]
+    reqs += mixed_requests(4)
+    engine = make_engine(prefix_cache=False)
+    expected = [await run(engine, r) for r in reqs]  # alone: no split possible
+    monkeypatch.setattr(runner_mod, "SPLIT_MIN_TOKENS", 64)
+    splits = {"n": 0}
+    real = engine.runner._split
+
+    def counted(tables):
+        out = real(tables)
+        splits["n"] += out is not None
+        return out
+    monkeypatch.setattr(engine.runner, "_split", counted)
+    got = await asyncio.gather(*(run(engine, r, delay=0.01 * i) for i, r in enumerate(reqs)))
+    assert list(got) == expected
+    assert splits["n"] > 0
