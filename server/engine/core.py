@@ -46,6 +46,7 @@ through the registered function would otherwise serve garbage silently.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import gc
 import logging
@@ -182,11 +183,6 @@ class _SchedulerBase:
             s.matcher = p.grammar.matcher() if p.grammar is not None else None
             entry.seqs.append(s)
         return entry.seqs
-
-    def _forward(self, **inputs):
-        self.engine.faults.tick()
-        with torch.inference_mode():
-            return self.model(**inputs)
 
     def _guarded(self, stage: str, entries, fn, *, batch_step: bool = True):
         """Run one stage; if it raises, fail ``entries()`` (called then: the rows it
@@ -350,11 +346,9 @@ class BatchingScheduler(_SchedulerBase):
         keys = []
         if self.blocks.cache_blocks:
             entries = ids.tolist()
-            if img_ord is not None:
+            if img_ord is not None:  # image tokens are keyed by their image
                 for i in is_img.nonzero().view(-1).tolist():
-                    o = int(img_ord[i])
-                    k = next(j for j in range(len(bounds) - 1) if o < bounds[j + 1])
-                    entries[i] = img_keys[k]
+                    entries[i] = img_keys[bisect.bisect_right(bounds, int(img_ord[i])) - 1]
             keys = chain_keys(entries, self.bs)
         grid = p.image_grid_thw
         pos, delta = self.model.model.get_rope_index(  # before any block is taken

@@ -46,9 +46,6 @@ class KVBudget:
     def gib(self) -> float:
         return self.tokens * self.bytes_per_token / GIB
 
-    def fits(self, tokens: int) -> bool:
-        return tokens <= self.tokens
-
     @classmethod
     def measure(cls, model, settings, device: torch.device) -> "KVBudget":
         per_token = bytes_per_token(model)
