@@ -1,6 +1,6 @@
 """One-shot GPU check (issue 11): eager decode vs CUDA graphs on the full-size random model.
 
-    python -m bench.gpu_check [--device cuda|cpu] [--out FILE.json]
+    python -m bench.gpu_check [--device cuda|cpu] [--out FILE.json] [--profile]
 
 Builds the model in memory (``models.tiny.build_in_memory``: the real Qwen3-VL-2B shapes,
 random weights, bf16, created directly on the GPU: nothing is written to disk), then runs the
@@ -18,6 +18,8 @@ via ``AsyncEngine.generate(EngineRequest(...), engine.reserve())``: no HTTP laye
   startup and at the end (a capture that fails later turns it eager), and the number of
   decode graphs captured;
 
+(``--profile``: one more batch-1 request per mode under ``torch.profiler``: device time
+against wall time per decode step, the top ops, a gzipped Chrome trace beside ``--out``)
 and one correctness line: the token ids of 8 concurrent greedy requests (text prompts of
 one length) with CUDA graphs equal those of the eager run (same dtype).  It prints a table
 and writes one JSON file (``--out``, default ``bench/results/gpu_check_<device>.json``).  The
@@ -261,8 +263,52 @@ def decode_rate(results: list[dict]) -> tuple[float, float]:
     return n / max(end - start, 1e-9), 0.0
 
 
+async def profile_batch1(r: "Runner", out_dir: Path, mode: str, tokens: int = 24) -> dict:
+    """One greedy batch-1 request under ``torch.profiler`` (CPU + CUDA): the device time
+    its kernels took against the wall time of its decode steps (what is left is host time:
+    Python, launches, the one sync), the top kernels/ops table and a gzipped Chrome trace
+    under ``out_dir``.  A profiler that fails is reported, never raised."""
+    import gzip
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    try:
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                         if torch.cuda.is_available() else [])
+        try:  # the steps run on the engine's model thread, not this one
+            cfg = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
+        except Exception:
+            cfg = None
+        with profile(activities=acts, experimental_config=cfg) as prof:
+            x = await r.run(r.request(QUESTIONS[3], tokens))
+        first_t = x["events"][0][0]
+        steps = len(x["ids"]) - x["events"][0][1]
+        wall_ms = 1000 * (x["events"][-1][0] - first_t)
+        ka = prof.key_averages()
+        dev = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+                  for e in ka) / 1000.0
+        total_ms = 1000 * (x["events"][-1][0] - x["t0"])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        (out_dir / f"profile_{mode}.txt").write_text(
+            ka.table(sort_by=sort, row_limit=30) + "\n\n"
+            + ka.table(sort_by="self_cpu_time_total", row_limit=30))
+        trace = out_dir / f"trace_{mode}.json"
+        prof.export_chrome_trace(str(trace))
+        with open(trace, "rb") as f, gzip.open(str(trace) + ".gz", "wb") as g:
+            g.write(f.read())
+        trace.unlink()
+        return {"tokens": len(x["ids"]), "decode_steps": steps,
+                "decode_wall_ms_per_step": wall_ms / max(steps, 1),
+                "request_wall_ms": total_ms, "device_time_ms": dev,
+                "device_ms_per_token": dev / max(len(x["ids"]), 1)}
+    except Exception as exc:
+        return {"error": repr(exc)}
+
+
 async def measure_mode(loaded, settings, w: Workload, device: str, seed: int,
-                       res: dict, note=lambda msg: None) -> dict:
+                       res: dict, note=lambda msg: None,
+                       profile_dir: Path | None = None, tag: str = "mode") -> dict:
     """Start an engine with ``settings``, run the workload into ``res`` (filled as it goes:
     what was measured survives a later failure), shut the engine down.  ``note(msg)`` is
     called after each part."""
@@ -346,6 +392,11 @@ async def measure_mode(loaded, settings, w: Workload, device: str, seed: int,
         xs = await r.run_all(reqs)
         res["correctness_ids"] = [x["ids"] for x in xs]
         note("correctness batch done")
+
+        # 6. where a batch-1 step's time goes (optional, last: it cannot spoil the figures)
+        if profile_dir is not None:
+            res["profile"] = await profile_batch1(r, profile_dir, tag)
+            note(f"profile: {res['profile']}")
     finally:
         res["peak_gpu_memory_gib"] = (torch.cuda.max_memory_allocated() / 2**30) if cuda else None
         res.update(decode_path_now(engine))
@@ -447,6 +498,13 @@ def rows(report: dict) -> list[tuple[str, str, str]]:
              f(g, "image_batch", "ttft_p50_ms", d=0)),
             ("peak GPU memory GiB", f(e, "peak_gpu_memory_gib", d=2),
              f(g, "peak_gpu_memory_gib", d=2))]
+    if "profile" in e or "profile" in g:  # --profile: device time vs wall time per step
+        out += [("profiled batch 1: wall ms per decode step",
+                 f(e, "profile", "decode_wall_ms_per_step", d=2),
+                 f(g, "profile", "decode_wall_ms_per_step", d=2)),
+                ("profiled batch 1: device ms per token",
+                 f(e, "profile", "device_ms_per_token", d=2),
+                 f(g, "profile", "device_ms_per_token", d=2))]
     for name, m in zip(MODES, (e, g)):
         if m.get("error"):
             out.append((f"{name} FAILED", m["error"][:80], ""))
@@ -479,6 +537,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="the workload's sizes (default: the device's); --device cpu "
                         "--workload cuda runs the GPU's request mix on the tiny model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="last, in each mode: one batch-1 request under torch.profiler "
+                        "(device vs wall time per step; top-ops table and gzipped Chrome "
+                        "trace written beside --out)")
     p.add_argument("--via-loader", action="store_true",
                    help="save the model to a temporary folder and load it with models.loader "
                         "(as the server does) instead of handing the in-memory model over")
@@ -529,6 +591,19 @@ def main(argv: list[str] | None = None) -> int:
                                       for m, r in report["modes"].items()}}
         out.write_text(json.dumps(public, indent=2))
 
+    if device == "cuda":
+        # what the server's measured budget would be here (--gpu-memory-utilization), for
+        # the record; the two engines below get a fixed budget that fits the workload, so
+        # that a pool the first one failed to free cannot starve the second
+        from server.engine.kv_budget import KVBudget
+        try:
+            b = KVBudget.measure(loaded.model, settings, loaded.device)
+            report["kv_budget_measured"] = {"tokens": b.tokens, "gib": round(b.gib, 2)}
+        except Exception as exc:
+            report["kv_budget_measured"] = {"error": repr(exc)}
+        base["kv_cache_tokens"] = w.max_num_seqs * w.max_model_len
+        report["kv_cache_tokens"] = base["kv_cache_tokens"]
+
     ids = {}
     for mode in MODES:
         s = engine_settings(**base, enforce_eager=(mode == "eager"))
@@ -539,12 +614,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  [{time.perf_counter() - t_start:6.1f} s] {mode}: {msg}", flush=True)
             save()
         try:
-            asyncio.run(measure_mode(loaded, s, w, device, args.seed, res, note))
+            asyncio.run(measure_mode(loaded, s, w, device, args.seed, res, note,
+                                     out.parent if args.profile else None, mode))
         except Exception as exc:  # report it, and still run the other mode
             import traceback
             traceback.print_exc()
             res["error"] = repr(exc)
         ids[mode] = res.pop("correctness_ids", None)
+        if device == "cuda":  # after shutdown: what the engine left allocated
+            gc.collect()
+            torch.cuda.empty_cache()
+            res["allocated_after_shutdown_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
         print(f"{mode}: {time.perf_counter() - t:.1f} s", flush=True)
         save()
     if ids["eager"] is not None and ids["graphs"] is not None:
