@@ -18,8 +18,9 @@ via ``AsyncEngine.generate(EngineRequest(...), engine.reserve())``: no HTTP laye
   startup and at the end (a capture that fails later turns it eager), and the number of
   decode graphs captured;
 
-(``--profile``: one more batch-1 request per mode under ``torch.profiler``: device time
-against wall time per decode step, the top ops, a gzipped Chrome trace beside ``--out``)
+(``--profile``: two more batch-1 requests per mode under ``torch.profiler``, a text one and
+one image: device time and kernel count against wall time per decode step, the top ops;
+gzipped Chrome traces of the graphs mode beside ``--out``)
 and one correctness line: the token ids of 8 concurrent greedy requests (text prompts of
 one length) with CUDA graphs equal those of the eager run (same dtype).  It prints a table
 and writes one JSON file (``--out``, default ``bench/results/gpu_check_<device>.json``).  The
@@ -263,45 +264,54 @@ def decode_rate(results: list[dict]) -> tuple[float, float]:
     return n / max(end - start, 1e-9), 0.0
 
 
-async def profile_batch1(r: "Runner", out_dir: Path, mode: str, tokens: int = 24) -> dict:
-    """One greedy batch-1 request under ``torch.profiler`` (CPU + CUDA): the device time
-    its kernels took against the wall time of its decode steps (what is left is host time:
-    Python, launches, the one sync), the top kernels/ops table and a gzipped Chrome trace
-    under ``out_dir``.  A profiler that fails is reported, never raised."""
+async def profile_request(r: "Runner", req, out_dir: Path, name: str,
+                          trace: bool = True) -> dict:
+    """Run ``req`` alone under ``torch.profiler`` (CPU ops of every thread + CUDA
+    kernels): the kernels' summed device time and count against the wall time of its
+    decode steps (what is left is host time: Python, launches, the one sync); the top
+    kernels/ops tables (``profile_<name>.txt``) and, with ``trace``, a gzipped Chrome trace
+    (``trace_<name>.json.gz``) under ``out_dir``.  A profiler that fails is reported,
+    never raised."""
     import gzip
 
     import torch
     from torch.profiler import ProfilerActivity, profile
     try:
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
-                                         if torch.cuda.is_available() else [])
+        cuda = torch.cuda.is_available()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         try:  # the steps run on the engine's model thread, not this one
             cfg = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
         except Exception:
             cfg = None
         with profile(activities=acts, experimental_config=cfg) as prof:
-            x = await r.run(r.request(QUESTIONS[3], tokens))
-        first_t = x["events"][0][0]
-        steps = len(x["ids"]) - x["events"][0][1]
-        wall_ms = 1000 * (x["events"][-1][0] - first_t)
-        ka = prof.key_averages()
-        dev = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
-                  for e in ka) / 1000.0
-        total_ms = 1000 * (x["events"][-1][0] - x["t0"])
+            x = await r.run(req)
+        first_t, first_n = x["events"][0]
+        steps = len(x["ids"]) - first_n
         out_dir.mkdir(parents=True, exist_ok=True)
-        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        (out_dir / f"profile_{mode}.txt").write_text(
-            ka.table(sort_by=sort, row_limit=30) + "\n\n"
-            + ka.table(sort_by="self_cpu_time_total", row_limit=30))
-        trace = out_dir / f"trace_{mode}.json"
-        prof.export_chrome_trace(str(trace))
-        with open(trace, "rb") as f, gzip.open(str(trace) + ".gz", "wb") as g:
-            g.write(f.read())
-        trace.unlink()
-        return {"tokens": len(x["ids"]), "decode_steps": steps,
-                "decode_wall_ms_per_step": wall_ms / max(steps, 1),
-                "request_wall_ms": total_ms, "device_time_ms": dev,
-                "device_ms_per_token": dev / max(len(x["ids"]), 1)}
+        ka = prof.key_averages()
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        (out_dir / f"profile_{name}.txt").write_text(
+            ka.table(sort_by=sort, row_limit=40) + "\n\n"
+            + ka.table(sort_by="cpu_time_total", row_limit=40))
+        path = out_dir / f"trace_{name}.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text()).get("traceEvents", [])
+        kernels = [e for e in events if e.get("cat") == "kernel"]
+        device_ms = sum(e.get("dur", 0) for e in events
+                        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")) / 1000
+        if trace:
+            with open(path, "rb") as f, gzip.open(str(path) + ".gz", "wb") as g:
+                g.write(f.read())
+        path.unlink()
+        tokens = len(x["ids"])
+        return {"tokens": tokens, "prompt_tokens": x["prompt_tokens"],
+                "ttft_ms": 1000 * x["ttft"], "decode_steps": steps,
+                "decode_wall_ms_per_step": (1000 * (x["events"][-1][0] - first_t)
+                                            / max(steps, 1)),
+                "request_wall_ms": 1000 * (x["events"][-1][0] - x["t0"]),
+                "device_time_ms": device_ms, "kernels": len(kernels),
+                "device_ms_per_token": device_ms / max(tokens, 1),
+                "kernels_per_token": len(kernels) / max(tokens, 1)}
     except Exception as exc:
         return {"error": repr(exc)}
 
@@ -395,8 +405,13 @@ async def measure_mode(loaded, settings, w: Workload, device: str, seed: int,
 
         # 6. where a batch-1 step's time goes (optional, last: it cannot spoil the figures)
         if profile_dir is not None:
-            res["profile"] = await profile_batch1(r, profile_dir, tag)
+            res["profile"] = await profile_request(r, r.request(QUESTIONS[3], 24),
+                                                   profile_dir, tag, trace=tag == "graphs")
             note(f"profile: {res['profile']}")
+            res["profile_image"] = await profile_request(
+                r, r.request("Describe this photo.", 2, noise_image(w.image_size, seed + 7000)),
+                profile_dir, f"image_{tag}", trace=tag == "graphs")
+            note(f"image profile: {res['profile_image']}")
     finally:
         res["peak_gpu_memory_gib"] = (torch.cuda.max_memory_allocated() / 2**30) if cuda else None
         res.update(decode_path_now(engine))
@@ -504,7 +519,15 @@ def rows(report: dict) -> list[tuple[str, str, str]]:
                  f(g, "profile", "decode_wall_ms_per_step", d=2)),
                 ("profiled batch 1: device ms per token",
                  f(e, "profile", "device_ms_per_token", d=2),
-                 f(g, "profile", "device_ms_per_token", d=2))]
+                 f(g, "profile", "device_ms_per_token", d=2)),
+                ("profiled batch 1: kernels per token",
+                 f(e, "profile", "kernels_per_token", d=0),
+                 f(g, "profile", "kernels_per_token", d=0)),
+                ("profiled image request: TTFT ms",
+                 f(e, "profile_image", "ttft_ms", d=1), f(g, "profile_image", "ttft_ms", d=1)),
+                ("profiled image request: device ms",
+                 f(e, "profile_image", "device_time_ms", d=1),
+                 f(g, "profile_image", "device_time_ms", d=1))]
     for name, m in zip(MODES, (e, g)):
         if m.get("error"):
             out.append((f"{name} FAILED", m["error"][:80], ""))

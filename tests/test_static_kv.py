@@ -303,3 +303,26 @@ async def test_wide_row_splits_the_decode_step(make_engine, monkeypatch):
     got = await asyncio.gather(*(run(engine, r, delay=0.01 * i) for i, r in enumerate(reqs)))
     assert list(got) == expected
     assert splits["n"] > 0
+
+
+def test_fused_rms_norm_matches_transformers_forward():
+    """The runner's RMSNorm swap (torch's fused rms_norm) computes what transformers'
+    Qwen3VLTextRMSNorm computes: exactly in float32, within one bf16 ulp in bfloat16."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRMSNorm
+
+    from server.engine.runner import fuse_rms_norms
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float32, 0.0), (torch.bfloat16, 2 ** -7)):
+        ref = Qwen3VLTextRMSNorm(96, eps=1e-6)
+        ref.weight.data.normal_()
+        ref = ref.to(dtype)
+        fused = Qwen3VLTextRMSNorm(96, eps=1e-6).to(dtype)
+        fused.load_state_dict(ref.state_dict())
+        wrapper = torch.nn.Sequential(fused)
+        assert fuse_rms_norms(wrapper) == 1
+        x = (torch.randn(3, 5, 96) * 4).to(dtype)
+        a, b = ref(x).float(), fused(x).float()
+        assert b.dtype == a.dtype and b.shape == a.shape
+        assert ((a - b).abs() <= tol * a.abs().clamp(min=1)).all(), (dtype, (a - b).abs().max())
+    # only norms are touched
+    assert fuse_rms_norms(torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 8))) == 0

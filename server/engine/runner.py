@@ -83,6 +83,28 @@ def _gc_collect_skipped():
         gc.collect = collect
 
 
+def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.rms_norm(hidden_states, (hidden_states.shape[-1],),
+                                        self.weight, self.variance_epsilon)
+
+
+def fuse_rms_norms(module: torch.nn.Module) -> int:
+    """Run the text model's RMSNorms (4 per layer: input, post-attention, q and k) through
+    ``torch.nn.functional.rms_norm``: on CUDA that is one fused kernel instead of eight
+    (cast, pow, mean, add, rsqrt, mul, cast, mul), about half of a decode step's launches
+    (measured on the H200: ~1,700 kernels per step, 113 norms).  transformers marks these
+    classes for exactly this swap (``use_kernel_forward_from_hub("RMSNorm")``).  The
+    result is computed in float32 and rounded once: equal in float32, within one bf16 ulp
+    of the original in bf16.  Returns how many modules were switched."""
+    n = 0
+    for m in module.modules():
+        if type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon") \
+                and getattr(m, "weight", None) is not None and m.weight.dim() == 1:
+            m.forward = _rms_norm_forward.__get__(m)
+            n += 1
+    return n
+
+
 @dataclass
 class PrefillChunk:
     ids: torch.Tensor          # (n,) long, host: the chunk's tokens
@@ -147,6 +169,7 @@ class ModelRunner:
         self.image_token_id = model.config.image_token_id
         self.pad_id = pad_id
         install(model)
+        log.info("RMSNorm: %d modules through torch's fused rms_norm", fuse_rms_norms(self.lm))
         self.batch_buckets = batch_buckets(max_num_seqs)
         self.max_blocks = max(1, math.ceil(max_model_len / pool.block_size))
         self.width_buckets = width_buckets(self.max_blocks)
