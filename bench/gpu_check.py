@@ -1,6 +1,7 @@
 """One-shot GPU check (issue 11): eager decode vs CUDA graphs on the full-size random model.
 
     python -m bench.gpu_check [--device cuda|cpu] [--out FILE.json] [--profile]
+                              [--set NAME=VALUE ...]
 
 Builds the model in memory (``models.tiny.build_in_memory``: the real Qwen3-VL-2B shapes,
 random weights, bf16, created directly on the GPU: nothing is written to disk), then runs the
@@ -560,6 +561,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the workload's sizes (default: the device's); --device cpu "
                         "--workload cuda runs the GPU's request mix on the tiny model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="an engine setting for both columns, e.g. --set max_prefill_chunk=4096 "
+                        "--set prep_workers=8 (a Python literal, else a string); repeatable")
     p.add_argument("--profile", action="store_true",
                    help="last, in each mode: one batch-1 request under torch.profiler "
                         "(device vs wall time per step; top-ops table and gzipped Chrome "
@@ -579,7 +583,18 @@ def main(argv: list[str] | None = None) -> int:
     base = dict(device_map="cuda:0" if device == "cuda" else "cpu", dtype=dtype,
                 max_model_len=w.max_model_len, max_num_seqs=w.max_num_seqs,
                 log_level="warning", seed=args.seed)
-    settings = engine_settings(**base)
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--set {item!r}: expected NAME=VALUE")
+        try:
+            base[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            base[name] = value
+    try:
+        settings = engine_settings(**base)
+    except KeyError as exc:
+        p.error(str(exc))
     t = time.perf_counter()
     loaded, tmp = load(device, settings, args.via_loader, args.seed)
     build_s = time.perf_counter() - t
@@ -602,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
                   "hidden": loaded.model.config.get_text_config().hidden_size,
                   "built_in_s": round(build_s, 2), "via_loader": args.via_loader},
         "workload": asdict(w),
+        "settings_set": args.set,
         "modes": {},
         "correctness": None,
         "complete": False,
@@ -624,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
             report["kv_budget_measured"] = {"tokens": b.tokens, "gib": round(b.gib, 2)}
         except Exception as exc:
             report["kv_budget_measured"] = {"error": repr(exc)}
-        base["kv_cache_tokens"] = w.max_num_seqs * w.max_model_len
+        base.setdefault("kv_cache_tokens", w.max_num_seqs * w.max_model_len)
         report["kv_cache_tokens"] = base["kv_cache_tokens"]
 
     ids = {}
