@@ -433,7 +433,8 @@ def decode_path_now(engine) -> dict:
         graphs = sum(1 for st in runner.steps.values() if getattr(st, "graph", None) is not None)
     except Exception:
         graphs = None
-    return {"decode_path_end": path, "graphs_captured": graphs}
+    return {"decode_path_end": path, "graphs_captured": graphs,
+            "decode_compiled": getattr(runner, "compiled", None) is not None}
 
 
 def compare(a: list[list[int]], b: list[list[int]]) -> dict:
@@ -499,6 +500,8 @@ def rows(report: dict) -> list[tuple[str, str, str]]:
     out = [("decode path", path(e), path(g)),
            ("decode graphs captured", f(e, "graphs_captured", d=0),
             f(g, "graphs_captured", d=0)),
+           ("decode step compiled (--compile)", str(e.get("decode_compiled", "-")),
+            str(g.get("decode_compiled", "-"))),
            ("engine startup s", f(e, "engine_startup_s", d=2), f(g, "engine_startup_s", d=2)),
            ("ms per output token, batch 1", f(e, "tpot_batch1_ms", d=2),
             f(g, "tpot_batch1_ms", d=2))]

@@ -135,6 +135,10 @@ class Settings(BaseSettings):
         "Vision-encoder outputs kept for resent images, in MiB (0: off)."))
     enforce_eager: bool = Field(False, description=(
         "Run the decode step eagerly, without CUDA graphs."))
+    compile: bool = Field(False, description=(
+        "torch.compile the decode step (fuses its small kernels; checked against the eager "
+        "step at startup, which it falls back to). Startup takes longer; not yet measured "
+        "on a GPU."))
 
     # --- request limits ----------------------------------------------------------------
     max_tokens_limit: int = Field(8192, ge=1, description="Largest max_tokens a request may ask.")

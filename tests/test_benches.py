@@ -64,7 +64,7 @@ WRAPPER = textwrap.dedent(f"""
 
 MODE_FIELDS = {"decode_path", "decode_path_end", "graphs_captured", "engine_startup_s",
                "tpot_batch1_ms", "decode", "image_ttft_ms", "image_prompt_tokens", "image_batch",
-               "peak_gpu_memory_gib"}
+               "peak_gpu_memory_gib", "decode_compiled"}
 
 
 def test_gpu_check_cpu_without_server_packages(tmp_path):
@@ -90,7 +90,7 @@ def test_gpu_check_cpu_without_server_packages(tmp_path):
     for mode in rep["modes"].values():
         assert set(mode) == MODE_FIELDS, mode.keys()
         assert mode["decode_path"] == mode["decode_path_end"] == "eager"  # no graphs on CPU
-        assert not mode["graphs_captured"]
+        assert not mode["graphs_captured"] and mode["decode_compiled"] is False
         assert mode["peak_gpu_memory_gib"] is None
         assert mode["tpot_batch1_ms"] > 0 and mode["image_ttft_ms"] > 0
         assert [d["batch"] for d in mode["decode"]] == list(rep["workload"]["decode_batches"])

@@ -326,3 +326,43 @@ def test_fused_rms_norm_matches_transformers_forward():
         assert ((a - b).abs() <= tol * a.abs().clamp(min=1)).all(), (dtype, (a - b).abs().max())
     # only norms are touched
     assert fuse_rms_norms(torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 8))) == 0
+
+
+async def test_compiled_decode_step_matches_eager(make_engine):
+    """``--compile``: the decode step through ``torch.compile`` (checked at startup against
+    the eager step) gives the eager engine's tokens on the mixed set, and is what the
+    decode steps run; a compiled step that fails at run time leaves the engine eager with
+    the same answers."""
+    from torch._dynamo.utils import counters
+    eager = make_engine(prefix_cache=False)
+    graphs_before = counters["stats"]["unique_graphs"]
+    compiled = make_engine(prefix_cache=False, compile=True)
+    assert eager.runner.compiled is None
+    inner = compiled.runner.compiled
+    assert inner is not None, "the compiled step did not pass its startup check"
+    calls = []
+    compiled.runner.compiled = lambda *a: calls.append(1) or inner(*a)
+    reqs = mixed_requests(8)
+    expected = await asyncio.gather(*(run(eager, r) for r in reqs))
+    got = await asyncio.gather(*(run(compiled, r) for r in reqs))
+    assert got == expected
+    assert len(calls) >= 19  # every decode step of the longest request went through it
+    # batch and width are dynamic: batch 2 and batch 1 were all it compiled
+    assert counters["stats"]["unique_graphs"] - graphs_before <= 2
+
+    def broken(*args):
+        raise RuntimeError("injected: a recompilation failed")
+    compiled.runner.compiled = broken
+    got = await asyncio.gather(*(run(compiled, r) for r in reqs))
+    assert got == expected and compiled.runner.compiled is None
+
+
+async def test_compile_that_fails_at_startup_stays_eager(make_engine, monkeypatch, caplog):
+    def no_compile(*args, **kwargs):
+        raise RuntimeError("injected: no compiler")
+    monkeypatch.setattr(torch, "compile", no_compile)
+    with caplog.at_level("WARNING", logger="qwen_vl.engine"):
+        engine = make_engine(prefix_cache=False, compile=True)
+    assert engine.runner.compiled is None
+    assert any("stays eager" in r.getMessage() for r in caplog.records)
+    assert (await run(engine, mixed_requests(1)[0]))[0]

@@ -881,6 +881,8 @@ class AsyncEngine:
         probe = self.blocks.allocate(min(3, num_blocks))
         try:
             self.runner.check(probe)
+            if getattr(settings, "compile", False):
+                self.runner.compile_decode(probe)
         finally:
             self.blocks.release(probe)
         self.runner.capture_all(max_width=STARTUP_GRAPH_BLOCKS)

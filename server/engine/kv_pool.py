@@ -140,31 +140,58 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       scaling=scaling, dropout=dropout, **kwargs)
     pool, layer = ctx.pool, module.layer_idx
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if torch.compiler.is_compiling():
+        # under torch.compile the pool write must stay an in-place write into the pool:
+        # traced, it would be functionalised into a copy of the whole pool per layer
+        out = _paged_op(query, key, value, pool.k[layer], pool.v[layer], ctx.slots,
+                        ctx.rows, ctx.mask, scale, ctx.fresh)
+    else:
+        out = _paged(query, key, value, pool.k[layer], pool.v[layer], ctx.slots, ctx.rows,
+                     ctx.mask, scale, ctx.fresh)
+    return out, None
+
+
+def _paged(query, key, value, kp, vp, slots, rows, mask, scale: float, fresh: bool):
+    """Write the new keys/values into one layer's pool ``kp``/``vp`` (``[N + 1, bs, H,
+    D]``) at ``slots``, then attend each row's blocks ``rows`` under ``mask``; returns
+    ``[B, q, heads, D]`` (contiguous)."""
     b, h, q, d = key.shape
-    kp, vp = pool.k[layer], pool.v[layer]                  # [N + 1, bs, H, D]
     flat_k, flat_v = kp.view(-1, h, d), vp.view(-1, h, d)
-    flat_k.index_copy_(0, ctx.slots, key.transpose(1, 2).reshape(b * q, h, d).to(kp.dtype))
-    flat_v.index_copy_(0, ctx.slots, value.transpose(1, 2).reshape(b * q, h, d).to(vp.dtype))
-    if ctx.fresh:
+    flat_k.index_copy_(0, slots, key.transpose(1, 2).reshape(b * q, h, d).to(kp.dtype))
+    flat_v.index_copy_(0, slots, value.transpose(1, 2).reshape(b * q, h, d).to(vp.dtype))
+    if fresh:
         out = F.scaled_dot_product_attention(query, key.to(query.dtype), value.to(query.dtype),
-                                             is_causal=True, scale=scaling,
+                                             is_causal=True, scale=scale,
                                              enable_gqa=query.shape[1] != h)
-        return out.transpose(1, 2).contiguous(), None
-    idx = ctx.rows.reshape(-1)
-    t = ctx.rows.shape[1] * pool.block_size
+        return out.transpose(1, 2).contiguous()
+    idx = rows.reshape(-1)
+    t = rows.shape[1] * kp.shape[1]
     k = kp.index_select(0, idx).view(b, t, h, d).transpose(1, 2).to(query.dtype)
     v = vp.index_select(0, idx).view(b, t, h, d).transpose(1, 2).to(query.dtype)
     heads = query.shape[1]
     rep = heads // h
-    mask = ctx.mask
     if rep > 1:
         # grouped-query attention without copying K/V once per query head: query head
         # kv * rep + r reads KV head kv (HF's repeat_kv), so the rep query heads of a KV
         # head become rep x q query rows of one attention over that head
         query = query.reshape(b, h, rep * q, d)
         mask = mask.unsqueeze(2).expand(b, 1, rep, q, t).reshape(b, 1, rep * q, t)
-    out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
-    return out.reshape(b, heads, q, d).transpose(1, 2).contiguous(), None
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(b, heads, q, d).transpose(1, 2).contiguous()
+
+
+@torch.library.custom_op("qwen_vl::paged_attention", mutates_args=("kp", "vp"))
+def _paged_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              kp: torch.Tensor, vp: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor,
+              mask: torch.Tensor, scale: float, fresh: bool) -> torch.Tensor:
+    return _paged(query, key, value, kp, vp, slots, rows, mask, scale, fresh)
+
+
+@_paged_op.register_fake
+def _(query, key, value, kp, vp, slots, rows, mask, scale, fresh):
+    b, heads, q, d = query.shape
+    return query.new_empty((b, q, heads, d))
 
 
 def install(model) -> None:

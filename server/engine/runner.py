@@ -121,27 +121,38 @@ class _DecodeStep:
     def __init__(self, runner: "ModelRunner", batch: int, width: int):
         self.batch, self.width = batch, width
         dev = runner.device
-        # one buffer, one copy per step: ids | positions | kv_len | tables
-        self.inp = torch.zeros(batch * (3 + width), dtype=torch.long, device=dev)
-        self.ids = self.inp[:batch]
-        self.pos = self.inp[batch:2 * batch]
-        self.kv_len = self.inp[2 * batch:3 * batch]
-        self.tables = self.inp[3 * batch:].view(batch, width)
+        # one buffer, one copy per step: ids | positions | kv_len | tables.  Ordinary
+        # tensors even when made inside inference mode (as steps made while serving
+        # are): a compiled step's guards tell the two kinds apart
+        with torch.inference_mode(False):
+            self.inp = torch.zeros(batch * (3 + width), dtype=torch.long, device=dev)
+            self.ids = self.inp[:batch]
+            self.pos = self.inp[batch:2 * batch]
+            self.kv_len = self.inp[2 * batch:3 * batch]
+            self.tables = self.inp[3 * batch:].view(batch, width)
         self.graph = None
         self.logits: torch.Tensor | None = None
         self.runner = runner
+        if runner.dynamic_buffers:  # --compile: one compilation for every bucket
+            for t in (self.ids, self.pos, self.kv_len, self.tables)[:4 if batch > 1 else 0]:
+                torch._dynamo.mark_dynamic(t, 0)
+            torch._dynamo.mark_dynamic(self.tables, 1)
 
     def forward(self) -> torch.Tensor:
         r, b = self.runner, self.batch
-        inp = StepInputs(self.tables, self.kv_len - 1, self.kv_len)
-        with r.pool.step(inp, 1) as ctx:
-            h = r.lm(input_ids=self.ids.view(b, 1), attention_mask=ctx.mask,
-                     position_ids=self.pos.view(1, b, 1).expand(3, b, 1),
-                     use_cache=False).last_hidden_state
+        if r.compiled is not None:  # --compile: the same step, through torch.compile
+            try:
+                logits = r.compiled(self.ids, self.pos, self.kv_len, self.tables)
+                return r.logits_buffer(logits)[:b].copy_(logits)
+            except Exception as exc:  # a recompilation that fails: eager from now on
+                log.warning("--compile: the compiled decode step failed at batch %d x %d "
+                            "blocks (%r); the decode step runs eagerly from now on",
+                            b, self.width, exc)
+                r.compiled = None
+        last = r.decode_hidden(self.ids, self.pos, self.kv_len, self.tables)
         # every bucket writes into one shared output buffer (a graph's own output would
         # cost batch x vocab per graph), straight from the matmul when lm_head is a plain
         # linear layer (no batch x vocab copy per step)
-        last = h[:, -1]
         dst = r.logits_buffer(last)[:b]
         w = getattr(r.lm_head, "weight", None)
         if type(r.lm_head) is torch.nn.Linear and r.lm_head.bias is None and w.dtype == last.dtype:
@@ -180,11 +191,66 @@ class ModelRunner:
         self._flip = 0
         self._logits: torch.Tensor | None = None
         self._capture_failures = 0
+        self.compiled = None  # compile_decode(): the decode step through torch.compile
+        self.dynamic_buffers = False  # mark step buffers' batch and width dynamic (compile)
         self.decode_path, why = self._choose_path(enforce_eager)
         log.info("decode path: %s (%s)", self.decode_path, why)
         self._mempool = None
 
     # --- decode ---------------------------------------------------------------------------
+    def decode_hidden(self, ids, pos, kv_len, tables) -> torch.Tensor:
+        """The last hidden state ``[B, H]`` of one decode step (one new token per row)."""
+        b = ids.shape[0]
+        inp = StepInputs(tables, kv_len - 1, kv_len)
+        with self.pool.step(inp, 1) as ctx:
+            h = self.lm(input_ids=ids.view(b, 1), attention_mask=ctx.mask,
+                        position_ids=pos.view(1, b, 1).expand(3, b, 1),
+                        use_cache=False).last_hidden_state
+        return h[:, -1]
+
+    def _decode_logits(self, ids, pos, kv_len, tables) -> torch.Tensor:
+        return self.lm_head(self.decode_hidden(ids, pos, kv_len, tables))
+
+    def compile_decode(self, blocks: list[int]) -> bool:
+        """``--compile``: ``torch.compile`` the decode step (inductor fuses the chains of
+        small kernels between the matmuls: RMSNorm, rotary, SiLU-mul, residual adds; the
+        pool's write and gather stay one opaque in-place op, ``qwen_vl::paged_attention``),
+        compiled here, at startup: the step buffers mark batch and table width dynamic,
+        so two compilations (batch 2, and batch 1, which torch specialises) serve every
+        bucket.  Each is checked against the eager step, and so are both at the next
+        width (no recompilation); any failure or a mismatch leaves the step eager, with a
+        warning.  (``dynamic=True``, every size symbolic, gave wrong logits with torch
+        2.13: not used.)  Returns whether it is on."""
+        t0 = time.perf_counter()
+        self.dynamic_buffers = True
+        try:
+            compiled = torch.compile(self._decode_logits)
+            widths = self.width_buckets[:2]
+            for b, w in [(2, widths[0]), (1, widths[0])] + [(b, widths[-1]) for b in (2, 1)]:
+                step = _DecodeStep(self, b, w)
+                n = min(len(blocks), step.width)
+                step.tables[:, :n] = torch.tensor(blocks[:n])
+                step.kv_len.fill_(min(n * self.pool.block_size, 7))
+                step.pos.copy_(step.kv_len - 1)
+                step.ids.copy_(torch.arange(1, b + 1))
+                with torch.inference_mode():
+                    ref = step.forward().float().clone()
+                    got = compiled(step.ids, step.pos, step.kv_len, step.tables).float()
+                scale = ref.abs().max().item() or 1.0
+                err = (got - ref).abs().max().item() / scale
+                tol = 1e-4 if self.pool.dtype == torch.float32 else 2e-2
+                if not err <= tol:
+                    raise RuntimeError(f"compiled step differs from the eager step at batch "
+                                       f"{b} (relative error {err:.2e})")
+        except Exception as exc:
+            log.warning("--compile: the decode step stays eager (%s)", exc)
+            self.dynamic_buffers = False
+            return False
+        self.compiled = compiled
+        log.info("--compile: decode step compiled and checked in %.1f s",
+                 time.perf_counter() - t0)
+        return True
+
     def logits_buffer(self, hidden: torch.Tensor) -> torch.Tensor:
         if self._logits is None:
             vocab = self.model.config.get_text_config().vocab_size
