@@ -3,7 +3,12 @@
 CUDA graph), split into the ops inside one decoder layer and the rest, extrapolated to the
 real model's 28 layers.
 
-    python -m bench.step_ops --model-path /tmp/tiny [--batch 16] [--context 40]
+    python -m bench.step_ops --model-path /tmp/tiny [--batch 16] [--context 40] [--compiled]
+
+``--compiled`` counts the launches of the ``--compile`` step instead: the kernels inductor
+generated and the calls it leaves to others (matmuls, the paged-attention op), read from
+the code it generates on the CPU (a proxy for the GPU's Triton kernels: the same fusion
+decisions, mostly).  Run it on two models of different depth to split per layer.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ def main():
     ap.add_argument("--model-path", required=True)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--context", type=int, default=40)
+    ap.add_argument("--compiled", action="store_true",
+                    help="count the torch.compile'd step's kernels instead of aten ops")
     args = ap.parse_args()
     s = Settings(model_path=args.model_path)
     engine = AsyncEngine(load_model(s), s)
@@ -50,6 +57,11 @@ def main():
     tables = [blocks[i * per_row:(i + 1) * per_row] for i in range(args.batch)]
     step = dict(ids=[1] * args.batch, pos=[args.context] * args.batch,
                 kv_len=[args.context + 1] * args.batch, tables=tables)
+    if args.compiled:
+        print(json.dumps({"layers": layers, "batch": args.batch,
+                          **compiled_launches(runner, blocks, step)}))
+        engine._stopping = True
+        return
     with torch.inference_mode():
         runner.decode(**step)  # warm: buffers allocated
         count = _Count(inside)
@@ -60,6 +72,25 @@ def main():
                       "per_layer": count.layer, "outside_layers": outside,
                       f"at_{REAL_LAYERS}_layers": outside + REAL_LAYERS * count.layer}))
     engine._stopping = True
+
+
+def compiled_launches(runner, blocks: list[int], step: dict) -> dict:
+    """Kernels the compiled decode step launches, from inductor's generated ``call()``."""
+    import re
+    from collections import Counter
+
+    from torch._inductor.utils import run_and_get_code
+    if not runner.compile_decode(blocks):
+        raise SystemExit("the step did not compile (see the warning above)")
+    with torch.inference_mode():
+        runner.decode(**step)
+        st = runner.step_for(len(step["ids"]), max(len(t) for t in step["tables"]))
+        _, codes = run_and_get_code(runner.compiled, st.ids, st.pos, st.kv_len, st.tables)
+    call = codes[-1][codes[-1].index("def call("):]
+    fused = len(re.findall(r"^\s+(?:cpp|triton)_\w+\(", call, re.M))
+    other = Counter(re.findall(r"(extern_kernels\.\w+|torch\.ops\.[\w.]+)\(", call))
+    return {"generated_kernels": fused, "other_calls": dict(other),
+            "launches": fused + sum(other.values())}
 
 
 if __name__ == "__main__":
