@@ -350,11 +350,53 @@ async def test_compiled_decode_step_matches_eager(make_engine):
     # batch and width are dynamic: batch 2 and batch 1 were all it compiled
     assert counters["stats"]["unique_graphs"] - graphs_before <= 2
 
+    # the pool's write and gather are the opaque op in the generated code, once per layer
+    # (traced, the in-place write would be functionalised into a copy of the whole pool)
+    from torch._inductor.utils import run_and_get_code
+    st = compiled.runner.step_for(2, compiled.runner.width_buckets[0])
+    st.kv_len.fill_(1)
+    with torch.inference_mode():
+        torch._dynamo.reset()  # compile again so that the code is generated here
+        _, codes = run_and_get_code(torch.compile(compiled.runner.decode_hidden),
+                                    st.ids, st.pos, st.kv_len, st.tables)
+    layers = compiled.model.config.get_text_config().num_hidden_layers
+    assert sum(c.count("torch.ops.qwen_vl.paged_attention") for c in codes) >= layers
+    assert not any("index_copy" in c for c in codes)
+
+    # an error the eager step would raise too is not the compiler's: it propagates, and
+    # the compiled step stays on
+    def oom(*args):
+        raise torch.OutOfMemoryError("injected")
+    compiled.runner.compiled = oom
+    step = compiled.runner.step_for(2, compiled.runner.width_buckets[0])
+    with pytest.raises(torch.OutOfMemoryError), torch.inference_mode():
+        step.forward()
+    assert compiled.runner.compiled is oom
+
+    # a compiler failure (a recompilation for a new bucket): eager from then on, same answers
     def broken(*args):
-        raise RuntimeError("injected: a recompilation failed")
+        raise torch._dynamo.exc.TorchDynamoException("injected: a recompilation failed")
     compiled.runner.compiled = broken
     got = await asyncio.gather(*(run(compiled, r) for r in reqs))
     assert got == expected and compiled.runner.compiled is None
+
+
+def test_paged_attention_custom_op_passes_opcheck():
+    """The op torch.compile sees (``qwen_vl::paged_attention``): schema (it mutates the
+    pool), fake implementation and eager results agree (``torch.library.opcheck``)."""
+    from server.engine.kv_pool import _paged_op
+    torch.manual_seed(0)
+    b, heads, kv, d, bs, blocks = 2, 4, 2, 8, 4, 5
+    kp, vp = torch.zeros(blocks + 1, bs, kv, d), torch.zeros(blocks + 1, bs, kv, d)
+    tables = torch.tensor([[1, 2], [3, 0]])
+    kv_len = torch.tensor([6, 3])
+    slots = torch.tensor([1 * bs + 1, 3 * bs + 2])  # position kv_len - 1 of each row
+    mask = (torch.arange(2 * bs).view(1, 1, 1, -1) < kv_len.view(-1, 1, 1, 1))
+    args = (torch.randn(b, heads, 1, d), torch.randn(b, kv, 1, d), torch.randn(b, kv, 1, d),
+            kp, vp, slots, tables, mask, d ** -0.5, False)
+    torch.library.opcheck(_paged_op, args,
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
 
 
 async def test_compile_that_fails_at_startup_stays_eager(make_engine, monkeypatch, caplog):

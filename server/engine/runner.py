@@ -83,7 +83,12 @@ def _gc_collect_skipped():
         gc.collect = collect
 
 
+_FUSABLE_NORMS = ("Qwen3VLTextRMSNorm", "Qwen3VLMoeTextRMSNorm")  # weight * x / rms(x)
+
+
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    if hidden_states.dtype != self.weight.dtype:  # torch would not fuse; keep the original
+        return type(self).forward(self, hidden_states)
     return torch.nn.functional.rms_norm(hidden_states, (hidden_states.shape[-1],),
                                         self.weight, self.variance_epsilon)
 
@@ -92,17 +97,32 @@ def fuse_rms_norms(module: torch.nn.Module) -> int:
     """Run the text model's RMSNorms (4 per layer: input, post-attention, q and k) through
     ``torch.nn.functional.rms_norm``: on CUDA that is one fused kernel instead of eight
     (cast, pow, mean, add, rsqrt, mul, cast, mul), about half of a decode step's launches
-    (measured on the H200: ~1,700 kernels per step, 113 norms).  transformers marks these
-    classes for exactly this swap (``use_kernel_forward_from_hub("RMSNorm")``).  The
-    result is computed in float32 and rounded once: equal in float32, within one bf16 ulp
-    of the original in bf16.  Returns how many modules were switched."""
+    (measured on the H200: 1,780 kernels per step, 113 norms); on the CPU torch
+    decomposes it into fewer ops than transformers' module (66 instead of 94 per layer).
+    transformers marks these classes for exactly this swap
+    (``use_kernel_forward_from_hub("RMSNorm")``).  Only the classes known to compute
+    ``weight * x / rms(x)`` are switched (not, say, a ``(1 + weight)`` norm), and only
+    when input and weight share a dtype (else torch would not fuse and the output dtype
+    would differ): the result is equal on the CPU in float32; in bf16 and on CUDA it is
+    rounded once, within one ulp of the original.  Returns how many modules were
+    switched."""
     n = 0
     for m in module.modules():
-        if type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon") \
-                and getattr(m, "weight", None) is not None and m.weight.dim() == 1:
+        if type(m).__name__ in _FUSABLE_NORMS and getattr(m, "weight", None) is not None \
+                and m.weight.dim() == 1:
             m.forward = _rms_norm_forward.__get__(m)
             n += 1
     return n
+
+
+def _compiler_error(exc: BaseException) -> bool:
+    """An error of torch.compile itself (tracing, a guard's recompilation, inductor), as
+    opposed to one the step would raise eagerly too (out of memory, bad inputs)."""
+    kinds = [torch._dynamo.exc.TorchDynamoException]
+    inductor = getattr(getattr(torch, "_inductor", None), "exc", None)
+    if inductor is not None and hasattr(inductor, "InductorError"):
+        kinds.append(inductor.InductorError)
+    return isinstance(exc, tuple(kinds))
 
 
 @dataclass
@@ -140,16 +160,24 @@ class _DecodeStep:
 
     def forward(self) -> torch.Tensor:
         r, b = self.runner, self.batch
+        last = None
         if r.compiled is not None:  # --compile: the same step, through torch.compile
             try:
-                logits = r.compiled(self.ids, self.pos, self.kv_len, self.tables)
-                return r.logits_buffer(logits)[:b].copy_(logits)
-            except Exception as exc:  # a recompilation that fails: eager from now on
+                last = r.compiled(self.ids, self.pos, self.kv_len, self.tables)
+            except Exception as exc:
+                # a compiler failure (a recompilation for a new bucket): the buckets not
+                # yet captured run the eager step from now on.  Anything else fails as the
+                # eager step would, and so does anything inside a graph capture, which
+                # handles its own failures
+                capturing = r.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+                if capturing or not _compiler_error(exc):
+                    raise
                 log.warning("--compile: the compiled decode step failed at batch %d x %d "
-                            "blocks (%r); the decode step runs eagerly from now on",
+                            "blocks (%r); steps not yet captured run eagerly from now on",
                             b, self.width, exc)
                 r.compiled = None
-        last = r.decode_hidden(self.ids, self.pos, self.kv_len, self.tables)
+        if last is None:
+            last = r.decode_hidden(self.ids, self.pos, self.kv_len, self.tables)
         # every bucket writes into one shared output buffer (a graph's own output would
         # cost batch x vocab per graph), straight from the matmul when lm_head is a plain
         # linear layer (no batch x vocab copy per step)
@@ -208,9 +236,6 @@ class ModelRunner:
                         use_cache=False).last_hidden_state
         return h[:, -1]
 
-    def _decode_logits(self, ids, pos, kv_len, tables) -> torch.Tensor:
-        return self.lm_head(self.decode_hidden(ids, pos, kv_len, tables))
-
     def compile_decode(self, blocks: list[int]) -> bool:
         """``--compile``: ``torch.compile`` the decode step (inductor fuses the chains of
         small kernels between the matmuls: RMSNorm, rotary, SiLU-mul, residual adds; the
@@ -224,18 +249,26 @@ class ModelRunner:
         t0 = time.perf_counter()
         self.dynamic_buffers = True
         try:
-            compiled = torch.compile(self._decode_logits)
+            # the hidden state only: the logits stay one matmul into the shared buffer
+            compiled = torch.compile(self.decode_hidden)
             widths = self.width_buckets[:2]
-            for b, w in [(2, widths[0]), (1, widths[0])] + [(b, widths[-1]) for b in (2, 1)]:
+            batches = [b for b in (2, 1) if b in self.batch_buckets]
+            for b, w in [(b, widths[0]) for b in batches] + [(b, widths[-1]) for b in batches]:
                 step = _DecodeStep(self, b, w)
-                n = min(len(blocks), step.width)
-                step.tables[:, :n] = torch.tensor(blocks[:n])
-                step.kv_len.fill_(min(n * self.pool.block_size, 7))
+                # rows with their own block and length, as serving has them; a row
+                # beyond the probe's blocks is padding (the scratch block, one token)
+                for i in range(b):
+                    if i < len(blocks):
+                        step.tables[i, 0] = blocks[i]
+                        step.kv_len[i] = min(7 - i, self.pool.block_size)
+                    else:
+                        step.kv_len[i] = 1
                 step.pos.copy_(step.kv_len - 1)
                 step.ids.copy_(torch.arange(1, b + 1))
                 with torch.inference_mode():
                     ref = step.forward().float().clone()
-                    got = compiled(step.ids, step.pos, step.kv_len, step.tables).float()
+                    hidden = compiled(step.ids, step.pos, step.kv_len, step.tables)
+                    got = self.lm_head(hidden).float()
                 scale = ref.abs().max().item() or 1.0
                 err = (got - ref).abs().max().item() / scale
                 tol = 1e-4 if self.pool.dtype == torch.float32 else 2e-2
