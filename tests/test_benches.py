@@ -204,3 +204,24 @@ def test_decode_rate_window():
     c = {"events": [(5.0 + 0.1 * i, 1) for i in range(11)]}
     rate, window = decode_rate([a, c])
     assert window == 0.0 and rate > 0
+
+
+def test_gpu_session_script_dry_run_on_cpu(tmp_path):
+    """``bench/gpu_session.sh`` (the GPU session's one command) runs its three checks on
+    the CPU and leaves 6 files: the three JSONs, two profile archives and the log."""
+    r = subprocess.run(["bash", "bench/gpu_session.sh"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600,
+                       env={**os.environ, "PY": sys.executable, "OUT": str(tmp_path),
+                            "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "gpu_check-profiles.tgz", "gpu_check.json", "gpu_check_compile-profiles.tgz",
+        "gpu_check_compile.json", "gpu_check_prefill.json", "log.txt"]
+    default = json.loads((tmp_path / "gpu_check.json").read_text())
+    compiled = json.loads((tmp_path / "gpu_check_compile.json").read_text())
+    prefill = json.loads((tmp_path / "gpu_check_prefill.json").read_text())
+    assert default["complete"] and compiled["complete"] and prefill["complete"]
+    assert set(default["modes"]) == {"eager", "graphs"} and default["correctness"]["equal"]
+    assert set(compiled["modes"]) == {"graphs"} and compiled["modes"]["graphs"]["decode_compiled"]
+    assert "profile" in compiled["modes"]["graphs"]
+    assert prefill["settings_set"] == ["max_prefill_chunk=4096", "prep_workers=8"]
