@@ -408,3 +408,18 @@ async def test_compile_that_fails_at_startup_stays_eager(make_engine, monkeypatc
     assert engine.runner.compiled is None
     assert any("stays eager" in r.getMessage() for r in caplog.records)
     assert (await run(engine, mixed_requests(1)[0]))[0]
+
+
+async def test_stale_non_finite_kv_in_reused_blocks_cannot_poison_a_row(make_engine):
+    """A block comes to a new owner zeroed: NaN / inf that an earlier request left in the
+    pool (an fp16 overflow) must not reach a later row through its masked columns (a
+    masked column's value is still multiplied by 0, and 0 x inf is NaN)."""
+    reqs = mixed_requests(4)
+    reference = make_engine(prefix_cache=False, kv_cache_tokens=2048)
+    expected = [await run(reference, r) for r in reqs]
+    engine = make_engine(prefix_cache=False, kv_cache_tokens=2048)
+    pool = engine.runner.pool
+    pool.k[:, 1:] = float("nan")  # every block but the scratch one
+    pool.v[:, 1:] = float("inf")
+    got = await asyncio.gather(*(run(engine, r, delay=0.01 * i) for i, r in enumerate(reqs)))
+    assert got == expected

@@ -359,13 +359,26 @@ class BatchingScheduler(_SchedulerBase):
         if now + sum(promise) > self.blocks.available:
             self.blocks.release(matched)
             return False
-        blocks = matched + self.blocks.allocate(now)
+        blocks = matched + self._fresh(now)
         self.blocks.promise(sum(promise))
         cached = len(matched) * self.bs
         self.blocks.count(n, cached)
         self._note_allocation()
         return _Prompt(e, ids, pos[:, 0], int(delta.view(-1)[0]), keys, blocks, cached, cached,
                        promise, img_ord, bounds, img_keys)
+
+    def _fresh(self, n: int, *, promised: bool = False) -> list[int]:
+        """``n`` blocks for a new owner, zeroed (``KVPool.clear``: no earlier request's
+        keys or values survive in them)."""
+        blocks = self.blocks.allocate(n, promised=promised)
+        try:
+            self.runner.pool.clear(blocks)
+        except BaseException:  # as if never taken: the caller's failure path frees the rest
+            self.blocks.release(blocks)
+            if promised:
+                self.blocks.promise(n)
+            raise
+        return blocks
 
     def _note_allocation(self):
         self.peak_kv_tokens = max(self.peak_kv_tokens, self.blocks.used * self.bs)
@@ -500,6 +513,7 @@ class BatchingScheduler(_SchedulerBase):
             p.blocks, p.promise = [], [0] * len(p.promise)
             for s in seqs[1:] if partial is not None else ():
                 blk = self.blocks.allocate(1, promised=True)[0]  # a copy of the partial block
+                # (all of it, so nothing of an earlier owner is left there)
                 s.promise -= 1
                 s.blocks.append(blk)
                 self.runner.pool.copy_block(partial, blk)
@@ -528,7 +542,7 @@ class BatchingScheduler(_SchedulerBase):
         for s in rows:
             t = s.kv_len
             if t // bs >= len(s.blocks):  # crossing into a new block: from its promise
-                s.blocks.append(self.blocks.allocate(1, promised=True)[0])
+                s.blocks += self._fresh(1, promised=True)
                 s.promise -= 1
             ids.append(s.last_token)
             pos.append(t + s.delta)

@@ -85,6 +85,17 @@ class KVPool:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
+    def clear(self, blocks: list[int]):
+        """Zero ``blocks`` in every layer, before a new owner uses them.  A row's last
+        block holds, past its length, whatever an earlier owner wrote; attention masks
+        those columns, but a masked column still multiplies its value by 0, and a
+        non-finite value left by another request (an fp16 overflow) would turn this row's
+        output into NaN.  Two kernels per block, an int index each (no host-to-device
+        copy)."""
+        for b in blocks:
+            self.k[:, b].zero_()
+            self.v[:, b].zero_()
+
     def copy_block(self, src: int, dst: int):
         """Every layer's block ``src`` into ``dst`` (a forked choice's partial block)."""
         self.k[:, dst] = self.k[:, src]
