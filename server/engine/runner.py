@@ -153,10 +153,12 @@ class _DecodeStep:
         self.graph = None
         self.logits: torch.Tensor | None = None
         self.runner = runner
-        if runner.dynamic_buffers:  # --compile: one compilation for every bucket
+        if runner.dynamic_buffers:  # --compile: one compilation for every bucket (a size
+            # of 1 is always specialised: marking it would raise)
             for t in (self.ids, self.pos, self.kv_len, self.tables)[:4 if batch > 1 else 0]:
                 torch._dynamo.mark_dynamic(t, 0)
-            torch._dynamo.mark_dynamic(self.tables, 1)
+            if width > 1:
+                torch._dynamo.mark_dynamic(self.tables, 1)
 
     def forward(self) -> torch.Tensor:
         r, b = self.runner, self.batch
