@@ -572,9 +572,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="an engine setting for both columns, e.g. --set max_prefill_chunk=4096 "
                         "--set prep_workers=8 (a Python literal, else a string); repeatable")
     p.add_argument("--profile", action="store_true",
-                   help="last, in each mode: one batch-1 request under torch.profiler "
-                        "(device vs wall time per step; top-ops table and gzipped Chrome "
-                        "trace written beside --out)")
+                   help="last, in each mode: a batch-1 text request and a one-image request "
+                        "under torch.profiler (device vs wall time per step, kernels per "
+                        "token; top-op tables beside --out, gzipped Chrome traces of the "
+                        "graphs mode)")
     p.add_argument("--via-loader", action="store_true",
                    help="save the model to a temporary folder and load it with models.loader "
                         "(as the server does) instead of handing the in-memory model over")

@@ -115,6 +115,11 @@ def fuse_rms_norms(module: torch.nn.Module) -> int:
     return n
 
 
+def _relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest difference relative to the reference's largest value (NaN stays NaN)."""
+    return (got - ref).abs().max().item() / (ref.abs().max().item() or 1.0)
+
+
 def _compiler_error(exc: BaseException) -> bool:
     """An error of torch.compile itself (tracing, a guard's recompilation, inductor), as
     opposed to one the step would raise eagerly too (out of memory, bad inputs)."""
@@ -155,8 +160,9 @@ class _DecodeStep:
         self.runner = runner
         if runner.dynamic_buffers:  # --compile: one compilation for every bucket (a size
             # of 1 is always specialised: marking it would raise)
-            for t in (self.ids, self.pos, self.kv_len, self.tables)[:4 if batch > 1 else 0]:
-                torch._dynamo.mark_dynamic(t, 0)
+            if batch > 1:
+                for t in (self.ids, self.pos, self.kv_len, self.tables):
+                    torch._dynamo.mark_dynamic(t, 0)
             if width > 1:
                 torch._dynamo.mark_dynamic(self.tables, 1)
 
@@ -271,8 +277,7 @@ class ModelRunner:
                     ref = step.forward().float().clone()
                     hidden = compiled(step.ids, step.pos, step.kv_len, step.tables)
                     got = self.lm_head(hidden).float()
-                scale = ref.abs().max().item() or 1.0
-                err = (got - ref).abs().max().item() / scale
+                err = _relative_error(got, ref)
                 tol = 1e-4 if self.pool.dtype == torch.float32 else 2e-2
                 if not err <= tol:
                     raise RuntimeError(f"compiled step differs from the eager step at batch "
@@ -516,8 +521,7 @@ class ModelRunner:
                              position_ids=pos.view(3, 1, n).to(self.device),
                              use_cache=False).logits[0, -1].float()
             written = self.pool.k[:, blocks[0]].abs().sum().item()
-        scale = ref.abs().max().item() or 1.0
-        err = (ours - ref).abs().max().item() / scale if ours is not None else math.inf
+        err = _relative_error(ours, ref) if ours is not None else math.inf
         tol = 1e-3 if self.pool.dtype == torch.float32 else 5e-2
         import transformers
         if not written or not err <= tol:  # NaN fails too
