@@ -103,7 +103,9 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
             raise ServiceUnavailable(state.load_error or "The model is still loading.")
         return state.service
 
-    def auth(request: Request) -> ApiKey:
+    # async: FastAPI runs a plain def dependency on a worker thread, one thread hop per
+    # request; this is a hash and a few comparisons
+    async def auth(request: Request) -> ApiKey:
         if not keys.enabled:
             return UNLIMITED_ANONYMOUS
         given = request.headers.get("authorization", "")

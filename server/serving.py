@@ -305,7 +305,8 @@ class ChatService:
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if (
             req.tools and req.tool_choice != "none") else None
         stream = self.engine.generate(
-            EngineRequest(request_id, messages, images, params, tools, key=key), reservation)
+            EngineRequest(request_id, messages, images, params, tools, key=key,
+                          stream=bool(req.stream)), reservation)
         first = await anext(stream)  # raises context/engine errors before any byte is sent
         stats.ttft = time.perf_counter() - stats.t0
         return _prepend(first, stream)

@@ -7,7 +7,7 @@ import torch
 from tokenizers import Tokenizer
 
 from server.engine.kv_pool import BlockManager, KVPool, NoBlocks, StepInputs, chain_keys
-from server.engine.core import _coalesce
+from server.engine.output import coalesce as _coalesce
 from server.engine.interface import Output, SamplingParams
 from server.engine.sampler import SamplingState, mix32, sample, stream_key, uniform
 from server.engine.sequence import Sequence

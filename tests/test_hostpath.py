@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from models.loader import load_model
 from server.engine.core import AsyncEngine
 from server.engine.interface import EngineRequest, SamplingParams
+from server.engine import output as output_mod
 from server.engine.output import _deliver as output_deliver
 from server.engine.sampler import SamplingState, _mul32, mix32, uniform
 from server.engine.sequence import Sequence
@@ -42,10 +43,11 @@ def make_engine(tiny_model, loaded):
         e.output.stop()
 
 
-def text_req(i, max_tokens=12, **params):
+def text_req(i, max_tokens=12, stream=True, **params):
     params.setdefault("temperature", 0)
     return EngineRequest(f"r{i}", [{"role": "user", "content": f"order {i} status " * (1 + i % 3)}],
-                         [], SamplingParams(max_tokens=max_tokens, ignore_eos=True, **params))
+                         [], SamplingParams(max_tokens=max_tokens, ignore_eos=True, **params),
+                         stream=stream)
 
 
 async def run(engine, req, timeout=60.0):
@@ -247,6 +249,34 @@ async def test_one_event_loop_wakeup_per_step(make_engine):
     assert calls["n"] <= steps + 2, (calls["n"], steps)
 
 
+async def test_non_streamed_request_gets_its_first_token_then_the_rest_at_once(
+        make_engine, monkeypatch):
+    """``stream=False``: the first token's events at once (time to first token), the rest
+    merged into one delivery when the choice finishes, not one per step; ids, text and
+    counts equal those of the same requests streamed."""
+    monkeypatch.setattr(output_mod, "HOLD_S", 3600.0)  # no timed delivery in between
+    engine = make_engine()
+
+    async def outputs(req):
+        return [o async for o in engine.generate(req, engine.reserve())]
+
+    def by_choice(outs, n):
+        return [([t for o in outs if o.index == c for t in o.token_ids],
+                 "".join(o.text for o in outs if o.index == c),
+                 max(o.completion_tokens for o in outs if o.index == c)) for c in range(n)]
+    cases = [dict(max_tokens=40), dict(max_tokens=40), dict(max_tokens=25, n=2)]
+    streamed = await asyncio.gather(*(outputs(text_req(i, **kw)) for i, kw in enumerate(cases)))
+    held = await asyncio.gather(*(outputs(text_req(i, stream=False, **kw))
+                                  for i, kw in enumerate(cases)))
+    for kw, s, h in zip(cases, streamed, held):
+        n = kw.get("n", 1)
+        assert len(h) == 2 * n, [(o.index, len(o.token_ids), o.finish_reason) for o in h]
+        assert all(len(o.token_ids) == 1 for o in h[:n])
+        assert all(o.finish_reason == "length" for o in h[n:])
+        assert by_choice(h, n) == by_choice(s, n)
+        assert all(c[2] == kw["max_tokens"] for c in by_choice(h, n))
+
+
 # --- every stage guarded ---------------------------------------------------------------
 
 @pytest.mark.parametrize("fault", ["prefill:2", "join:1:error", "leave:1", "decode:4",
@@ -255,7 +285,8 @@ async def test_fault_in_each_stage_answers_every_request(make_engine, fault):
     """A fault injected into one stage: every request ends with a completion or an error
     envelope within the timeout, someone got the error, and the engine keeps serving."""
     engine = make_engine(fault=fault)
-    reqs = [text_req(i, max_tokens=20 + 10 * (i % 3)) for i in range(6)]
+    # streamed and non-streamed (events held between deliveries) requests alike
+    reqs = [text_req(i, max_tokens=20 + 10 * (i % 3), stream=i % 2 == 0) for i in range(6)]
 
     async def staggered(i, r):
         await asyncio.sleep(0.02 * i)

@@ -334,7 +334,7 @@ async def test_cached_tokens_reach_every_output_of_a_choice(tiny_model):
 
 
 def test_coalesce_keeps_cached_tokens():
-    from server.engine.core import _coalesce
+    from server.engine.output import coalesce as _coalesce
     outs = [Output(0, "a", [1], prompt_tokens=9, completion_tokens=1, cached_tokens=6),
             Output(0, "b", [2], prompt_tokens=9, completion_tokens=2, cached_tokens=6)]
     (merged,) = _coalesce(outs)

@@ -63,6 +63,9 @@ class EngineRequest:
     params: SamplingParams
     tools: list[dict] | None = None
     key: str = ""                        # API key name (fair queueing); "" = anonymous
+    # False: the caller reads the whole result only (a non-streamed completion): after the
+    # first, events may arrive merged, a few per request rather than one per step
+    stream: bool = True
 
 
 @dataclass

@@ -11,6 +11,11 @@ Contract:
   everything it has processed with one ``call_soon_threadsafe`` per event loop (not one
   per request): it drains the queue first, so a slow consumer gets several steps per
   wake-up.
+* A non-streamed request (``EngineRequest.stream`` False) is read whole: its first
+  events go at once (time to first token, errors before any byte), then they are held
+  and delivered merged when a choice finishes, or every ``HOLD_S`` seconds (the key's
+  token count stays about current): a couple of deliveries per request instead of one
+  per step (vLLM's ``FINAL_ONLY`` output kind).
 * A failure while producing one request's events fails that request only (its rows are
   marked stopped, so the model thread drops them at its next step) and counts toward the
   engine's health circuit.  Fault injection: stage ``output``.
@@ -21,10 +26,14 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 
+from server.engine.interface import Output
 from server.errors import APIError, InternalError
 
 log = logging.getLogger("qwen_vl.engine")
+
+HOLD_S = 0.5  # a non-streamed request's events are delivered at least this often
 
 
 class Sink:
@@ -58,6 +67,43 @@ class _Row:
 
     def entry(self, _, k):
         return self.lps.entry(self.i, k)
+
+
+def coalesce(outs: list[Output]) -> list[Output]:
+    """Merge consecutive outputs of the same choice into one (fewer stream chunks when
+    the event loop is behind the engine; text and token counts are unchanged)."""
+    if len(outs) == 1 or len({o.index for o in outs}) == len(outs):
+        return outs  # nothing to merge (the common case): no copies
+    merged: dict[int, Output] = {}
+    for o in outs:
+        m = merged.get(o.index)
+        if m is None:
+            merged[o.index] = Output(o.index, o.text, list(o.token_ids), o.finish_reason,
+                                     o.prompt_tokens, o.completion_tokens,
+                                     list(o.logprobs) if o.logprobs else None,
+                                     cached_tokens=o.cached_tokens)
+            continue
+        m.text += o.text
+        m.token_ids += o.token_ids
+        m.finish_reason, m.completion_tokens = o.finish_reason, o.completion_tokens
+        if o.logprobs:
+            m.logprobs = (m.logprobs or []) + o.logprobs
+    return list(merged.values())
+
+
+def _release(entry, events: list[Output]) -> list[Output] | None:
+    """What of ``events`` goes to the request now: all of it when it streams; otherwise
+    the first events, then the held ones merged when a choice finishes or ``HOLD_S``
+    passed since the last delivery (None: keep holding)."""
+    if getattr(entry, "stream", True):
+        return events
+    entry.held += events
+    now = time.monotonic()
+    if entry.held_at is not None and now - entry.held_at < HOLD_S \
+            and not any(o.finish_reason for o in events):
+        return None
+    out, entry.held, entry.held_at = coalesce(entry.held), [], now
+    return out
 
 
 def _deliver(pairs):
@@ -125,6 +171,7 @@ class OutputStage:
                 for s in e.seqs:
                     s.stopped = True
                 pending.pop(id(e.sink), None)
+                e.held = []
                 send(e.sink, err)
             return
         _, rows, tokens, finishes, hides, lps = item
@@ -154,10 +201,13 @@ class OutputStage:
                 outs.setdefault(id(entry), (entry, []))[1].append(o)
         for entry, events in outs.values():
             if events is None:
+                entry.held = []
                 entry.reservation.release()
                 send(entry.sink, InternalError("The model failed on this request."))
             elif events:
-                send(entry.sink, events)
+                events = _release(entry, events)
+                if events:
+                    send(entry.sink, events)
 
     def _write_logprobs(self, rows, tokens, lps) -> list[str | None]:
         """Per row the JSON of its token's logprob entry (None: no logprobs asked for, or

@@ -235,13 +235,24 @@ class ModelRunner:
 
     # --- decode ---------------------------------------------------------------------------
     def decode_hidden(self, ids, pos, kv_len, tables) -> torch.Tensor:
-        """The last hidden state ``[B, H]`` of one decode step (one new token per row)."""
+        """The last hidden state ``[B, H]`` of one decode step (one new token per row).
+
+        The text model's own modules, called in the order its ``forward`` calls them for
+        text tokens without a cache (embedding, rotary embedding, decoder layers, final
+        norm), but not through that ``forward``: its wrappers (output capture, kwarg
+        checks, mask construction) cost as much host time per step as a decoder layer of
+        a small model, and the pool's step carries the mask.  Equal to the model's
+        forward: the decode tests compare with ``generate()`` token for token."""
         b = ids.shape[0]
         inp = StepInputs(tables, kv_len - 1, kv_len)
         with self.pool.step(inp, 1) as ctx:
-            h = self.lm(input_ids=ids.view(b, 1), attention_mask=ctx.mask,
-                        position_ids=pos.view(1, b, 1).expand(3, b, 1),
-                        use_cache=False).last_hidden_state
+            h = self.embed(ids.view(b, 1))
+            pe = self.lm.rotary_emb(h, pos.view(1, b, 1).expand(3, b, 1))
+            for layer in self.lm.layers:
+                h = layer(h, attention_mask=ctx.mask, position_embeddings=pe)
+                if isinstance(h, tuple):  # transformers versions whose layers return tuples
+                    h = h[0]
+            h = self.lm.norm(h)
         return h[:, -1]
 
     def compile_decode(self, blocks: list[int]) -> bool:
@@ -398,9 +409,12 @@ class ModelRunner:
         return out
 
     def _split(self, tables: list[list[int]]) -> tuple[list[int], list[int]] | None:
+        widest = _pick(self.width_buckets, max(1, max(map(len, tables))))
+        if (len(tables) - 1) * widest * self.pool.block_size < SPLIT_MIN_TOKENS:
+            return None  # even the other rows skipping every block would save less
         widths = [_pick(self.width_buckets, max(1, len(t))) for t in tables]
         order = sorted(range(len(widths)), key=widths.__getitem__)
-        widest, best, cut = widths[order[-1]], 0, 0
+        best, cut = 0, 0
         for k in range(1, len(order)):
             if widths[order[k]] == widths[order[k - 1]]:
                 continue
