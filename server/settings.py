@@ -138,8 +138,8 @@ class Settings(BaseSettings):
     cpu_threads: int | None = Field(None, ge=1, description=(
         "torch's intra-op threads when the model runs on the CPU. Default: OMP_NUM_THREADS "
         "when set, else the process's cores minus one (at least 1): one core is left to the "
-        "event loop, the output thread and request preparation, as vLLM's CPU backend "
-        "reserves one. No effect on a GPU."))
+        "event loop, the output thread and request preparation (vLLM's CPU tuning guide "
+        "reserves one the same way). No effect on a GPU."))
     compile: bool = Field(False, description=(
         "torch.compile the decode step (fuses its small kernels; checked against the eager "
         "step at startup, which it falls back to). Startup takes longer; not yet measured "

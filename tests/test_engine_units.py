@@ -189,3 +189,15 @@ def test_token_bytes_are_the_real_bytes(tok):
     assert b"".join(pieces) == text.encode()
     assert any(len(p) and p.decode("utf-8", "replace") != p.decode("utf-8", "ignore") for p in pieces) \
         or len(ids) == len(text)
+
+
+def test_cpu_threads_leave_one_core_unless_told(monkeypatch):
+    from server.engine.core import cpu_threads
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert cpu_threads(None)[0] == 7
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
+    assert cpu_threads(None)[0] == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu_threads(None) == (3, "OMP_NUM_THREADS")
+    assert cpu_threads(5) == (5, "--cpu-threads")

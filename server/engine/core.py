@@ -107,7 +107,7 @@ def cpu_threads(configured: int | None) -> tuple[int, str]:
     left to the threads around the model (event loop, output thread, preparation): on a
     small box, intra-op threads that share cores with those wait for the scheduler at
     every parallel region (measured on 2 cores, tiny model: 1 thread 25k tok/s engine
-    only, 2 threads 11-18k)."""
+    only, 2 threads 11-18k; a larger model's matmuls may want every core: set it)."""
     if configured:
         return configured, "--cpu-threads"
     env = os.environ.get("OMP_NUM_THREADS", "")

@@ -4,7 +4,9 @@ The serving layer builds an ``EngineRequest`` (chat messages in Hugging Face's f
 decoded PIL images, ``SamplingParams``), reserves a queue place with
 ``Engine.reserve()`` *before* fetching any image, then iterates
 ``Engine.generate(request, reservation)``: an async stream of ``Output`` events, one per
-choice and step, the last of each choice carrying a ``finish_reason``.  Cancelling the
+choice and step (for a non-streamed request, ``stream=False``, the events after the first
+may come merged: one per choice and delivery), the last of each choice carrying a
+``finish_reason``.  Cancelling the
 iteration (client gone) aborts the request; the engine frees its batch slot at the next
 step.  Every failure arrives as a ``server.errors.APIError``.
 """
