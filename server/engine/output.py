@@ -71,7 +71,8 @@ class _Row:
 
 def coalesce(outs: list[Output]) -> list[Output]:
     """Merge consecutive outputs of the same choice into one (fewer stream chunks when
-    the event loop is behind the engine; text and token counts are unchanged)."""
+    the event loop is behind the engine, and a non-streamed request's held events; text
+    and token counts are unchanged).  The merged outputs own their lists."""
     if len(outs) == 1 or len({o.index for o in outs}) == len(outs):
         return outs  # nothing to merge (the common case): no copies
     merged: dict[int, Output] = {}
@@ -86,8 +87,10 @@ def coalesce(outs: list[Output]) -> list[Output]:
         m.text += o.text
         m.token_ids += o.token_ids
         m.finish_reason, m.completion_tokens = o.finish_reason, o.completion_tokens
-        if o.logprobs:
-            m.logprobs = (m.logprobs or []) + o.logprobs
+        if o.logprobs:  # in place: a held answer merges hundreds of steps at once
+            if m.logprobs is None:
+                m.logprobs = []
+            m.logprobs += o.logprobs
     return list(merged.values())
 
 
@@ -95,7 +98,7 @@ def _release(entry, events: list[Output]) -> list[Output] | None:
     """What of ``events`` goes to the request now: all of it when it streams; otherwise
     the first events, then the held ones merged when a choice finishes or ``HOLD_S``
     passed since the last delivery (None: keep holding)."""
-    if getattr(entry, "stream", True):
+    if entry.stream:
         return events
     entry.held += events
     now = time.monotonic()
