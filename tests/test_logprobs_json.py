@@ -254,6 +254,7 @@ def test_output_thread_write_failure_fails_that_request_only():
     class Entry:
         def __init__(self):
             self.sink, self.seqs, self.released = object(), [], False
+            self.stream = True  # as server.engine.core.Entry
             self.reservation = self
 
         def release(self):
