@@ -15,7 +15,7 @@ from server.engine.core import AsyncEngine
 from server.engine.interface import EngineRequest, SamplingParams
 from server.engine import output as output_mod
 from server.engine.output import _deliver as output_deliver
-from server.engine.sampler import SamplingState, _mul32, mix32, uniform
+from server.engine.sampler import SamplingState, _mul32, draw, mix32, stream_base, uniform
 from server.engine.sequence import Sequence
 from server.engine.structured import GrammarSpec
 from server.errors import APIError
@@ -79,6 +79,28 @@ def test_mul32_and_uniform_match_python_integers():
                                                zip(xs, xs[::-1], range(len(xs)))]
     u = uniform(torch.full((4096,), 7), torch.full((4096,), 9), torch.arange(4096))
     assert 0.45 < float(u.mean()) < 0.55 and len(set(u.tolist())) > 4000
+
+
+def test_a_step_hashes_only_base_plus_step_and_the_stream_is_unchanged():
+    """The sampler hashes a row's key once when it joins (``stream_base``) and
+    ``base + step`` at each step; the draws are still the documented construction
+    ``mix32((mix32(mix32(lo) ^ hi) + step) mod 2**32)``, written here with Python's exact
+    integers and the textbook multiply, so a seed gives the same text as before."""
+    def ref_mix(x):
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) % 2**32
+        x ^= x >> 15
+        x = (x * 0x846CA68B) % 2**32
+        return x ^ (x >> 16)
+
+    keys = [(0, 0), (1, 2), (0xFFFFFFFF, 0x12345678), (0x80000000, 0xFFFFFFFF)]
+    for lo, hi in keys:
+        base = stream_base(lo, hi)
+        assert base == ref_mix(ref_mix(lo) ^ hi)
+        steps = torch.arange(0, 3000, 7)
+        got = draw(torch.full_like(steps, base), steps).tolist()
+        want = [(ref_mix((base + s) % 2**32) >> 8) / 2**24 for s in steps.tolist()]
+        assert got == want
 
 
 # --- the vectorised sampler against a per-row reference --------------------------------

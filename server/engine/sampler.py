@@ -36,9 +36,9 @@ _M32 = 0xFFFFFFFF
 
 def _mul32(x: torch.Tensor | int, c: int):
     """``x * c mod 2**32`` for 32-bit ``x`` held in int64, without signed overflow (the
-    product is split in 16-bit halves), so every backend computes the same bits."""
-    lo, hi = x & 0xFFFF, x >> 16
-    return ((((hi * c) & 0xFFFF) << 16) + lo * c) & _M32
+    constant is split in 16-bit halves, so no product reaches 2**48), so every backend
+    computes the same bits."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
 
 
 def mix32(x):
@@ -51,12 +51,24 @@ def mix32(x):
     return x ^ (x >> 16)
 
 
-def uniform(key_lo, key_hi, step):
-    """The draw of stream (key_lo, key_hi) at ``step``: a float in [0, 1) with 24 bits."""
-    h = mix32((mix32(mix32(key_lo) ^ key_hi) + step) & _M32)
+def stream_base(key_lo, key_hi):
+    """The stream's part of every draw, hashed once when a row joins (a step hashes only
+    ``base + step``)."""
+    return mix32(mix32(key_lo) ^ key_hi)
+
+
+def draw(base, step):
+    """The draw of the stream with ``stream_base`` ``base`` at ``step``: a float in [0, 1)
+    with 24 bits."""
+    h = mix32((base + step) & _M32)
     if isinstance(h, int):
         return (h >> 8) / float(1 << 24)
     return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def uniform(key_lo, key_hi, step):
+    """The draw of stream (key_lo, key_hi) at ``step``."""
+    return draw(stream_base(key_lo, key_hi), step)
 
 
 def stream_key(seed: int | None, choice: int, fallback: torch.Generator) -> tuple[int, int]:
@@ -105,7 +117,7 @@ class LogprobRows:
 
 
 _FLOAT = ("temperature", "top_p", "min_p", "presence", "frequency", "repetition")
-_LONG = ("top_k", "key_lo", "key_hi", "step")
+_LONG = ("top_k", "key", "step")
 _OPTIONAL = ("counts", "hist", "seen", "bias")  # present only when a row needs one
 
 
@@ -116,6 +128,7 @@ class SamplingState:
                  steps: list[int] | None = None):
         self.params, self.t, self.vocab = params, t, vocab
         self.steps = steps if steps is not None else [0] * len(params)  # Python mirror of t["step"]
+        self._outside = None  # candidates past each row's top_k (_draw)
         self._derive_flags()
 
     # --- building and re-indexing (rows join or leave) ------------------------------------
@@ -128,7 +141,7 @@ class SamplingState:
                      top_p=p.top_p, min_p=p.min_p, presence=p.presence_penalty,
                      frequency=p.frequency_penalty, repetition=p.repetition_penalty,
                      top_k=p.top_k if 0 < p.top_k < vocab else vocab,
-                     key_lo=k[0], key_hi=k[1], step=0) for p, k in zip(params, keys)]
+                     key=stream_base(k[0], k[1]), step=0) for p, k in zip(params, keys)]
         t = {n: torch.tensor([r[n] for r in rows], dtype=torch.float32, device=device)
              for n in _FLOAT}
         t.update({n: torch.tensor([r[n] for r in rows], dtype=torch.long, device=device)
@@ -263,9 +276,10 @@ class SamplingState:
         else:
             vals, idx = logits.sort(dim=-1, descending=True)
         k = vals.shape[-1]
-        inside = torch.arange(k, device=vals.device).view(1, -1) < t["top_k"].view(-1, 1)
+        if self._outside is None:  # fixed while the rows are (a new state when they change)
+            self._outside = torch.arange(k, device=vals.device).view(1, -1) >= t["top_k"].view(-1, 1)
         # weights relative to the row's best candidate: no normalisation across the batch
-        w = torch.exp((vals - vals[:, :1]) / t["temperature"].view(-1, 1)).masked_fill(~inside, 0.0)
+        w = torch.exp((vals - vals[:, :1]) / t["temperature"].view(-1, 1)).masked_fill(self._outside, 0.0)
         if self.any_top_p:
             cum = w.cumsum(dim=-1)
             above = cum - w                                   # mass strictly above each one
@@ -273,7 +287,7 @@ class SamplingState:
         if self.any_min_p:  # the best candidate has weight 1: min_p is the floor itself
             w = w.masked_fill(w < t["min_p"].view(-1, 1), 0.0)
         cum = w.cumsum(dim=-1)
-        u = uniform(t["key_lo"], t["key_hi"], t["step"])
+        u = draw(t["key"], t["step"])
         pick = torch.searchsorted(cum, (u * cum[:, -1]).view(-1, 1), right=True)
         return idx.gather(1, pick.clamp_(max=k - 1)).view(-1)
 
