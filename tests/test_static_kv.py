@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from server.engine.interface import EngineRequest, ImageInput, SamplingParams
+from server.engine.kv_pool import StepInputs
 from tests.test_batching import mixed_requests
 from tests.test_hostpath import SyncCounter, loaded, make_engine  # noqa: F401 (fixtures)
 
@@ -303,6 +304,49 @@ async def test_wide_row_splits_the_decode_step(make_engine, monkeypatch):
     got = await asyncio.gather(*(run(engine, r, delay=0.01 * i) for i, r in enumerate(reqs)))
     assert list(got) == expected
     assert splits["n"] > 0
+
+
+async def test_decode_layout_and_rotary_table_equal_the_general_path(make_engine):
+    """The decode step's shortcuts compute what the general code computes: the
+    one-query layout gives the general layout's slots and mask (contexts ending anywhere
+    in a block, padding rows of one scratch token), and the rotary table's rows are the
+    rotary module's output for the same positions, so the decode step's logits are
+    bitwise those of a runner without the table (float32)."""
+    engine = make_engine()
+    runner, pool = engine.runner, engine.runner.pool
+    bs = pool.block_size
+    g = torch.Generator().manual_seed(3)
+    for b, nb in ((1, 1), (5, 3), (16, 4)):
+        tables = torch.randint(1, pool.num_blocks + 1, (b, nb), generator=g)
+        kv_len = torch.randint(1, nb * bs + 1, (b,), generator=g)
+        kv_len[-1] = 1  # a padding row: the scratch block, one token
+        tables[-1] = 0
+        inp = StepInputs(tables, kv_len - 1, kv_len)
+        slots, mask = pool._layout_one(inp)
+        want_slots, want_mask = pool._layout_any(inp, 1)
+        assert torch.equal(slots, want_slots) and torch.equal(mask, want_mask)
+    assert runner.rope is not None
+    n = runner.rope[0].shape[0]
+    assert n >= engine.max_model_len
+    pos = torch.tensor([0, 1, 17, n // 2, n - 1])
+    h = torch.zeros(1, dtype=runner.embed.weight.dtype)
+    cos, sin = runner.lm.rotary_emb(h, pos.view(1, -1, 1).expand(3, -1, 1))
+    assert torch.equal(runner.rope[0][pos], cos[:, 0]) and torch.equal(runner.rope[1][pos], sin[:, 0])
+    blocks = engine.blocks.allocate(8)
+    try:
+        step = dict(ids=[5, 9, 2, 7], pos=[3, 30, 8, 0], kv_len=[4, 31, 9, 1],
+                    tables=[blocks[:1], blocks[1:3], blocks[3:4], blocks[4:5]])
+        with torch.inference_mode():
+            runner.decode(**step)  # writes the rows' keys and values
+            table = runner.decode(**step).clone()
+            saved, runner.rope = runner.rope, None
+            try:
+                module = runner.decode(**step).clone()
+            finally:
+                runner.rope = saved
+        assert torch.equal(table, module)
+    finally:
+        engine.blocks.release(blocks)
 
 
 def test_fused_rms_norm_matches_transformers_forward():

@@ -120,17 +120,32 @@ class KVPool:
         nb * block_size]``, from device tensors only.  A padding query (past ``kv_len``)
         writes the scratch slot and attends what the row's last real token attends, so
         its values stay finite."""
+        return self._layout_one(inp) if q_len == 1 else self._layout_any(inp, q_len)
+
+    def _layout_any(self, inp: StepInputs, q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         bs, dev = self.block_size, inp.tables.device
         b, nb = inp.tables.shape
+        keys = torch.arange(nb * bs, device=dev)
         ar = torch.arange(q_len, device=dev)
         pos = inp.q_start.view(-1, 1) + ar.view(1, -1)                   # [B, q]
         valid = pos < inp.kv_len.view(-1, 1)
         blk = inp.tables.gather(1, (pos // bs).clamp(max=nb - 1))
         slots = torch.where(valid, blk * bs + pos % bs, torch.zeros_like(pos)).view(-1)
         qpos = torch.minimum(pos, inp.kv_len.view(-1, 1) - 1)
-        keys = torch.arange(nb * bs, device=dev)
         mask = (keys.view(1, 1, -1) <= qpos.unsqueeze(-1)).unsqueeze(1)  # [B, 1, q, T]
         return slots, mask
+
+    def _layout_one(self, inp: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """``layout`` of one query per row (a decode step, or one-token chunks): each row's
+        query is a real token, so there is no padding query to route; half the ops of the
+        general case, the same slots and mask (a test compares them)."""
+        bs = self.block_size
+        b, nb = inp.tables.shape
+        keys = torch.arange(nb * bs, device=inp.tables.device)
+        pos = inp.q_start
+        blk = inp.tables.gather(1, (pos // bs).view(-1, 1)).view(-1)
+        mask = (keys.view(1, -1) <= pos.view(-1, 1)).view(b, 1, 1, -1)
+        return blk * bs + pos % bs, mask
 
 
 def _zeros(shape, dtype, device) -> torch.Tensor:
@@ -169,8 +184,8 @@ def _paged(query, key, value, kp, vp, slots, rows, mask, scale: float, fresh: bo
     ``[B, q, heads, D]`` (contiguous)."""
     b, h, q, d = key.shape
     flat_k, flat_v = kp.view(-1, h, d), vp.view(-1, h, d)
-    flat_k.index_copy_(0, slots, key.transpose(1, 2).reshape(b * q, h, d).to(kp.dtype))
-    flat_v.index_copy_(0, slots, value.transpose(1, 2).reshape(b * q, h, d).to(vp.dtype))
+    flat_k.index_copy_(0, slots, _as(key.transpose(1, 2).reshape(b * q, h, d), kp.dtype))
+    flat_v.index_copy_(0, slots, _as(value.transpose(1, 2).reshape(b * q, h, d), vp.dtype))
     if fresh:
         out = F.scaled_dot_product_attention(query, key.to(query.dtype), value.to(query.dtype),
                                              is_causal=True, scale=scale,
@@ -178,18 +193,25 @@ def _paged(query, key, value, kp, vp, slots, rows, mask, scale: float, fresh: bo
         return out.transpose(1, 2).contiguous()
     idx = rows.reshape(-1)
     t = rows.shape[1] * kp.shape[1]
-    k = kp.index_select(0, idx).view(b, t, h, d).transpose(1, 2).to(query.dtype)
-    v = vp.index_select(0, idx).view(b, t, h, d).transpose(1, 2).to(query.dtype)
+    k = _as(kp.index_select(0, idx).view(b, t, h, d).transpose(1, 2), query.dtype)
+    v = _as(vp.index_select(0, idx).view(b, t, h, d).transpose(1, 2), query.dtype)
     heads = query.shape[1]
     rep = heads // h
     if rep > 1:
         # grouped-query attention without copying K/V once per query head: query head
         # kv * rep + r reads KV head kv (HF's repeat_kv), so the rep query heads of a KV
-        # head become rep x q query rows of one attention over that head
+        # head become rep x q query rows of one attention over that head (with one query
+        # per row, the row's mask [B, 1, 1, T] already broadcasts over them)
         query = query.reshape(b, h, rep * q, d)
-        mask = mask.unsqueeze(2).expand(b, 1, rep, q, t).reshape(b, 1, rep * q, t)
+        if q > 1:
+            mask = mask.unsqueeze(2).expand(b, 1, rep, q, t).reshape(b, 1, rep * q, t)
     out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale)
     return out.reshape(b, heads, q, d).transpose(1, 2).contiguous()
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)`` without a dispatch when it is one already (four per layer per step)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 @torch.library.custom_op("qwen_vl::paged_attention", mutates_args=("kp", "vp"))

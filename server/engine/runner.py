@@ -232,14 +232,33 @@ class ModelRunner:
         self.decode_path, why = self._choose_path(enforce_eager)
         log.info("decode path: %s (%s)", self.decode_path, why)
         self._mempool = None
+        self.rope = self._rope_table()
+
+    def _rope_table(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos and sin ``[positions, head_dim]`` of every position a decode step can reach,
+        computed once by the text model's own rotary module.  A decode token is text, its
+        three M-RoPE components are equal (``t + delta``), and the module computes each
+        position on its own: a step's rows are the table's rows, two index lookups instead
+        of the module's ~30 ops.  (``delta`` <= 0: an image advances positions by at most
+        its token count, so ``t + delta`` < ``max_model_len``.)  None for a rope type that
+        rescales with the sequence length: those run the module every step."""
+        rot = self.lm.rotary_emb
+        if getattr(rot, "rope_type", None) != "default":
+            return None
+        n = self.max_blocks * self.pool.block_size
+        like = torch.empty(0, dtype=self.embed.weight.dtype, device=self.device)
+        with torch.inference_mode(False), torch.no_grad():
+            pos = torch.arange(n, device=self.device).view(1, 1, n).expand(3, 1, n)
+            cos, sin = rot(like, pos)
+        return cos[0].contiguous(), sin[0].contiguous()
 
     # --- decode ---------------------------------------------------------------------------
     def decode_hidden(self, ids, pos, kv_len, tables) -> torch.Tensor:
         """The last hidden state ``[B, H]`` of one decode step (one new token per row).
 
         The text model's own modules, called in the order its ``forward`` calls them for
-        text tokens without a cache (embedding, rotary embedding, decoder layers, final
-        norm), but not through that ``forward``: its wrappers (output capture, kwarg
+        text tokens without a cache (embedding, rotary embedding (read from its table,
+        ``_rope_table``), decoder layers, final norm), but not through that ``forward``: its wrappers (output capture, kwarg
         checks, mask construction) cost as much host time per step as a decoder layer of
         a small model, and the pool's step carries the mask.  Equal to the model's
         forward: the decode tests compare with ``generate()`` token for token."""
@@ -247,7 +266,10 @@ class ModelRunner:
         inp = StepInputs(tables, kv_len - 1, kv_len)
         with self.pool.step(inp, 1) as ctx:
             h = self.embed(ids.view(b, 1))
-            pe = self.lm.rotary_emb(h, pos.view(1, b, 1).expand(3, b, 1))
+            if self.rope is not None:
+                pe = tuple(t.index_select(0, pos).view(b, 1, -1) for t in self.rope)
+            else:
+                pe = self.lm.rotary_emb(h, pos.view(1, b, 1).expand(3, b, 1))
             for layer in self.lm.layers:
                 h = layer(h, attention_mask=ctx.mask, position_embeddings=pe)
                 if isinstance(h, tuple):  # transformers versions whose layers return tuples
@@ -428,6 +450,9 @@ class ModelRunner:
     def _decode_one(self, ids: list[int], pos: list[int], kv_len: list[int],
                     tables: list[list[int]]) -> torch.Tensor:
         b = len(ids)
+        if self.rope is not None and max(pos) >= self.rope[0].shape[0]:  # unreachable (see
+            # _rope_table); an index past the table would be a device-side assert on a GPU
+            raise RuntimeError(f"decode position {max(pos)} is past the rotary table")
         step = self.step_for(b, max(len(t) for t in tables))
         bb, w = step.batch, step.width
         pad = bb - b
