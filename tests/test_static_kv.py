@@ -349,6 +349,27 @@ async def test_decode_layout_and_rotary_table_equal_the_general_path(make_engine
         engine.blocks.release(blocks)
 
 
+def test_cpu_block_gather_reuses_its_buffers_and_equals_index_select():
+    """On the CPU a step's block gathers write into two buffers reused by every layer and
+    step (keys, values), grown when a gather needs more; outside inference mode the
+    gather is a plain ``index_select``."""
+    from server.engine.kv_pool import _gather
+    pool = torch.randn(9, 4, 2, 8)
+    with torch.inference_mode():
+        a = _gather(pool, torch.tensor([3, 1, 4]), 0)
+        assert torch.equal(a, pool.index_select(0, torch.tensor([3, 1, 4])))
+        ptr = a.data_ptr()
+        b = _gather(pool, torch.tensor([8, 2]), 0)
+        assert b.data_ptr() == ptr and torch.equal(b, pool[[8, 2]])
+        v = _gather(pool, torch.tensor([5]), 1)
+        assert v.data_ptr() != ptr and torch.equal(v, pool[[5]])
+        assert torch.equal(b, pool[[8, 2]])  # the values' buffer is another one
+        big = _gather(pool, torch.arange(9), 0)
+        assert torch.equal(big, pool)
+    plain = _gather(pool, torch.tensor([3, 1, 4]), 0)
+    assert not plain.is_inference() and torch.equal(plain, pool[[3, 1, 4]])
+
+
 def test_fused_rms_norm_matches_transformers_forward():
     """The runner's RMSNorm swap (torch's fused rms_norm) computes what transformers'
     Qwen3VLTextRMSNorm computes: exactly in float32, within one bf16 ulp in bfloat16."""
