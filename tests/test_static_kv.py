@@ -328,8 +328,8 @@ async def test_decode_layout_and_rotary_table_equal_the_general_path(make_engine
     assert runner.rope is not None
     n = runner.rope[0].shape[0]
     assert n >= engine.max_model_len
-    pos = torch.tensor([0, 1, 17, n // 2, n - 1])
-    h = torch.zeros(1, dtype=runner.embed.weight.dtype)
+    pos = torch.tensor([0, 1, 17, n // 2, n - 1], device=runner.device)
+    h = torch.zeros(1, dtype=runner.embed.weight.dtype, device=runner.device)
     cos, sin = runner.lm.rotary_emb(h, pos.view(1, -1, 1).expand(3, -1, 1))
     assert torch.equal(runner.rope[0][pos], cos[:, 0]) and torch.equal(runner.rope[1][pos], sin[:, 0])
     blocks = engine.blocks.allocate(8)
@@ -349,10 +349,11 @@ async def test_decode_layout_and_rotary_table_equal_the_general_path(make_engine
         engine.blocks.release(blocks)
 
 
-def test_cpu_block_gather_reuses_its_buffers_and_equals_index_select():
+def test_cpu_block_gather_reuses_its_buffers_and_equals_index_select(monkeypatch):
     """On the CPU a step's block gathers write into two buffers reused by every layer and
-    step (keys, values), grown when a gather needs more; outside inference mode the
-    gather is a plain ``index_select``."""
+    step (keys, values), grown when a gather needs more, but not past ``_KEEP_BYTES``;
+    outside inference mode the gather is a plain ``index_select``."""
+    from server.engine import kv_pool
     from server.engine.kv_pool import _gather
     pool = torch.randn(9, 4, 2, 8)
     with torch.inference_mode():
@@ -366,6 +367,11 @@ def test_cpu_block_gather_reuses_its_buffers_and_equals_index_select():
         assert torch.equal(b, pool[[8, 2]])  # the values' buffer is another one
         big = _gather(pool, torch.arange(9), 0)
         assert torch.equal(big, pool)
+        kept = _gather(pool, torch.tensor([1]), 0).data_ptr()
+        monkeypatch.setattr(kv_pool, "_KEEP_BYTES", 1024)  # 1 block: 256 bytes, 9: 2,304
+        fresh = _gather(pool, torch.arange(9), 0)
+        assert torch.equal(fresh, pool) and fresh.data_ptr() != kept
+        assert _gather(pool, torch.tensor([1]), 0).data_ptr() == kept
     plain = _gather(pool, torch.tensor([3, 1, 4]), 0)
     assert not plain.is_inference() and torch.equal(plain, pool[[3, 1, 4]])
 

@@ -210,6 +210,7 @@ def _paged(query, key, value, kp, vp, slots, rows, mask, scale: float, fresh: bo
 
 
 _gathered = threading.local()  # per thread: the two reusable gather buffers (CPU)
+_KEEP_BYTES = 256 << 20       # the largest gather a buffer is kept for
 
 
 def _gather(layer_pool: torch.Tensor, idx: torch.Tensor, which: int) -> torch.Tensor:
@@ -217,7 +218,8 @@ def _gather(layer_pool: torch.Tensor, idx: torch.Tensor, which: int) -> torch.Te
     reused by every layer and step (``which``: 0 keys, 1 values): a fresh gather of a few
     MiB or more is a fresh ``mmap`` that the kernel zero-fills page by page, which cost
     ~12x the copy itself (mid-size model, 64 rows: 14.5 vs 1.2 ms per gather).  The buffer
-    grows to the largest gather seen.  Elsewhere the caching allocator (and a CUDA
+    grows to the largest gather seen up to ``_KEEP_BYTES``; a larger one (a long prompt's
+    chunk over wide rows) is gathered fresh rather than held for good.  Elsewhere the caching allocator (and a CUDA
     graph's static memory) already reuse memory: a plain gather; so does a call outside
     inference mode (every engine step runs inside it; the buffer is an inference tensor,
     which nothing outside may write, and autograd does not take ``out=``)."""
@@ -229,6 +231,8 @@ def _gather(layer_pool: torch.Tensor, idx: torch.Tensor, which: int) -> torch.Te
         bufs = _gathered.bufs = [None, None]
     buf = bufs[which]
     need = math.prod(shape)
+    if need * layer_pool.element_size() > _KEEP_BYTES:
+        return layer_pool.index_select(0, idx)
     if buf is None or buf.numel() < need or buf.dtype != layer_pool.dtype:
         buf = bufs[which] = layer_pool.new_empty(need)
     return torch.index_select(layer_pool, 0, idx, out=buf[:need].view(shape))

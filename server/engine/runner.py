@@ -247,10 +247,16 @@ class ModelRunner:
             return None
         n = self.max_blocks * self.pool.block_size
         like = torch.empty(0, dtype=self.embed.weight.dtype, device=self.device)
+        cos, sin = [], []
         with torch.inference_mode(False), torch.no_grad():
-            pos = torch.arange(n, device=self.device).view(1, 1, n).expand(3, 1, n)
-            cos, sin = rot(like, pos)
-        return cos[0].contiguous(), sin[0].contiguous()
+            for at in range(0, n, 8192):  # in slices: the module's float32 temporaries
+                # for a whole long context would be several times the table
+                m = min(8192, n - at)
+                pos = torch.arange(at, at + m, device=self.device).view(1, 1, m).expand(3, 1, m)
+                c, s = rot(like, pos)
+                cos.append(c[0])
+                sin.append(s[0])
+            return torch.cat(cos), torch.cat(sin)
 
     # --- decode ---------------------------------------------------------------------------
     def decode_hidden(self, ids, pos, kv_len, tables) -> torch.Tensor:
