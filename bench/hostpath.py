@@ -15,9 +15,9 @@ through the ``openai`` SDK (raw responses: the client shares the CPU), in three 
 ``--requests`` defaults to 1024, 16 times the concurrency, so that the figure is the
 steady state at concurrency 64 (requests finishing and joining at different steps; vLLM's
 serving benchmark sends 1,000 prompts by default).  With 128, the run is two waves that
-start and end together: about half of its steps run with a partial batch, and the client's own time per
-request (about 1.3 ms with the SDK on the same cores) holds the batch half empty while it
-answers 64 finished requests.  BENCHMARKS.md records both.
+start and end together: about half of its steps run with a partial batch, and the
+client's own time per request (about 1.3 ms with the SDK on the same cores) holds the
+batch nearly empty while it answers 64 finished requests.  BENCHMARKS.md records both.
 
 Modes alternate between the servers, so both see the same machine load.  Prints output
 tokens/s per mode and server (best of ``--rounds``), the ratios the issue asks for

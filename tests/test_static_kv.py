@@ -331,7 +331,8 @@ async def test_decode_layout_and_rotary_table_equal_the_general_path(make_engine
     pos = torch.tensor([0, 1, 17, n // 2, n - 1], device=runner.device)
     h = torch.zeros(1, dtype=runner.embed.weight.dtype, device=runner.device)
     cos, sin = runner.lm.rotary_emb(h, pos.view(1, -1, 1).expand(3, -1, 1))
-    assert torch.equal(runner.rope[0][pos], cos[:, 0]) and torch.equal(runner.rope[1][pos], sin[:, 0])
+    assert torch.equal(runner.rope[0][pos], cos[:, 0])
+    assert torch.equal(runner.rope[1][pos], sin[:, 0])
     blocks = engine.blocks.allocate(8)
     try:
         step = dict(ids=[5, 9, 2, 7], pos=[3, 30, 8, 0], kv_len=[4, 31, 9, 1],

@@ -125,13 +125,13 @@ class KVPool:
     def _layout_any(self, inp: StepInputs, q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         bs, dev = self.block_size, inp.tables.device
         b, nb = inp.tables.shape
-        keys = torch.arange(nb * bs, device=dev)
         ar = torch.arange(q_len, device=dev)
         pos = inp.q_start.view(-1, 1) + ar.view(1, -1)                   # [B, q]
         valid = pos < inp.kv_len.view(-1, 1)
         blk = inp.tables.gather(1, (pos // bs).clamp(max=nb - 1))
         slots = torch.where(valid, blk * bs + pos % bs, torch.zeros_like(pos)).view(-1)
         qpos = torch.minimum(pos, inp.kv_len.view(-1, 1) - 1)
+        keys = torch.arange(nb * bs, device=dev)
         mask = (keys.view(1, 1, -1) <= qpos.unsqueeze(-1)).unsqueeze(1)  # [B, 1, q, T]
         return slots, mask
 
@@ -219,20 +219,20 @@ def _gather(layer_pool: torch.Tensor, idx: torch.Tensor, which: int) -> torch.Te
     MiB or more is a fresh ``mmap`` that the kernel zero-fills page by page, which cost
     ~12x the copy itself (mid-size model, 64 rows: 14.5 vs 1.2 ms per gather).  The buffer
     grows to the largest gather seen up to ``_KEEP_BYTES``; a larger one (a long prompt's
-    chunk over wide rows) is gathered fresh rather than held for good.  Elsewhere the caching allocator (and a CUDA
-    graph's static memory) already reuse memory: a plain gather; so does a call outside
-    inference mode (every engine step runs inside it; the buffer is an inference tensor,
-    which nothing outside may write, and autograd does not take ``out=``)."""
-    if layer_pool.device.type != "cpu" or not torch.is_inference_mode_enabled():
-        return layer_pool.index_select(0, idx)
+    chunk over wide rows) is gathered fresh rather than held for good.  Elsewhere the
+    caching allocator (and a CUDA graph's static memory) already reuse memory: a plain
+    gather; so does a call outside inference mode (every engine step runs inside it; the
+    buffer is an inference tensor, which nothing outside may write, and autograd does
+    not take ``out=``)."""
     shape = (idx.numel(),) + tuple(layer_pool.shape[1:])
+    need = math.prod(shape)
+    if layer_pool.device.type != "cpu" or not torch.is_inference_mode_enabled() \
+            or need * layer_pool.element_size() > _KEEP_BYTES:
+        return layer_pool.index_select(0, idx)
     bufs = getattr(_gathered, "bufs", None)
     if bufs is None:
         bufs = _gathered.bufs = [None, None]
     buf = bufs[which]
-    need = math.prod(shape)
-    if need * layer_pool.element_size() > _KEEP_BYTES:
-        return layer_pool.index_select(0, idx)
     if buf is None or buf.numel() < need or buf.dtype != layer_pool.dtype:
         buf = bufs[which] = layer_pool.new_empty(need)
     return torch.index_select(layer_pool, 0, idx, out=buf[:need].view(shape))

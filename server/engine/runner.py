@@ -264,9 +264,10 @@ class ModelRunner:
 
         The text model's own modules, called in the order its ``forward`` calls them for
         text tokens without a cache (embedding, rotary embedding (read from its table,
-        ``_rope_table``), decoder layers, final norm), but not through that ``forward``: its wrappers (output capture, kwarg
-        checks, mask construction) cost as much host time per step as a decoder layer of
-        a small model, and the pool's step carries the mask.  Equal to the model's
+        ``_rope_table``), decoder layers, final norm), but not through that ``forward``:
+        its wrappers (output capture, kwarg checks, mask construction) cost as much host
+        time per step as a decoder layer of a small model, and the pool's step carries the
+        mask.  Equal to the model's
         forward: the decode tests compare with ``generate()`` token for token."""
         b = ids.shape[0]
         inp = StepInputs(tables, kv_len - 1, kv_len)

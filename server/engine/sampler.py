@@ -277,9 +277,11 @@ class SamplingState:
             vals, idx = logits.sort(dim=-1, descending=True)
         k = vals.shape[-1]
         if self._outside is None:  # fixed while the rows are (a new state when they change)
-            self._outside = torch.arange(k, device=vals.device).view(1, -1) >= t["top_k"].view(-1, 1)
+            self._outside = torch.arange(k, device=vals.device).view(1, -1) \
+                >= t["top_k"].view(-1, 1)
         # weights relative to the row's best candidate: no normalisation across the batch
-        w = torch.exp((vals - vals[:, :1]) / t["temperature"].view(-1, 1)).masked_fill(self._outside, 0.0)
+        w = torch.exp((vals - vals[:, :1]) / t["temperature"].view(-1, 1))
+        w = w.masked_fill(self._outside, 0.0)
         if self.any_top_p:
             cum = w.cumsum(dim=-1)
             above = cum - w                                   # mass strictly above each one
