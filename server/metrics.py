@@ -13,7 +13,9 @@ counters ``qwen_vl_prefix_cache_queries_tokens_total`` (key ``prefix_cache_query
 ``qwen_vl_image_cache_hits_total`` (``image_cache_hits``),
 ``qwen_vl_encoder_cache_hits_total`` (``encoder_cache_hits``); gauges
 ``qwen_vl_kv_blocks_used`` (``kv_blocks_used``) and ``qwen_vl_kv_blocks_free``
-(``kv_blocks_free``): ``ENGINE_STATS``.
+(``kv_blocks_free``); and the batching engine's activity, counters
+``qwen_vl_decode_steps_total`` (``decode_steps``) and ``qwen_vl_decode_rows_total``
+(``decode_rows``: rows / steps is the mean decode batch): ``ENGINE_STATS``.
 
 The engine's counters are totals since it started (never reset), as Prometheus counters
 must be.
@@ -40,6 +42,9 @@ ENGINE_STATS = (
      "Images whose vision-encoder output came from the cache"),
     ("qwen_vl_kv_blocks_used", "kv_blocks_used", "gauge", "KV cache blocks in use"),
     ("qwen_vl_kv_blocks_free", "kv_blocks_free", "gauge", "KV cache blocks free"),
+    ("qwen_vl_decode_steps", "decode_steps", "counter", "Batched decode steps taken"),
+    ("qwen_vl_decode_rows", "decode_rows", "counter",
+     "Rows decoded by batched decode steps (divided by the steps: the mean batch size)"),
 )
 
 

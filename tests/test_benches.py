@@ -6,6 +6,7 @@ anyone spends GPU time (or ten minutes) on them.
   imported (as on the H200 image) and writes every field of its report, with a passing
   correctness line.
 * ``bench.prefix_cache`` runs its whole workload, scaled down, against the tiny model.
+* ``bench.hostpath``'s clients (the openai SDK, aiohttp) against the real server.
 """
 
 from __future__ import annotations
@@ -225,3 +226,21 @@ def test_gpu_session_script_dry_run_on_cpu(tmp_path):
     assert set(compiled["modes"]) == {"graphs"} and compiled["modes"]["graphs"]["decode_compiled"]
     assert "profile" in compiled["modes"]["graphs"]
     assert prefill["settings_set"] == ["max_prefill_chunk=4096", "prep_workers=8"]
+
+
+def test_hostpath_clients_and_decode_split(server):
+    """``bench.hostpath``'s two clients send the same requests to the real server (each
+    response counted from its usage), and ``/metrics`` counts the decode rows they took:
+    4 requests x 4 tokens, the first of each from its prefill."""
+    import argparse
+    import asyncio
+
+    from bench.hostpath import decode_counters, run_mode
+    url = server.url + "/v1"
+    for client in ("sdk", "aiohttp"):
+        for mode in ("greedy", "sampling", "logprobs"):
+            before = decode_counters(url)
+            args = argparse.Namespace(requests=4, concurrency=2, max_tokens=4, client=client)
+            assert asyncio.run(run_mode(url, mode, args)) > 0
+            after = decode_counters(url)
+            assert after[1] - before[1] == 4 * 3 and after[0] > before[0], (client, mode)

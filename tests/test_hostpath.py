@@ -271,6 +271,20 @@ async def test_one_event_loop_wakeup_per_step(make_engine):
     assert calls["n"] <= steps + 2, (calls["n"], steps)
 
 
+async def test_decode_counters_count_steps_and_rows(make_engine):
+    """``stats()`` counts batched decode steps and the rows they decoded (the first token
+    of each choice comes from its prefill): 4 requests of 10 tokens decode 36 rows, in at
+    least 9 steps (at most one per row when no two share a step)."""
+    engine = make_engine()
+    before = engine.stats()
+    results = await asyncio.gather(*(run(engine, text_req(i, max_tokens=10)) for i in range(4)))
+    assert all(r[2] == 10 for r in results), results
+    after = engine.stats()
+    rows = after["decode_rows"] - before["decode_rows"]
+    steps = after["decode_steps"] - before["decode_steps"]
+    assert rows == 4 * 9 and 9 <= steps <= rows, (rows, steps)
+
+
 async def test_non_streamed_request_gets_its_first_token_then_the_rest_at_once(
         make_engine, monkeypatch):
     """``stream=False``: the first token's events at once (time to first token), the rest

@@ -378,18 +378,20 @@ def test_engine_stats_metrics_only_when_reported():
     from server.metrics import Metrics
     stats = {"queue_depth": 0, "running_seqs": 0, "prefix_cache_query_tokens": 100,
              "prefix_cache_hit_tokens": 60, "image_cache_hits": 3, "image_cache_queries": 5,
-             "encoder_cache_hits": 2, "kv_blocks_used": 7, "kv_blocks_free": 25}
+             "encoder_cache_hits": 2, "kv_blocks_used": 7, "kv_blocks_free": 25,
+             "decode_steps": 9, "decode_rows": 40}
     text = Metrics(lambda: stats).render().decode()
     for line in ("qwen_vl_prefix_cache_queries_tokens_total 100.0",
                  "qwen_vl_prefix_cache_hits_tokens_total 60.0",
                  "qwen_vl_image_cache_hits_total 3.0", "qwen_vl_image_cache_queries_total 5.0",
                  "qwen_vl_encoder_cache_hits_total 2.0", "qwen_vl_kv_blocks_used 7.0",
-                 "qwen_vl_kv_blocks_free 25.0"):
+                 "qwen_vl_kv_blocks_free 25.0", "qwen_vl_decode_steps_total 9.0",
+                 "qwen_vl_decode_rows_total 40.0"):
         assert line in text.splitlines(), line
     assert "# TYPE qwen_vl_kv_blocks_used gauge" in text
     assert "# TYPE qwen_vl_image_cache_hits_total counter" in text
     bare = Metrics(lambda: {"queue_depth": 0}).render().decode()
-    assert "prefix_cache" not in bare and "kv_blocks" not in bare
+    assert "prefix_cache" not in bare and "kv_blocks" not in bare and "decode_" not in bare
 
 
 def test_usage_details_and_cache_metrics_on_the_real_server(client, server):

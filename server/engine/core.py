@@ -287,6 +287,9 @@ class BatchingScheduler(_SchedulerBase):
         self.merge = self.model.model.visual.spatial_merge_size ** 2
 
     steps = 0  # engine steps taken (tests and metrics read it)
+    # batched decode steps and the rows they decoded: rows / steps is the mean batch
+    # size, the benchmark's split of tokens/s into batch occupancy and step time
+    decode_steps = decode_rows = 0
 
     @property
     def num_running(self) -> int:
@@ -569,6 +572,8 @@ class BatchingScheduler(_SchedulerBase):
             tables.append(s.blocks)
         self.engine.faults.tick()
         logits = self.runner.decode(ids, pos, lens, tables)
+        self.decode_steps += 1
+        self.decode_rows += len(rows)
         for s in rows:
             s.kv_len += 1
         self._note_allocation()
@@ -916,6 +921,8 @@ class AsyncEngine:
         if blocks is not None:
             out.update(blocks.stats())
             out["encoder_cache_hits"] = self.runner.encoder_hits
+            out["decode_steps"] = self.scheduler.decode_steps
+            out["decode_rows"] = self.scheduler.decode_rows
         return out
 
     def token_text(self, token_id: int) -> str:
