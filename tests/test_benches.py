@@ -230,8 +230,8 @@ def test_gpu_session_script_dry_run_on_cpu(tmp_path):
 
 def test_hostpath_clients_and_decode_split(server):
     """``bench.hostpath``'s two clients send the same requests to the real server (each
-    response counted from its usage), and ``/metrics`` counts the decode rows they took:
-    4 requests x 4 tokens, the first of each from its prefill."""
+    response counted from its usage, every one of them), and ``/metrics`` counts the
+    decode rows they took: 4 requests x 4 tokens, the first of each from its prefill."""
     import argparse
     import asyncio
 
@@ -241,6 +241,7 @@ def test_hostpath_clients_and_decode_split(server):
         for mode in ("greedy", "sampling", "logprobs"):
             before = decode_counters(url)
             args = argparse.Namespace(requests=4, concurrency=2, max_tokens=4, client=client)
-            assert asyncio.run(run_mode(url, mode, args)) > 0
+            tokens, seconds = asyncio.run(run_mode(url, mode, args))
+            assert tokens == 4 * 4 and seconds > 0, (client, mode, tokens)
             after = decode_counters(url)
             assert after[1] - before[1] == 4 * 3 and after[0] > before[0], (client, mode)
