@@ -235,6 +235,7 @@ def test_hostpath_clients_and_decode_split(server):
     import argparse
     import asyncio
 
+    pytest.importorskip("aiohttp")  # the bench extra's
     from bench.hostpath import decode_counters, run_mode
     url = server.url + "/v1"
     for client in ("sdk", "aiohttp"):
