@@ -267,8 +267,8 @@ class ModelRunner:
         ``_rope_table``), decoder layers, final norm), but not through that ``forward``:
         its wrappers (output capture, kwarg checks, mask construction) cost as much host
         time per step as a decoder layer of a small model, and the pool's step carries the
-        mask.  Equal to the model's
-        forward: the decode tests compare with ``generate()`` token for token."""
+        mask.  Equal to the model's forward: the decode tests compare with ``generate()``
+        token for token."""
         b = ids.shape[0]
         inp = StepInputs(tables, kv_len - 1, kv_len)
         with self.pool.step(inp, 1) as ctx:
