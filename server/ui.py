@@ -261,7 +261,10 @@ class ChatBackend:
         self.base_url = base_url.rstrip("/")
         self.client = AsyncOpenAI(base_url=self.base_url, api_key=api_key or "unused",
                                   max_retries=0,
-                                  timeout=httpx.Timeout(timeout, connect=5.0))
+                                  # the SDK's own Timeout type: openai 1.x re-exports
+                                  # httpx's, 2.x+ its httpx2 one (an httpx.Timeout there
+                                  # is a TypeError at start-up)
+                                  timeout=openai.Timeout(timeout, connect=5.0))
         self.fixed_model = model
         self.model: str | None = model
 

@@ -1,5 +1,7 @@
 """Shared fixtures: the tiny model (built once per session) and real server subprocesses.
 
+The tiny model has Qwen's real vocabulary unless TEST_VOCAB=toy.
+
 ``server_factory(*flags, env=...)`` starts ``python -m server`` with the tiny model on a
 free port, waits for ``/health`` to say ok and returns a ``RunningServer``; every server
 started is stopped at the end of the session.  ``server`` is one shared default server.
@@ -73,10 +75,29 @@ def wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout: floa
     raise RuntimeError(f"server not healthy in {timeout}s:\n{log_path.read_text()[-4000:]}")
 
 
+# The servers' model: the tiny Qwen3-VL with Qwen's real 151,936-token vocabulary
+# (`models.tiny --real-vocab`), so grammars, masks, logprobs, penalties, detokenisation
+# and stop strings run at their real size; TEST_VOCAB=toy gives the 1,413-token one.
+TEST_VOCAB = os.environ.get("TEST_VOCAB", "real")
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     from models.tiny import build
-    out = tmp_path_factory.mktemp("tiny-qwen3-vl")
+    out = tmp_path_factory.mktemp(f"tiny-qwen3-vl-{TEST_VOCAB}")
+    build(out, seed=0, real_vocab=TEST_VOCAB == "real")
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def toy_model(tmp_path_factory, tiny_model) -> str:
+    """The 1,413-token vocabulary whatever TEST_VOCAB says: for tests of something other
+    than the vocabulary that compare two paths whose float results differ in the last bits
+    (with 151,936 random lm_head rows, near-ties flip greedy tokens)."""
+    if TEST_VOCAB == "toy":
+        return tiny_model
+    from models.tiny import build
+    out = tmp_path_factory.mktemp("tiny-qwen3-vl-toy")
     build(out, seed=0)
     return str(out)
 

@@ -15,5 +15,6 @@ if [ ! -x /usr/bin/chromium ] || ! dpkg -s fonts-noto-cjk >/dev/null 2>&1 \
     || { echo "[tests] could not install them: the browser or deploy tests will fail" >&2; }
 fi
 
+export QWEN_VL_CONSTRAINTS="${QWEN_VL_CONSTRAINTS-$constraints}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 exec "$PY" -m pytest -q -p no:cacheprovider "$@"

@@ -28,8 +28,9 @@ def feed(tok, text, **params):
 
 
 def test_multibyte_text_streams_whole_characters(tok):
-    """Chinese text split across byte-level tokens: every delta is whole characters."""
-    text = "您好，我的订单什么时候到？谢谢"
+    """Text split across byte-level tokens (Chinese, rare CJK and emoji, which even the
+    real vocabulary writes as byte pieces): every delta is whole characters."""
+    text = "您好，我的订单什么时候到？谢谢 😀🚚 龘𠜎"
     seq, outs, ids = feed(tok, text)
     assert len(ids) > 3
     assert "".join(o.text for o in outs) == text
@@ -181,9 +182,10 @@ def test_coalesce_merges_per_choice():
 
 def test_token_bytes_are_the_real_bytes(tok):
     """Logprob ``bytes``: byte-level tokens map back to their raw bytes, so the tokens of a
-    Chinese sentence (split inside characters) concatenate to its exact UTF-8."""
+    sentence split inside characters (rare CJK and emoji, in either vocabulary) concatenate
+    to its exact UTF-8."""
     from server.engine.core import _BYTE_OF_CHAR
-    text = "您好，我的订单什么时候到？"
+    text = "您好，我的订单什么时候到？😀🚚 龘𠜎"
     ids = tok.encode(text, add_special_tokens=False).ids
     pieces = [bytes(_BYTE_OF_CHAR[c] for c in tok.id_to_token(i)) for i in ids]
     assert b"".join(pieces) == text.encode()

@@ -206,6 +206,13 @@ asyncio.run(main())
 """
 
 
+def tagger_rate_limited(srv) -> int:
+    text = httpx.get(srv.url + "/metrics", timeout=10,
+                     headers={"Authorization": "Bearer sk-support-1234"}).text
+    m = re.search(r'^qwen_vl_key_rate_limited_total\{key="tagger"\} (\S+)$', text, re.M)
+    return int(float(m.group(1))) if m else 0
+
+
 def test_two_keys_tagger_flood_support_bot_unaffected(keyed):
     """tagger floods with 50 concurrent requests (retrying after Retry-After on 429) while
     support-bot sends one request at a time: support-bot's median latency stays within 2x
@@ -214,8 +221,9 @@ def test_two_keys_tagger_flood_support_bot_unaffected(keyed):
     measured against a fresh idle baseline, and one must pass."""
     support = client(keyed, "sk-support-1234")
     timed(support)  # warm-up
-    rounds, floods = [], []
+    rounds, floods, counted = [], [], []
     for _ in range(3):
+        before = tagger_rate_limited(keyed)
         idle = statistics.median(timed(support) for _ in range(5))
         proc = subprocess.Popen([sys.executable, "-c", FLOOD, keyed.base_url, "sk-tagger-5678"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -228,6 +236,11 @@ def test_two_keys_tagger_flood_support_bot_unaffected(keyed):
             out = proc.stdout.read()
             proc.wait(timeout=60)
         floods.append(json.loads(out))
+        # the server counts a response as it finishes it, a moment after the client has it
+        seen, deadline = json.loads(out)["status"].get("429", 0), time.monotonic() + 10
+        while tagger_rate_limited(keyed) - before < seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        counted.append(tagger_rate_limited(keyed) - before)
         busy = statistics.median(loaded)
         rounds.append((round(idle, 3), round(busy, 3)))
         if busy <= 2 * idle + NOISE_S:
@@ -235,8 +248,15 @@ def test_two_keys_tagger_flood_support_bot_unaffected(keyed):
     print(f"support-bot median latency (idle, under flood) per round: {rounds}; "
           f"tagger {floods}")
     assert busy <= 2 * idle + NOISE_S, rounds
-    for f in floods:
-        assert f["status"].get("429", 0) >= 40 and f["codes"] == ["rate_limit_exceeded"]
+    # counts, not timing: how many of the flood's requests find the 4 places taken depends
+    # on how fast they drain, but every 429 the client saw is one the server counted for
+    # tagger (and none for support-bot: its requests all returned above), each with the
+    # right code, and 50 workers against 4 places get at least one
+    # (a 429 whose connection broke reaches the client as a connection error)
+    for f, n in zip(floods, counted):
+        seen = f["status"].get("429", 0)
+        assert 1 <= seen <= n <= seen + f["status"].get("conn", 0), (f, n)
+        assert f["codes"] == ["rate_limit_exceeded"]
     assert sum(f["status"].get("200", 0) for f in floods) >= 4
 
 

@@ -76,8 +76,17 @@ async def test_required_calls_at_temperature_1_always_parse(aclient):
 def test_call_cut_by_max_tokens_is_length_not_a_call(client):
     """Cut inside the arguments: non-streamed, the call's text is content (as in vLLM);
     streamed, the fragments sent so far end with finish_reason "length"."""
-    kw = dict(model=MODEL, messages=USER, tools=TOOLS, seed=3, max_tokens=60,
+    kw = dict(model=MODEL, messages=USER, tools=TOOLS, seed=3,
               tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    # the grammar fixes the text, not its tokens: find (same seed, same tokens) how many
+    # tokens reach the first argument's value, and cut 2 tokens after that
+    full = client.chat.completions.create(max_tokens=128, logprobs=True, **kw).choices[0]
+    text, cut = "", 0
+    for cut, entry in enumerate(full.logprobs.content, 1):
+        text += entry.token
+        if text.startswith('<tool_call>\n{"name": "get_weather", "arguments": {"city": '):
+            break
+    kw["max_tokens"] = cut + 2
     c = client.chat.completions.create(**kw).choices[0]
     assert c.finish_reason == "length" and not c.message.tool_calls
     assert c.message.content.startswith('<tool_call>\n{"name": "get_weather", "arguments": {')
