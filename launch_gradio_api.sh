@@ -7,7 +7,8 @@
 # flags as ./launch_api.sh).  The UI listens on 127.0.0.1 unless --ui-host is given and
 # talks to http://127.0.0.1:<API port>/v1 unless --api-base-url is given.  It is never
 # handed the API's keys: when the API has keys, the page asks each person for one.
-# Ctrl-C or SIGTERM stops both; if either process exits, the other is stopped too.
+# Ctrl-C or SIGTERM stops both; if the API exits, the UI is stopped too; if the UI exits,
+# the API keeps serving (the bots use it) and the launcher says so.
 EXTRAS="${EXTRAS:-ui,structured}"
 source "$(dirname "$0")/server/bootstrap.sh"
 
@@ -64,7 +65,15 @@ trap 'stop_both; exit 143' TERM
 set +e
 wait -n "$api_pid" "$ui_pid"
 rc=$?
+if kill -0 "$api_pid" 2>/dev/null; then
+  # the UI is for people testing by hand; the bots use the API: keep it up
+  echo "[launch] the UI exited (status $rc); the API keeps serving on $api_host:$api_port" \
+       "(restart this launcher to bring the UI back)" >&2
+  wait "$api_pid"
+  rc=$?
+else
+  echo "[launch] the API exited (status $rc): stopping the UI" >&2
+fi
 set -e
-echo "[launch] a process exited (status $rc): stopping the other" >&2
 stop_both
 exit "$rc"

@@ -1,9 +1,12 @@
 """The engine's host path: greedy vs Qwen's sampling vs logprobs at concurrency 64.
 
     python -m bench.hostpath --model-path /tmp/tiny [--before /tmp/main-before]
+    python -m bench.hostpath --model-path /tmp/tiny-real --vs-model /tmp/tiny-toy
 
 Starts this checkout's server (and, with ``--before``, the server of another checkout of
-the project, e.g. ``git worktree add /tmp/main-before main``) on the same model, then
+the project, e.g. ``git worktree add /tmp/main-before main``, on the same model; with
+``--vs-model``, a second server of this checkout on another model, labelled "vs-model",
+e.g. the same tiny model with the toy vocabulary), then
 sends ``--requests`` text requests at concurrency 64, 64 tokens each (``ignore_eos``),
 through the ``openai`` SDK (raw responses: the client shares the CPU; ``--client aiohttp``
 sends the same requests through aiohttp: a tenth of the SDK's CPU per greedy request, a
@@ -136,6 +139,8 @@ def main():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", required=True)
     p.add_argument("--before", default=None, help="another checkout to measure side by side")
+    p.add_argument("--vs-model", default=None,
+                   help="another model for this checkout, measured side by side")
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--requests", type=int, default=1024)
     p.add_argument("--max-tokens", type=int, default=64)
@@ -148,13 +153,15 @@ def main():
     args = p.parse_args()
     modes = ["greedy"] + [m for m in args.modes.split(",") if m in MODES and m != "greedy"]
 
-    roots = {"after": ROOT}
+    roots = {"after": (ROOT, args.model_path)}
     if args.before:
-        roots["before"] = Path(args.before).resolve()
+        roots["before"] = (Path(args.before).resolve(), args.model_path)
+    if args.vs_model:
+        roots["vs-model"] = (ROOT, args.vs_model)
     servers = {}
     try:
-        for label, root in roots.items():
-            servers[label] = start_server(args.model_path, "batching", [], root=root)
+        for label, (root, model) in roots.items():
+            servers[label] = start_server(model, "batching", [], root=root)
         for label, (_, url) in servers.items():  # warm-up
             asyncio.run(run_mode(url, "greedy", argparse.Namespace(**{
                 **vars(args), "requests": 8, "concurrency": 8})))
@@ -195,11 +202,13 @@ def main():
             ratios[f"{label} {mode}/greedy, median of rounds"] = statistics.median(paired)
             ratios[f"{label} {mode}/greedy, min of rounds"] = paired[0]
             ratios[f"{label} {mode}/greedy, max of rounds"] = paired[-1]
-    if "before" in res:
-        ratios["greedy after/before"] = res["after"]["greedy"] / res["before"]["greedy"]
+    for other in ("before", "vs-model"):
+        if other not in res:
+            continue
+        ratios[f"greedy after/{other}"] = res["after"]["greedy"] / res[other]["greedy"]
         for mode in modes:  # the same mode, the two servers back to back
-            ratios[f"{mode} after/before, median of rounds"] = statistics.median(
-                a[mode] / b[mode] for a, b in zip(rounds["after"], rounds["before"]))
+            ratios[f"{mode} after/{other}, median of rounds"] = statistics.median(
+                a[mode] / b[mode] for a, b in zip(rounds["after"], rounds[other]))
     print("\n| server | " + " | ".join(f"{m} tok/s" for m in modes) + " | "
           + " | ".join(f"{m}/greedy" for m in modes[1:]) + " |\n|---|"
           + "---:|" * (2 * len(modes) - 1))
@@ -223,7 +232,9 @@ def main():
                                           "decode_split": detail, "client": args.client,
                                           "concurrency": args.concurrency,
                                           "requests": args.requests,
-                                          "max_tokens": args.max_tokens}, indent=2))
+                                          "max_tokens": args.max_tokens,
+                                          "models": {k: m for k, (_, m) in roots.items()}},
+                                         indent=2))
 
 
 if __name__ == "__main__":

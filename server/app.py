@@ -28,8 +28,8 @@ from server.body import chat_body_reader, document_chat_body
 from server.clients import BodyDeadline
 from server.docs import add_offline_docs
 from server.errors import (APIError, ClientClosedRequest, InternalError, InvalidRequest,
-                           NotFound, PayloadTooLarge, RequestTimeout, ServiceUnavailable,
-                           Unauthorized)
+                           NotFound, PayloadTooLarge, PermissionDenied, RequestTimeout,
+                           ServiceUnavailable, Unauthorized)
 from server.keys import UNLIMITED_ANONYMOUS, ApiKey, KeyStore
 from server.load_errors import describe_load_error
 from server.media import MediaFetcher, MediaPolicy
@@ -123,8 +123,12 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
             return JSONResponse({"status": msg}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/metrics", dependencies=[Depends(auth)])
-    async def metrics_route():
+    @app.get("/metrics")
+    async def metrics_route(key: ApiKey = Depends(auth)):
+        # every key's name, counts and the cache counters: operators only (keys are tenants)
+        if keys.enabled and not key.operator:
+            raise PermissionDenied("/metrics is for operator keys (operator: true in the "
+                                   "key file).")
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models", dependencies=[Depends(auth)], response_model=p.ModelList)
@@ -144,11 +148,12 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
         request.scope["state"]["key"] = key.name
         # the key's limits (429) before any work; the access log's end releases the ticket
         request.scope["state"]["ticket"] = limiter.admit(key, estimate_tokens(
-            body, settings.max_new_tokens, settings.max_pixels))
+            body, settings.max_new_tokens, settings.max_pixels), seqs=body.n)
         cid = p.completion_id()
         # a client that leaves while its images are fetched or its grammar compiles
         # cancels that work and frees its queue place at once
-        outputs = await _unless_disconnected(request, svc.start(body, cid, stats, key=key.name))
+        outputs = await _unless_disconnected(request, svc.start(body, cid, stats, key=key.name,
+                                                                salt=key.cache_salt))
         if body.stream:
             return StreamingResponse(svc.stream(body, cid, outputs, stats),
                                      media_type="text/event-stream",

@@ -39,6 +39,10 @@ class Unauthorized(APIError):
     status, type, code = 401, "authentication_error", "invalid_api_key"
 
 
+class PermissionDenied(APIError):
+    status, type, code = 403, "permission_error", "permission_denied"
+
+
 class ModelNotFound(APIError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
 

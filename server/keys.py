@@ -9,7 +9,10 @@ when its name ends in ``.yaml``/``.yml``, a list of named keys::
         key: sk-support-1234          # or  sha256: <hex digest of the key>
         requests_per_minute: 600      # optional; absent = unlimited
         tokens_per_minute: 200000     # optional; prompt + completion
-        max_concurrent: 16            # optional; requests running or queued at once
+        max_concurrent: 16            # optional; sequences running or queued at once (n counts)
+        cache_group: shop-a           # optional; keys of one group share cached prompts,
+                                      # photos and grammars (default: the key alone)
+        operator: true                # optional; may read /metrics (per-key series)
 
 Contract:
 * Only SHA-256 digests are kept; ``authenticate`` compares the digest of the presented
@@ -18,6 +21,10 @@ Contract:
 * A key is known everywhere by its name (logs, metrics, the engine's fair queue), never
   by its value.  Keys without a name (plain lines, ``--api-key``) are named
   ``key-<first 8 hex of their digest>``: stable across restarts, useless to an attacker.
+* Keys are tenants: ``ApiKey.cache_salt`` keeps each key's cached prompts, photos and
+  grammars apart from every other key's (the engine mixes it into every cache key), except
+  among keys of one ``cache_group``; a server without keys has one tenant (salt "").
+  Only ``operator`` keys may read ``/metrics``, where every key's name and counts are.
 * ``reload()`` re-reads the file; a file that no longer parses keeps the previous keys
   (and logs why), so a half-saved edit never locks every client out.  ``watch()`` reloads
   when the file's mtime, size or inode changes; the app also reloads on SIGHUP.
@@ -63,6 +70,15 @@ class ApiKey:
     digest: bytes                     # sha256 of the key; the key itself is not kept
     limits: KeyLimits = KeyLimits()
     plaintext: str | None = None      # only for keys given in clear (the UI launcher reads it)
+    cache_group: str | None = None    # keys of one group share their cache entries
+    operator: bool = False            # may read /metrics
+
+    @property
+    def cache_salt(self) -> str:
+        """What the engine mixes into this key's cache keys: its group's, else its own."""
+        if not self.digest:  # the anonymous tenant of a server without keys
+            return ""
+        return f"group:{self.cache_group}" if self.cache_group else f"key:{self.name}"
 
 
 UNLIMITED_ANONYMOUS = ApiKey(ANONYMOUS, b"")
@@ -87,11 +103,15 @@ class _Entry(BaseModel):
     requests_per_minute: int | None = Field(None, ge=1)
     tokens_per_minute: int | None = Field(None, ge=1)
     max_concurrent: int | None = Field(None, ge=1)
+    cache_group: str | None = None
+    operator: bool = False
 
     @model_validator(mode="after")
     def _one_secret(self):
         if not _NAME.match(self.name):
             raise ValueError("name must be 1-64 characters of A-Z a-z 0-9 . _ -")
+        if self.cache_group is not None and not _NAME.match(self.cache_group):
+            raise ValueError("cache_group must be 1-64 characters of A-Z a-z 0-9 . _ -")
         if (self.key is None) == (self.sha256 is None):
             raise ValueError("give exactly one of key or sha256")
         if self.key is not None and not self.key.strip():
@@ -104,7 +124,8 @@ class _Entry(BaseModel):
         d = digest(self.key.strip()) if self.key is not None else bytes.fromhex(self.sha256)
         return ApiKey(self.name, d, KeyLimits(self.requests_per_minute, self.tokens_per_minute,
                                               self.max_concurrent),
-                      plaintext=self.key.strip() if self.key is not None else None)
+                      plaintext=self.key.strip() if self.key is not None else None,
+                      cache_group=self.cache_group, operator=self.operator)
 
 
 def parse_key_file(path: str | Path) -> list[ApiKey]:

@@ -7,8 +7,11 @@ and logged by the serving layer, never rejected.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -103,6 +106,47 @@ class ResponseFormat(_Open):
     json_schema: JsonSchemaSpec | None = None
 
 
+@dataclass(frozen=True)
+class TextSize:
+    """How much text a request hands to the chat template, counted before anything renders
+    it: ``chars`` (the text limits) and ``token_bound``, an upper bound of the tokens the
+    rendered prompt can hold apart from images (the key limits' estimate).  A byte-level
+    BPE token covers at least one UTF-8 byte, so bytes bound tokens for any mix of
+    characters; JSON quoting and the template's own tokens are added generously."""
+    chars: int
+    tool_chars: int
+    token_bound: int
+
+
+TEMPLATE_TOKENS_PER_MESSAGE = 8      # <|im_start|>role\n ... <|im_end|>\n: 5 in Qwen's
+TEMPLATE_TOKENS_PER_TOOL_CALL = 24   # <tool_call>\n{"name": "", "arguments": }\n</tool_call>
+TEMPLATE_TOKENS_FOR_TOOLS = 256      # the tools preamble (~100 tokens in Qwen's template)
+# transformers' tojson (ensure_ascii=False): '"' and '\\' take 2 bytes, control characters 6
+_CONTROL = re.compile(r"[\x00-\x1f]")
+
+
+def _walk_text(obj, acc: list[int]) -> None:
+    """acc[0] += characters of every string (keys too), acc[1] += an upper bound of the
+    UTF-8 bytes of ``obj`` as JSON (quotes, escapes, separators, numbers)."""
+    if isinstance(obj, str):
+        acc[0] += len(obj)
+        acc[1] += len(obj.encode("utf-8", "surrogatepass")) + 2 + obj.count('"') + \
+            obj.count("\\") + 5 * len(_CONTROL.findall(obj))
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _walk_text(str(k), acc)
+            _walk_text(v, acc)
+            acc[1] += 3
+        acc[1] += 2
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _walk_text(v, acc)
+            acc[1] += 2
+        acc[1] += 2
+    else:
+        acc[1] += 32  # a number, true/false/null
+
+
 class ChatCompletionRequest(_Open):
     model: str
     messages: list[Message] = Field(min_length=1)
@@ -130,6 +174,9 @@ class ChatCompletionRequest(_Open):
     parallel_tool_calls: bool = True
     # benchmark knob (vLLM spells it the same): keep generating past end-of-sequence
     ignore_eos: bool = False
+    # vLLM's field: requests hit only cache entries made with the same salt (on top of the
+    # key's own isolation), for clients that want finer isolation than per key
+    cache_salt: str | None = Field(None, min_length=1, max_length=256)
 
     @field_validator("stop")
     @classmethod
@@ -143,6 +190,32 @@ class ChatCompletionRequest(_Open):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @cached_property
+    def text_size(self) -> TextSize:
+        """Every text the template will render (contents, tool calls with their arguments,
+        tool ids, names, the tools with their descriptions and schemas), counted once."""
+        msg, tools = [0, 0], [0, 0]
+        calls = 0
+        for m in self.messages:
+            if isinstance(m.content, str):
+                _walk_text(m.content, msg)
+            for part in m.content if isinstance(m.content, list) else []:
+                text = getattr(part, "text", None)
+                if isinstance(text, str):
+                    _walk_text(text, msg)
+            for extra in (m.name, m.tool_call_id):
+                if extra:
+                    _walk_text(extra, msg)
+            for tc in m.tool_calls or []:
+                calls += 1
+                for s in (tc.id, tc.function.name, tc.function.arguments):
+                    _walk_text(s, msg)
+        for t in self.tools or []:
+            _walk_text(t.model_dump(exclude_none=True), tools)
+        bound = msg[1] + tools[1] + TEMPLATE_TOKENS_PER_MESSAGE * (len(self.messages) + 1) \
+            + TEMPLATE_TOKENS_PER_TOOL_CALL * calls + (TEMPLATE_TOKENS_FOR_TOOLS if self.tools else 0)
+        return TextSize(msg[0] + tools[0], tools[0], bound)
 
 
 # --- response --------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""Per-key limits: token buckets for requests and tokens, and a cap on concurrent requests.
+"""Per-key limits: token buckets for requests and tokens, and a cap on concurrent sequences.
 
-``Limiter.admit(key, cost)`` either returns a ``Ticket`` (the request holds one of the
-key's concurrent places and has been charged one request and ``cost`` tokens) or raises
+``Limiter.admit(key, cost, seqs)`` either returns a ``Ticket`` (the request holds ``seqs``
+of the key's concurrent places, one per sequence it decodes: its ``n``, and has been
+charged one request and ``cost`` tokens) or raises
 ``RateLimited`` (429, ``rate_limit_exceeded``) with a ``Retry-After`` in whole seconds
 that says when the same request would be accepted (for the concurrency cap: when the
 key's oldest running request should end, by the key's average request duration).  ``Ticket.finish(tokens)`` runs once
@@ -85,7 +86,7 @@ class Ticket:
     clock: object = field(default=time.monotonic, repr=False)
     done: bool = False
     id: int = 0
-
+    seqs: int = 1
     def finish(self, tokens_used: int | None = None):
         """The response ended: free the place; charge the real token count (None: keep
         the estimate).  Idempotent."""
@@ -95,7 +96,7 @@ class Ticket:
         self.done = True
         now = self.clock()
         state = self.state
-        state.running -= 1
+        state.running -= self.seqs
         took = now - state.starts.pop(self.id, now)
         state.avg_s = took if state.avg_s is None else (1 - EWMA) * state.avg_s + EWMA * took
         bucket = state.tokens
@@ -113,7 +114,7 @@ class Limiter:
         s = self._states.get(name)
         return s.running if s else 0
 
-    def admit(self, key: ApiKey, cost: int) -> Ticket:
+    def admit(self, key: ApiKey, cost: int, seqs: int = 1) -> Ticket:
         lim = key.limits
         if lim == KeyLimits():
             return Ticket(None, 0, self.clock)
@@ -124,11 +125,16 @@ class Limiter:
             state.apply(lim, now)
         elif state.limits != lim:
             state.apply(lim, now)
-        if lim.max_concurrent is not None and state.running >= lim.max_concurrent:
+        if lim.max_concurrent is not None and seqs > lim.max_concurrent:
+            raise RateLimited(  # no wait would make it fit
+                f"Request too large for key '{key.name}': n={seqs} sequences, more than its "
+                f"limit of {lim.max_concurrent} concurrent sequences. Lower n.",
+                retry_after=None)
+        if lim.max_concurrent is not None and state.running + seqs > lim.max_concurrent:
             raise RateLimited(
                 f"Rate limit reached for key '{key.name}': {lim.max_concurrent} concurrent "
-                "requests at most; retry when one of them has finished.",
-                retry_after=max(1, math.ceil(state.place_frees_in(now))))
+                "sequences at most (n counts each); retry when one of its requests has "
+                "finished.", retry_after=max(1, math.ceil(state.place_frees_in(now))))
         tokens, requests = state.tokens, state.requests
         if tokens is not None and cost > tokens.capacity:
             # like OpenAI's "Request too large": no wait would make it fit
@@ -154,30 +160,23 @@ class Limiter:
             requests.level -= 1
         if tokens is not None:
             tokens.level -= cost
-        state.running += 1
+        state.running += seqs
         state.next_id += 1
         state.starts[state.next_id] = now
-        return Ticket(state, cost, self.clock, id=state.next_id)
+        return Ticket(state, cost, self.clock, id=state.next_id, seqs=seqs)
 
 
-CHARS_PER_TOKEN = 4  # a rough rule for BPE text; the charge is corrected at the end
 TOKENS_PX = 32 * 32
 
 
 def estimate_tokens(req, default_max_tokens: int, max_pixels: int) -> int:
-    """What a chat request may cost at most, before its prompt is tokenized: its text at
-    ~4 characters a token, each image at its full pixel budget, plus ``n`` x max_tokens."""
-    chars = images = 0
-    for m in req.messages:
-        content = m.content
-        if isinstance(content, str):
-            chars += len(content)
-        for part in content if isinstance(content, list) else []:
-            text = getattr(part, "text", None)
-            if isinstance(text, str):
-                chars += len(text)
-            else:
-                images += 1
-    prompt = math.ceil(chars / CHARS_PER_TOKEN) + images * (max_pixels // TOKENS_PX)
+    """What a chat request may cost at most, before its prompt is tokenized: an upper
+    bound for any text (``ChatCompletionRequest.text_size``: the UTF-8 bytes of every text
+    the template renders, tools and tool-call arguments included, plus the template's own
+    tokens), each image at its full pixel budget, plus ``n`` x max_tokens.  The charge is
+    corrected to the tokens really used when the response ends."""
+    images = sum(1 for m in req.messages if isinstance(m.content, list)
+                 for part in m.content if getattr(part, "text", None) is None)
+    prompt = req.text_size.token_bound + images * (max_pixels // TOKENS_PX)
     max_tokens = req.requested_max_tokens or default_max_tokens
     return prompt + req.n * max_tokens

@@ -62,6 +62,11 @@ class RequestStats:
     ttft: float | None = None
     t0: float = field(default_factory=time.perf_counter)
 
+    def prefilled(self, prompt_tokens: int) -> None:
+        """The engine scheduled this prompt's prefill: charged even if the client leaves
+        before its first token (called from the model thread: one attribute write)."""
+        self.prompt_tokens = max(self.prompt_tokens, prompt_tokens)
+
 
 class ChatService:
     def __init__(self, engine: Engine, settings: Settings, fetcher: MediaFetcher,
@@ -97,8 +102,10 @@ class ChatService:
                                  "deep.", param=_short_path(problem[1]) or None)
         self.model(req.model)  # 404 for a name this server does not serve
         extra = sorted((req.model_extra or {}).keys())
-        if extra:
-            log.info("ignoring unknown request fields: %s", ", ".join(extra))
+        if extra:  # client-chosen names: quoted (no forged lines), short, a few
+            shown = ", ".join(json.dumps(k[:64]) for k in extra[:8])
+            log.info("ignoring unknown request fields: %s%s", shown,
+                     f" (+{len(extra) - 8} more)" if len(extra) > 8 else "")
         if req.n > s.max_n:
             raise InvalidRequest(f"n must be at most {s.max_n}.", param="n")
         mt = req.requested_max_tokens
@@ -108,7 +115,7 @@ class ChatService:
                                  else "max_tokens")
         if len(req.messages) > s.max_messages:
             raise InvalidRequest(f"At most {s.max_messages} messages are allowed.", param="messages")
-        chars = images = 0
+        images = 0
         for i, m in enumerate(req.messages):
             for j, part in enumerate(m.content if isinstance(m.content, list) else []):
                 if isinstance(part, p.VideoPart):
@@ -119,13 +126,12 @@ class ChatService:
                     if m.role != "user":
                         raise InvalidRequest("Images are only accepted in user messages.",
                                              param=f"messages[{i}].content[{j}]")
-                else:
-                    chars += len(part.text)
-            if isinstance(m.content, str):
-                chars += len(m.content)
-        if chars > s.max_text_chars:
-            raise InvalidRequest(f"The messages hold more than {s.max_text_chars} characters.",
-                                 param="messages")
+        size = req.text_size  # contents, tool calls and their arguments, tools: all the text
+        if size.chars > s.max_text_chars:  # before anything renders or tokenises it
+            raise InvalidRequest(
+                f"The messages and tools hold more than {s.max_text_chars} characters of "
+                f"text ({size.chars}, {size.tool_chars} of them in tools; --max-text-chars).",
+                param="tools" if size.tool_chars * 2 > size.chars else "messages")
         if images > s.max_images_per_request:
             raise InvalidRequest(f"At most {s.max_images_per_request} images per request.",
                                  param="messages")
@@ -290,9 +296,11 @@ class ChatService:
             top_logprobs=req.top_logprobs or 0, logit_bias=bias, grammar=grammar)
 
     async def start(self, req: p.ChatCompletionRequest, request_id: str,
-                    stats: RequestStats, key: str = "") -> AsyncIterator[Output]:
+                    stats: RequestStats, key: str = "", salt: str = "") -> AsyncIterator[Output]:
         """Validate, reserve, fetch; returns the engine's output stream, already started
-        so that errors before the first token still become a plain JSON error."""
+        so that errors before the first token still become a plain JSON error.  ``salt``
+        is the key's cache salt (``ApiKey.cache_salt``); the request's ``cache_salt``
+        narrows it further."""
         self._check(req)
         params = self._params(req)
         reservation = self.engine.reserve()
@@ -306,7 +314,9 @@ class ChatService:
             req.tools and req.tool_choice != "none") else None
         stream = self.engine.generate(
             EngineRequest(request_id, messages, images, params, tools, key=key,
-                          stream=bool(req.stream)), reservation)
+                          stream=bool(req.stream), cache_salt=_salt(salt, req.cache_salt),
+                          on_prefill=stats.prefilled),
+            reservation)
         first = await anext(stream)  # raises context/engine errors before any byte is sent
         stats.ttft = time.perf_counter() - stats.t0
         return _prepend(first, stream)
@@ -398,6 +408,14 @@ class ChatService:
         if req.stream_options and req.stream_options.include_usage:
             yield chunk([], usage=_usage(stats))
         yield "data: [DONE]\n\n"
+
+
+def _salt(key_salt: str, request_salt: str | None) -> str:
+    """The tenant a request's cache entries belong to: its key's, narrowed by its own
+    ``cache_salt`` (length-prefixed, so no two pairs give the same string)."""
+    if request_salt is None:
+        return key_salt
+    return f"{len(key_salt)}:{key_salt}|req:{request_salt}"
 
 
 async def _prepend(first, rest):

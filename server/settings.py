@@ -162,6 +162,12 @@ class Settings(BaseSettings):
     grammar_timeout: float = Field(10.0, gt=0, description=(
         "Seconds one grammar (response_format / forced tools) may take to compile; its "
         "worker process is killed after that (400)."))
+    grammar_memory_mb: int = Field(1024, ge=64, description=(
+        "MiB of memory one grammar compile may use in its worker process (RLIMIT_DATA); "
+        "a compile that needs more gets a 400."))
+    grammar_cache_mb: int = Field(256, ge=0, description=(
+        "MiB of compiled grammars kept for reuse, each counted at its serialised size "
+        "(0: none kept)."))
     decode_timeout: float = Field(10.0, gt=0, description=(
         "Seconds one image may take to decode, counted from when a decode worker takes "
         "it (400)."))

@@ -16,6 +16,9 @@ its exception (pickled across).
   running one is killed the same way: abandoned work never keeps a worker.
 * Jobs marked ``big`` may use at most ``size - 1`` workers, so that one worker is always
   left for small jobs (a few huge images cannot make every small one wait).
+* Queued jobs are taken in turns by their ``turn`` (the API key): a free worker takes the
+  oldest job of the turn served longest ago, so one key's six slow jobs make another
+  key's job wait for at most one of them per worker, not for all six.
 * ``close()`` kills every worker: shutdown never waits for them.
 
 All methods are called on the event loop; results are read with ``loop.add_reader``.
@@ -79,6 +82,7 @@ class _Job:
     timeout: float | None
     big: bool
     future: asyncio.Future
+    turn: str = ""
     worker: "_Worker | None" = None
     timer: asyncio.TimerHandle | None = None
 
@@ -102,14 +106,16 @@ class ProcessPool:
         self._closed = False
         self._start_lock = threading.Lock()
         self.killed = 0  # workers killed for a timeout or a cancelled job (tests read it)
+        self._served: dict[str, int] = {}  # turn -> when it last got a worker (a serial)
+        self._serial = 0
 
     # --- public ------------------------------------------------------------------------
     async def run(self, fn: Callable, *args, timeout: float | None = None,
-                  big: bool = False):
+                  big: bool = False, turn: str = ""):
         if self._closed:
             raise RuntimeError(f"{self.name} pool is closed")
         self._start()
-        job = _Job(fn, args, timeout, big, self._loop.create_future())
+        job = _Job(fn, args, timeout, big, self._loop.create_future(), turn)
         self._queue.append(job)
         self._dispatch()
         try:
@@ -260,11 +266,16 @@ class ProcessPool:
                 job.timer = self._loop.call_later(job.timeout, self._on_timeout, job)
 
     def _next_job(self, big_running: int) -> _Job | None:
-        for job in self._queue:
+        best = None
+        for job in self._queue:  # oldest first: min() below keeps the first of equals
             if job.future.done():
                 continue
             if job.big and self.size > 1 and big_running >= self.size - 1:
                 continue  # the last worker is kept for small jobs
-            self._queue.remove(job)
-            return job
-        return None
+            if best is None or self._served.get(job.turn, -1) < self._served.get(best.turn, -1):
+                best = job
+        if best is not None:
+            self._queue.remove(best)
+            self._serial += 1
+            self._served[best.turn] = self._serial
+        return best

@@ -36,6 +36,7 @@ KEYS_YAML = """\
 keys:
   - name: support-bot
     key: sk-support-1234
+    operator: true
   - name: tagger
     key: sk-tagger-5678
     max_concurrent: 4

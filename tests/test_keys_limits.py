@@ -234,9 +234,11 @@ def test_estimate_counts_text_images_n_and_max_tokens():
             {"role": "user", "content": [{"type": "text", "text": "y" * 8},
                                          {"type": "image_url",
                                           "image_url": {"url": "data:image/png;base64,AA"}}]}]})
-    assert estimate_tokens(req, 1024, 64 * 32 * 32) == 10 + 2 + 64 + 2 * 10
+    # text: its UTF-8 bytes + 2 per string, + 8 template tokens per message and the reply
+    text = (40 + 2) + (8 + 2) + 8 * 3
+    assert estimate_tokens(req, 1024, 64 * 32 * 32) == text + 64 + 2 * 10
     req.max_tokens = None
-    assert estimate_tokens(req, 1024, 64 * 32 * 32) == 76 + 2 * 1024
+    assert estimate_tokens(req, 1024, 64 * 32 * 32) == text + 64 + 2 * 1024
 
 
 # --- fair queue ---------------------------------------------------------------------
@@ -275,3 +277,51 @@ def test_fair_queue_discard_and_expire():
     assert len(q) == 1 and q.popleft().request_id == "a1" and not q
     q.append(E("c", "c0"))
     assert q[0].request_id == "c0"
+
+
+def test_n_takes_one_concurrent_place_per_sequence():
+    """max_concurrent counts sequences: n=3 holds three places; n beyond the cap can never
+    fit (no Retry-After); finishing frees all of them."""
+    lim, k = Limiter(clock=lambda: 0.0), key(max_concurrent=4)
+    t = lim.admit(k, 10, seqs=3)
+    assert lim.running(k.name) == 3
+    with pytest.raises(RateLimited) as e:
+        lim.admit(k, 10, seqs=2)
+    assert e.value.headers.get("Retry-After")
+    with pytest.raises(RateLimited) as e:
+        lim.admit(k, 10, seqs=5)
+    assert "n=5" in str(e.value) and not e.value.headers.get("Retry-After")
+    lim.admit(k, 10, seqs=1)
+    t.finish(5)
+    assert lim.running(k.name) == 1
+
+
+@pytest.mark.parametrize("text", [
+    "Where is my parcel? " * 20,
+    "龘𠜎鬱 " * 50,                                  # rare CJK: several tokens a character
+    "😀🚚🧾" * 40,                                    # emoji: byte pieces
+    "\x01\x02<>&'\"\\" * 30,                          # escapes in the tools' JSON
+])
+def test_estimate_is_an_upper_bound_for_any_text_and_counts_tools(tiny_model, text):
+    """The admission estimate never undercounts the rendered prompt, tools and tool-call
+    arguments included, whatever the characters (the old 4-characters-a-token rule let
+    rare characters through at ~8x the budget)."""
+    from models.processor import load_processor
+    from server import protocol as p
+    tok = load_processor(tiny_model)
+    tools = [{"type": "function", "function": {"name": "lookup", "description": text,
+                                               "parameters": {"type": "object", "properties": {
+                                                   "q": {"type": "string", "description": text}}}}}]
+    messages = [{"role": "system", "content": text}, {"role": "user", "content": text},
+                {"role": "assistant", "content": None, "tool_calls": [{
+                    "id": "c1", "type": "function",
+                    "function": {"name": "lookup", "arguments": '{"q": "%s"}' % text.replace(
+                        "\\", "\\\\").replace('"', '\\"').replace("\x01", "").replace("\x02", "")}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": text}]
+    req = p.ChatCompletionRequest(model="m", messages=messages, tools=tools, max_tokens=1)
+    rendered = tok.apply_chat_template([m.model_dump(exclude_none=True) for m in req.messages],
+                                       tools=[t.model_dump(exclude_none=True) for t in req.tools],
+                                       add_generation_prompt=True, tokenize=False)
+    real = len(tok.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    assert estimate_tokens(req, 16, 65536) - 1 >= real
+    assert req.text_size.tool_chars > 2 * len(text)  # the tools were counted

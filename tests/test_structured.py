@@ -276,3 +276,28 @@ def test_accelerator_mask_path_matches_xgrammar(grammars):
     apply_bitmask_torch(b, bm, [0, 2])
     assert torch.equal(a, b) and torch.equal(a[1], logits[1])
     assert 0 < int(torch.isfinite(a[2]).sum()) < 60  # only upper-case letters fit here
+
+
+def test_cache_counts_serialised_bytes_and_keeps_tenants_apart(grammars):
+    """Each entry weighs at least its serialised size (xgrammar's own estimate missed
+    large grammars by 45x); the byte budget evicts by that weight; a salt is a tenant."""
+    from server.engine.structured import GrammarCache, GrammarSpec
+    tok, shared = grammars
+    eos = shared.stop_ids
+    cache = GrammarCache(tok, vocab_size=shared.vocab_size, stop_ids=eos)
+    a = cache.compile(GrammarSpec.json_schema(ORDER), salt="key:a")
+    assert cache.bytes >= len(a.compiled.serialize_json())
+    assert cache.compile(GrammarSpec.json_schema(ORDER), salt="key:a") is a  # a's own hit
+    assert cache.compile(GrammarSpec.json_schema(ORDER), salt="key:b") is not a
+    assert (cache.hits, cache.misses) == (1, 2)
+    # a budget the size of the largest entry: never more than that is kept
+    sizes = {}
+    for s in (ORDER, PERSON, CODES):
+        g = cache.compile(GrammarSpec.json_schema(s))
+        sizes[json.dumps(s)] = max(len(g.compiled.serialize_json()), 1)
+    small = GrammarCache(tok, vocab_size=shared.vocab_size, stop_ids=eos,
+                         max_bytes=max(sizes.values()) + 1)
+    for s in (ORDER, PERSON, CODES):
+        small.compile(GrammarSpec.json_schema(s))
+        assert small.bytes <= small.max_bytes
+    assert len(small._cache) < 3

@@ -248,7 +248,16 @@ def test_ui_in_browser(tiny_model, tmp_path):
             shutil.copyfile(tmp_path / "ui.png", ROOT / "docs" / "ui.png")
         print(f"screenshot: {tmp_path / 'ui.png'}")
 
-        # SIGTERM stops the launcher and both processes
+        # the UI dying leaves the API serving (the bots' door), and the launcher says so
+        os.kill(children[1], signal.SIGKILL)
+        until = time.time() + 20
+        while "the UI exited" not in log.read_text() and time.time() < until:
+            time.sleep(0.1)
+        assert "the API keeps serving" in log.read_text(), log.read_text()[-3000:]
+        assert proc.poll() is None and _alive(children[0])
+        assert httpx.get(api + "/health", timeout=5).status_code == 200
+
+        # SIGTERM stops the launcher and what is left
         proc.send_signal(signal.SIGTERM)
         t0 = time.time()
         try:

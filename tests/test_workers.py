@@ -73,3 +73,28 @@ def test_big_jobs_leave_one_worker_for_small_ones():
             pool.close()
     # worker start-up may be included; three 3 s sleeps on one worker are not
     assert run(main()) < 2.5
+
+
+def _stamp(turn: str, i: int) -> tuple[str, int, float]:
+    time.sleep(0.05)
+    return turn, i, time.monotonic()
+
+
+def test_queued_jobs_are_taken_in_turns_by_key():
+    """Key b queues six jobs, then key a one: with one worker, a's job runs after at most
+    one of b's (the turn served longest ago goes first), not after all six."""
+    async def main():
+        pool = ProcessPool("t", 1)
+        try:
+            await pool.run(operator.add, 1, 1)  # the worker is up and idle
+            blocker = asyncio.ensure_future(pool.run(time.sleep, 0.5, turn="b"))
+            while pool.busy == 0:
+                await asyncio.sleep(0.01)
+            bs = [asyncio.ensure_future(pool.run(_stamp, "b", i, turn="b")) for i in range(6)]
+            a = asyncio.ensure_future(pool.run(_stamp, "a", 0, turn="a"))
+            done = await asyncio.gather(blocker, *bs, a)
+            order = [turn for turn, _, _ in sorted(done[1:], key=lambda x: x[2])]
+            assert order.index("a") <= 1, order
+        finally:
+            pool.close()
+    run(main())

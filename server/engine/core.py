@@ -94,6 +94,7 @@ class Entry:
     t_arrival: float = field(default_factory=time.perf_counter)
     key: str = ""                  # API key name: the fair queue's unit of turn
     stream: bool = True            # False: events held between deliveries (OutputStage)
+    on_prefill: object = None      # EngineRequest.on_prefill
     held: list = field(default_factory=list)  # output thread: events not yet delivered
     held_at: float | None = None   # output thread: when events were last delivered
 
@@ -351,6 +352,8 @@ class BatchingScheduler(_SchedulerBase):
             self.waiting.popleft()
             self.prefilling.append(prompt)
             rows += e.n
+            if e.on_prefill is not None:  # the key pays for this prefill from now on
+                e.on_prefill(e.prepared.num_tokens)
 
     def _reserve(self, e: Entry):
         """Match the prefix cache, allocate the prompt's blocks and promise the rest; False
@@ -371,7 +374,7 @@ class BatchingScheduler(_SchedulerBase):
             if img_ord is not None:  # image tokens are keyed by their image
                 for i in is_img.nonzero().view(-1).tolist():
                     entries[i] = img_keys[bisect.bisect_right(bounds, int(img_ord[i])) - 1]
-            keys = chain_keys(entries, self.bs)
+            keys = chain_keys(entries, self.bs, p.cache_salt)
         grid = p.image_grid_thw
         pos, delta = self.model.model.get_rope_index(  # before any block is taken
             p.input_ids, mm_token_type_ids=p.mm_token_type_ids, image_grid_thw=grid,
@@ -777,8 +780,9 @@ class AsyncEngine:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         # structured output: specs compile in worker processes (LRU-cached), each within
         # --grammar-timeout and killed when its client leaves
-        self.grammars = GrammarCache(tok, vocab_size=self.vocab_size, stop_ids=self.eos_ids)
-        self.grammars.start_workers(GRAMMAR_WORKERS)
+        self.grammars = GrammarCache(tok, vocab_size=self.vocab_size, stop_ids=self.eos_ids,
+                                     max_bytes=settings.grammar_cache_mb * 2**20)
+        self.grammars.start_workers(GRAMMAR_WORKERS, settings.grammar_memory_mb)
         # whether the chat template opens a <think> block itself (reasoning split)
         self.opens_think = self.builder.opens_think
         self.generator = torch.Generator().manual_seed(settings.seed)
@@ -839,7 +843,7 @@ class AsyncEngine:
             raise
         q: asyncio.Queue = asyncio.Queue()
         entry = Entry(request.request_id, prepared, Sink(loop, q.put_nowait), reservation,
-                      key=request.key, stream=request.stream)
+                      key=request.key, stream=request.stream, on_prefill=request.on_prefill)
         self._inbox.put(entry)
         remaining = prepared.params.n
         try:
@@ -872,7 +876,8 @@ class AsyncEngine:
         spec = request.params.grammar
         if spec is not None and not hasattr(spec, "matcher"):
             compiled = await self.grammars.compile_async(
-                spec, timeout=self.settings.grammar_timeout)
+                spec, timeout=self.settings.grammar_timeout, salt=request.cache_salt,
+                turn=request.key)
             request = dataclasses.replace(
                 request, params=request.params.replace(grammar=compiled))
         return await loop.run_in_executor(self._prep, self.builder.finish, request, plan)
@@ -916,7 +921,10 @@ class AsyncEngine:
     def stats(self) -> dict[str, float]:
         images = self.builder.image_cache.stats()
         out = {"queue_depth": self._waiting, "running_seqs": self.scheduler.num_running,
-               "image_cache_hits": images["hits"], "image_cache_queries": images["queries"]}
+               "image_cache_hits": images["hits"], "image_cache_queries": images["queries"],
+               "grammar_cache_hits": self.grammars.hits,
+               "grammar_cache_misses": self.grammars.misses,
+               "grammar_cache_bytes": self.grammars.bytes}
         blocks = getattr(self, "blocks", None)
         if blocks is not None:
             out.update(blocks.stats())

@@ -65,6 +65,13 @@ class EngineRequest:
     params: SamplingParams
     tools: list[dict] | None = None
     key: str = ""                        # API key name (fair queueing); "" = anonymous
+    # the tenant: every cache key of this request (prefix blocks, image pixels, encoder
+    # outputs, grammar) is salted with it, so requests with another salt never hit its
+    # entries; "" = the unsalted tenant (a server without keys). See ``ApiKey.cache_salt``
+    cache_salt: str = ""
+    # called (from the model thread) with the prompt's token count when its prefill is
+    # scheduled: work the key is charged for even if the client leaves before any token
+    on_prefill: Any = None
     # False: the caller reads the whole result only (a non-streamed completion): after the
     # first, events may arrive merged, a few per request rather than one per step
     stream: bool = True

@@ -275,12 +275,14 @@ def install(model) -> None:
 
 # --- blocks ------------------------------------------------------------------------------
 
-def chain_keys(entries: list, block_size: int) -> list[bytes]:
+def chain_keys(entries: list, block_size: int, salt: str = "") -> list[bytes]:
     """Hash chain over the full blocks of ``entries`` (token ids, image tokens replaced
     by their image's key): block i's key covers blocks 0..i.  A cryptographic hash, not
     Python's ``hash``: a client must not be able to craft a block that collides with
-    another client's cached prefix (vLLM's CVE-2025-25183)."""
-    keys, h = [], b""
+    another client's cached prefix (vLLM's CVE-2025-25183).  ``salt`` (the tenant) seeds
+    the chain: equal prompts of two tenants share no block (vLLM's ``cache_salt``)."""
+    keys = []
+    h = hashlib.blake2b(b"salt:" + salt.encode(), digest_size=16).digest() if salt else b""
     for i in range(len(entries) // block_size):
         block = repr(tuple(entries[i * block_size:(i + 1) * block_size])).encode()
         h = hashlib.blake2b(h + block, digest_size=16).digest()

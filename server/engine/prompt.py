@@ -19,7 +19,9 @@ Image identity: ``Prepared.image_keys`` holds one key per image, in order:
 as received (``ImageInput.digest``, from ``server.media``) or, for an image handed over
 already decoded, a BLAKE2b hash of its mode, size and pixels ("px" prefix, so the two kinds
 never meet).  Equal keys mean equal pixel values and grids; the prefix cache and encoder
-cache key by them.  Preprocessed pixels are kept by key in a ``ByteLRU`` (``image_cache``,
+cache key by them.  A request's ``cache_salt`` (its tenant, see ``EngineRequest``) prefixes
+each key as ``"<salt hash>/"``: one tenant's cached pixels, encoder outputs and prefix
+blocks are never another tenant's hits.  Preprocessed pixels are kept by key in a ``ByteLRU`` (``image_cache``,
 ``--image-cache-mb``): a resent image is not preprocessed again.
 
 Thread safety: the engine runs ``plan``/``finish`` on ``--prep-workers`` threads at once.
@@ -58,6 +60,7 @@ class Prepared:
     params: SamplingParams             # max_tokens filled in
     # one per image, in order: "<digest>:<min_pixels>:<max_pixels>" (see the module doc)
     image_keys: list[str] = field(default_factory=list)
+    cache_salt: str = ""               # the request's tenant: the prefix cache's chain seed
 
     @property
     def num_tokens(self) -> int:
@@ -135,7 +138,7 @@ class PromptBuilder:
 
     def finish(self, req: EngineRequest, plan: Plan) -> Prepared:
         """Preprocess the images; ``req.params`` may carry the compiled grammar by now."""
-        keys = [image_key(im) for im in req.images]
+        keys = [image_key(im, req.cache_salt) for im in req.images]
         pixel_values, grids = self._cached_images(req.images, keys) if req.images else (None, None)
         counts = [int(g.prod()) // self.merge ** 2 for g in grids] if req.images else []
         ids = plan.input_ids if counts == plan.image_tokens else self._tokenize(plan.pieces,
@@ -146,7 +149,7 @@ class PromptBuilder:
             pixel_values=pixel_values,
             image_grid_thw=grids,
             params=self._fill_max_tokens(req.params, ids.shape[1]),
-            image_keys=keys)
+            image_keys=keys, cache_salt=req.cache_salt)
 
     def _cached_images(self, images: list[ImageInput],
                        keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,10 +230,14 @@ class PromptBuilder:
         return params
 
 
-def image_key(im: ImageInput) -> str:
-    """The image's content key with its pixel budget (see the module doc)."""
+def image_key(im: ImageInput, salt: str = "") -> str:
+    """The image's content key with its pixel budget, under its tenant's salt (see the
+    module doc)."""
     digest = im.digest or pixel_digest(im.image)
-    return f"{digest}:{im.min_pixels}:{im.max_pixels}"
+    key = f"{digest}:{im.min_pixels}:{im.max_pixels}"
+    if salt:
+        key = hashlib.blake2b(salt.encode(), digest_size=8).hexdigest() + "/" + key
+    return key
 
 
 def pixel_digest(image) -> str:

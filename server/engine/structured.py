@@ -10,9 +10,13 @@ Three layers, each on the thread that owns it:
 * ``GrammarCache`` (engine): compiles a spec against the served tokenizer — vocabulary
   padded to the model's ``vocab_size``, special tokens and raw control-character tokens
   excluded, end-of-turn ids as the stop tokens — and keeps the results in an LRU bounded
-  in entries and in bytes.  ``compile`` (synchronous) returns a ``CompiledSpec``;
-  ``compile_async`` compiles in a worker process (``server.workers``) with a time budget,
-  killed when the budget is spent (400) or the client leaves.  A bad schema becomes
+  in entries and in bytes, each entry counted at the larger of xgrammar's own estimate
+  and its serialised size (the estimate missed 95 MiB grammars by 45x).  Entries are
+  keyed by the tenant's salt too: one key's compiled schema is never another key's hit.
+  ``compile`` (synchronous) returns a ``CompiledSpec``; ``compile_async`` compiles in a
+  worker process (``server.workers``) with a time budget, killed when the budget is spent
+  (400) or the client leaves, under a memory limit (``RLIMIT_DATA``: a compile that needs
+  more fails with a 400), the queue taken in turns by API key.  A bad schema becomes
   ``InvalidRequest`` naming the request field.  ``check_cost`` refuses, before anything
   is queued, repetition bounds past the server's limit (compile time grows with them:
   ``[a-z]{1,20000}`` alone takes tens of seconds).
@@ -125,6 +129,14 @@ def _walk(s: Any, path: str, found: list[str], depth: int = 0) -> None:
         return
     if isinstance(s.get("properties"), dict) and len(s["properties"]) > MAX_PROPERTIES:
         found.append(f"more than {MAX_PROPERTIES} properties (at {path})")
+    req, props = s.get("required"), s.get("properties")
+    if isinstance(req, list) and req:
+        # the grammar only writes declared properties: an undeclared required name would
+        # give "stop" outputs that fail their own schema
+        missing = [str(r) for r in req if not (isinstance(props, dict) and r in props)]
+        if missing:
+            names = ", ".join(json.dumps(m)[:40] for m in missing[:5])
+            found.append(f"required names not in properties: {names} (at {path})")
     if isinstance(s.get("enum"), list) and len(s["enum"]) > MAX_ENUM:
         found.append(f"enum of more than {MAX_ENUM} values (at {path})")
     for k, label in _REFUSED.items():
@@ -240,16 +252,18 @@ class GrammarCache:
         self._pool = None
         self.hits = self.misses = 0
 
-    def start_workers(self, size: int) -> None:
-        """Compile in ``size`` worker processes from now on (``compile_async``).  Builds
-        the tokenizer description here (the caller's thread: seconds for a large vocab)."""
+    def start_workers(self, size: int, memory_mb: int | None = None) -> None:
+        """Compile in ``size`` worker processes from now on (``compile_async``), each
+        allowed ``memory_mb`` MiB of data beyond what it holds after starting.  Builds the
+        tokenizer description here (the caller's thread: seconds for a large vocab)."""
         try:
             import xgrammar as xgr
         except ImportError:
             return  # compile_async then answers the "needs xgrammar" 400
         parts = self._tokenizer_parts(xgr)
         self._info = _tokenizer_info_from(xgr, parts)
-        self._pool = ProcessPool("grammar", size, init=_init_worker, initargs=(parts,))
+        self._pool = ProcessPool("grammar", size, init=_init_worker,
+                                 initargs=(parts, memory_mb))
         self._pool.start()
 
     def close(self) -> None:
@@ -264,8 +278,8 @@ class GrammarCache:
                 self.hits += 1
             return hit
 
-    def _store(self, key: tuple, compiled: "CompiledSpec") -> None:
-        size = _grammar_bytes(compiled.compiled)
+    def _store(self, key: tuple, compiled: "CompiledSpec", serialized: int) -> None:
+        size = max(_grammar_bytes(compiled.compiled), serialized)
         with self._lock:
             self.misses += 1
             if size > self.max_bytes:
@@ -278,17 +292,20 @@ class GrammarCache:
                 old, _ = self._cache.popitem(last=False)
                 self.bytes -= self._sizes.pop(old)
 
-    async def compile_async(self, spec: GrammarSpec, *, timeout: float) -> "CompiledSpec":
+    async def compile_async(self, spec: GrammarSpec, *, timeout: float, salt: str = "",
+                            turn: str = "") -> "CompiledSpec":
         """``compile`` in a worker process, within ``timeout`` seconds of compiling (400
-        past it); cancelling the awaiting task kills the compile."""
-        hit = self._lookup(spec.key)
+        past it); cancelling the awaiting task kills the compile.  ``salt``: the tenant
+        (cache key); ``turn``: the API key whose turn in the compile queue it takes."""
+        key = (salt, spec.key)
+        hit = self._lookup(key)
         if hit is not None:
             return hit
         if self._pool is None:
             self._get_compiler()  # raises the "needs xgrammar" 400 when it is missing
             raise RuntimeError("GrammarCache.start_workers was not called")
         try:
-            text = await self._pool.run(_compile_job, spec, timeout=timeout)
+            text = await self._pool.run(_compile_job, spec, timeout=timeout, turn=turn)
         except WorkerDied:  # e.g. killed for memory by a huge grammar
             raise InvalidRequest("The grammar could not be compiled (its compile worker "
                                  "ended); simplify the schema or tools.",
@@ -302,7 +319,7 @@ class GrammarCache:
         grammar = await asyncio.to_thread(xgr.CompiledGrammar.deserialize_json, text,
                                           self._info)
         compiled = CompiledSpec(spec, grammar)
-        self._store(spec.key, compiled)
+        self._store(key, compiled, len(text))
         return compiled
 
     def _get_compiler(self):
@@ -347,12 +364,14 @@ class GrammarCache:
                     vocab_size=self.vocab_size, stop_token_ids=self.stop_ids,
                     add_prefix_space=base.add_prefix_space)
 
-    def compile(self, spec: GrammarSpec) -> CompiledSpec:
-        hit = self._lookup(spec.key)
+    def compile(self, spec: GrammarSpec, salt: str = "") -> CompiledSpec:
+        key = (salt, spec.key)
+        hit = self._lookup(key)
         if hit is not None:
             return hit
-        compiled = CompiledSpec(spec, self._compile(spec))
-        self._store(spec.key, compiled)
+        grammar = self._compile(spec)
+        compiled = CompiledSpec(spec, grammar)
+        self._store(key, compiled, len(grammar.serialize_json()))
         return compiled
 
     def _compile(self, spec: GrammarSpec):
@@ -384,15 +403,43 @@ def _grammar_bytes(compiled) -> int:
 _WORKER_COMPILER = None
 
 
-def _init_worker(parts: dict) -> None:
-    global _WORKER_COMPILER
+def _init_worker(parts: dict, memory_mb: int | None = None) -> None:
+    global _WORKER_COMPILER, _WORKER_MEMORY_MB
     import xgrammar as xgr
     _WORKER_COMPILER = xgr.GrammarCompiler(_tokenizer_info_from(xgr, parts),
                                            cache_enabled=False)
+    if memory_mb:
+        _limit_data(memory_mb)
+        _WORKER_MEMORY_MB = memory_mb
+
+
+_WORKER_MEMORY_MB = None
+
+
+def _limit_data(memory_mb: int) -> None:
+    """Cap this process's data (heap and private mappings: ``RLIMIT_DATA``) at what it
+    holds now plus ``memory_mb``: an allocation past it fails (MemoryError, or a C++
+    bad_alloc that xgrammar raises as an error), a job can never take the box's memory."""
+    import resource
+    held = 0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmData:"):
+                held = int(line.split()[1]) * 1024
+    limit = held + memory_mb * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
 
 
 def _compile_job(spec: GrammarSpec) -> str:
-    return _compile_with(_WORKER_COMPILER, spec).serialize_json()
+    try:
+        return _compile_with(_WORKER_COMPILER, spec).serialize_json()
+    except (MemoryError, InvalidRequest) as exc:
+        if isinstance(exc, InvalidRequest) and "bad_alloc" not in str(exc) \
+                and "memory" not in str(exc).lower():
+            raise
+        raise InvalidRequest(f"The grammar needs more than the {_WORKER_MEMORY_MB} MiB a "
+                             "compile may use (--grammar-memory-mb); simplify the schema or "
+                             "tools.", param=spec.param) from None
 
 
 def _compile_with(compiler, spec: GrammarSpec):
