@@ -19,11 +19,11 @@ from server.settings import Settings
 
 
 @pytest.fixture(scope="module")
-def make_engine(tiny_model):
+def make_engine(toy_model):
     engines = []
 
     def make(**overrides) -> AsyncEngine:
-        s = Settings(model_path=tiny_model, min_pixels=4096, max_pixels=65536, **overrides)
+        s = Settings(model_path=toy_model, min_pixels=4096, max_pixels=65536, **overrides)
         e = AsyncEngine(load_model(s), s)
         engines.append(e)
         return e

@@ -134,9 +134,9 @@ async def test_fetcher_digest_is_the_bytes_hash():
 # --- the pixel cache in PromptBuilder ------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def processor(tiny_model):
+def processor(toy_model):
     from models.processor import load_processor
-    return load_processor(tiny_model)
+    return load_processor(toy_model)
 
 
 def builder(processor, cache_bytes: int, mode: str = "torch"):
@@ -275,7 +275,7 @@ def test_prep_settings():
 
 # --- through the engine --------------------------------------------------------------------
 
-async def test_greedy_output_same_with_cache_on_and_off(tiny_model):
+async def test_greedy_output_same_with_cache_on_and_off(toy_model):
     from models.loader import load_model
     from server.engine.core import AsyncEngine
     from server.settings import Settings
@@ -288,7 +288,7 @@ async def test_greedy_output_same_with_cache_on_and_off(tiny_model):
 
     out, hits = {}, {}
     for mb in (0, 64):
-        s = Settings(model_path=tiny_model, min_pixels=4096, max_pixels=65536, image_cache_mb=mb)
+        s = Settings(model_path=toy_model, min_pixels=4096, max_pixels=65536, image_cache_mb=mb)
         engine = AsyncEngine(load_model(s), s)
         try:
             toks = []
@@ -304,14 +304,14 @@ async def test_greedy_output_same_with_cache_on_and_off(tiny_model):
     assert hits[0]["image_cache_hits"] == 0
 
 
-async def test_cached_tokens_reach_every_output_of_a_choice(tiny_model):
+async def test_cached_tokens_reach_every_output_of_a_choice(toy_model):
     """The engine's prefix cache: the same long prompt resent is partly served from the
     cache, and every Output of each choice says how much (``Output.cached_tokens``)."""
     from models.loader import load_model
     from server.engine.core import AsyncEngine
     from server.settings import Settings
 
-    s = Settings(model_path=tiny_model, min_pixels=4096, max_pixels=65536)
+    s = Settings(model_path=toy_model, min_pixels=4096, max_pixels=65536)
     engine = AsyncEngine(load_model(s), s)
     text = "The store ships within two days and takes returns for thirty days. " * 12
     try:

@@ -239,9 +239,11 @@ def test_masks_keep_any_distribution_inside_the_schema(grammars):
     tok, cache = grammars
     vocab = cache.vocab_size
     g = torch.Generator().manual_seed(0)
+    # each draw samples all 151,936 columns on the real vocabulary: fewer trials there
+    trials = 25 if vocab < 10_000 else 8
     for schema in SCHEMAS:
         compiled = cache.compile(GrammarSpec.json_schema(schema))
-        for trial in range(25):
+        for trial in range(trials):
             m, ids = compiled.matcher(), []
             for _ in range(400):
                 logits = torch.randn(2, vocab, generator=g) * (1 + trial % 5)
