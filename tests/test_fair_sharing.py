@@ -145,15 +145,16 @@ def test_hashed_key_and_tokens_per_minute(keyed):
         ask(c, max_tokens=600)
     assert e.value.response.headers.get("retry-after") is None
     assert "too large" in envelope(e.value.response)["message"]
-    # charged ~455 at admission, corrected to 0 when it fails (404): twice in a row, which
-    # only fits if the first charge was refunded
+    # charged ~437 at admission (400 + the prompt's upper bound: 21 bytes of text + 8
+    # template tokens for each of 2 messages), corrected to 0 when it fails (404): twice
+    # in a row, which only fits if the first charge was refunded
     for _ in range(2):
         with pytest.raises(openai.NotFoundError):
-            ask(c, max_tokens=450, model="no-such-model")
-    # a running stream holds its ~455 estimate: a second request doesn't fit until refill
+            ask(c, max_tokens=400, model="no-such-model")
+    # a running stream holds its ~420 estimate: a second request doesn't fit until refill
     stream = c.chat.completions.create(
         model="qwen3-vl", messages=[{"role": "user", "content": "x"}], temperature=0,
-        max_tokens=450, stream=True, extra_body={"ignore_eos": True})
+        max_tokens=400, stream=True, extra_body={"ignore_eos": True})
     next(iter(stream))
     try:
         with pytest.raises(openai.RateLimitError) as e:

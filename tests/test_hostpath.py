@@ -5,6 +5,7 @@ the KV budget and the startup cache check.  Tiny model, float32, CPU."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 import torch
@@ -430,3 +431,15 @@ def test_http_budget_400_and_health_after_failed_steps(server_factory):
         assert failed.value.status_code == 503
     assert httpx.get(srv.url + "/health", timeout=5).status_code == 503
     assert "KV cache: 300 tokens" in srv.log() and "paged attention check: transformers" in srv.log()
+
+
+async def test_prefill_is_reported_before_the_first_token(make_engine):
+    """``on_prefill`` hears the prompt's size when its prefill is scheduled, before any
+    token: a client that hangs up then is still charged the prefill (issue 27)."""
+    engine = make_engine()
+    seen = []
+    req = dataclasses.replace(text_req(1, max_tokens=3), on_prefill=seen.append)
+    gen = engine.generate(req, engine.reserve())
+    first = await anext(gen)
+    assert seen == [first.prompt_tokens] and first.prompt_tokens > 0
+    await gen.aclose()

@@ -9,6 +9,7 @@ probe has a positive control showing the same signal where it should be.
 
 from __future__ import annotations
 
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -190,3 +191,59 @@ def test_unknown_field_names_are_logged_escaped_and_short(srv):
     log = srv.log()
     assert "\n2026-01-01 INFO qwen_vl.keys" not in log
     assert "y" * 100 not in log and "ignoring unknown request fields" in log
+
+
+def _rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def _shop_tools(tag: str) -> list[dict]:
+    """8 tools of a shop bot (a tool grammar that serialises to ~13 MB)."""
+    from bench.grammar_vocab import tools
+    return [{"type": "function", "function": {"name": f"{tag}_{name}", "parameters": params}}
+            for name, params in tools(8)]
+
+
+def test_grammar_memory_stays_within_its_budget(real_vocab_model):
+    """Six distinct tool grammars (~13 MB serialised each on the real vocabulary, ~3 MB by
+    xgrammar's estimate) through compile workers into a 16 MiB cache: the cache holds at
+    most 16 MiB by serialised size, and the process grows by no more than that plus a
+    small margin (the deserialisation's transient heap is handed back)."""
+    import asyncio
+
+    from models.processor import load_processor
+    from server.engine.structured import GrammarCache, GrammarSpec
+    from bench.grammar_vocab import tools
+    tok = load_processor(real_vocab_model).tokenizer
+
+    async def main():
+        cache = GrammarCache(tok, vocab_size=151936, stop_ids=[151645, 151643],
+                             max_bytes=16 * 2**20)
+        cache.start_workers(1, 1024)
+        try:
+            spec = lambda tag: GrammarSpec.tool_calls(  # noqa: E731
+                [(f"{tag}_{n}", p) for n, p in tools(8)], parallel=True)
+            await cache.compile_async(spec("warm"), timeout=60)
+            before = _rss_mb(os.getpid())
+            for i in range(6):
+                await cache.compile_async(spec(f"t{i}"), timeout=60)
+                assert cache.bytes <= 16 * 2**20 and len(cache._cache) <= 1
+            return _rss_mb(os.getpid()) - before
+        finally:
+            cache.close()
+    grown = asyncio.run(main())
+    assert grown <= 16 + 16, grown
+
+
+def test_a_compile_past_its_memory_limit_is_a_400(srv):
+    """512 properties: a legal schema whose compiled grammar needs more than the
+    1024 MiB a compile worker may use; the server answers 400 and goes on serving."""
+    from bench.grammar_vocab import wide_schema
+    with pytest.raises(openai.BadRequestError) as e:
+        cached(srv, "sk-a", [{"role": "user", "content": "x"}], response_format={
+            "type": "json_schema", "json_schema": {"name": "w", "schema": wide_schema(512)}})
+    assert "--grammar-memory-mb" in e.value.response.json()["error"]["message"]
+    assert cached(srv, "sk-b", [{"role": "user", "content": "still there?"}]) >= 0
