@@ -126,6 +126,10 @@ class ChatService:
                     if m.role != "user":
                         raise InvalidRequest("Images are only accepted in user messages.",
                                              param=f"messages[{i}].content[{j}]")
+        if req.tools and len(req.tools) > s.max_tools:
+            # before anything renders or compiles them (--max-tools)
+            raise InvalidRequest(f"At most {s.max_tools} tools are allowed (--max-tools).",
+                                 param="tools")
         size = req.text_size  # contents, tool calls and their arguments, tools: all the text
         if size.chars > s.max_text_chars:  # before anything renders or tokenises it
             raise InvalidRequest(
@@ -135,10 +139,6 @@ class ChatService:
         if images > s.max_images_per_request:
             raise InvalidRequest(f"At most {s.max_images_per_request} images per request.",
                                  param="messages")
-        if req.tools and len(req.tools) > s.max_tools:
-            # before anything renders or compiles them (--max-tools)
-            raise InvalidRequest(f"At most {s.max_tools} tools are allowed (--max-tools).",
-                                 param="tools")
         self._check_structured(req)
         spec = self._grammar(req)
         if spec is not None:  # refuse a compile bomb before it is queued

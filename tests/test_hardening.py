@@ -320,6 +320,20 @@ CASES: list[Case] = [
         b'{"model": "qwen3-vl", "max_tokens": 2, "messages": [{"role": "user", "content": '
         b'"x"}], "tools": [{"type": "function", "function": {"name": "f", "parameters": '
         + b'{"a":' * 800 + b"1" + b"}" * 800 + b"}}]}"))),
+    # issue 27: every text counts before the template renders it
+    Case("tools-description-over-the-text-limit", 400, "tools", post(chat(tools=[{
+        "type": "function", "function": {"name": "f", "description": "d" * 300_000}}]))),
+    Case("tool-call-arguments-over-the-text-limit", 400, "messages", post({
+        "model": MODEL, "max_tokens": 2, "messages": [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": None, "tool_calls": [{
+                "id": "c1", "type": "function",
+                "function": {"name": "f", "arguments": '"' + "a" * 300_000 + '"'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "ok"}]})),
+    Case("cache-salt-too-long", 400, "cache_salt", post(chat(cache_salt="s" * 300))),
+    Case("schema-requires-an-undeclared-property", 400, "response_format", post(chat(
+        response_format={"type": "json_schema", "json_schema": {"name": "g", "schema": {
+            "type": "object", "required": ["ghost"], "properties": {}}}}))),
     Case("tool-call-arguments-nested-900-deep-ok", 200, ANY, post({
         "model": MODEL, "max_tokens": 2, "messages": [
             {"role": "user", "content": "x"},

@@ -130,7 +130,8 @@ def _walk(s: Any, path: str, found: list[str], depth: int = 0) -> None:
     if isinstance(s.get("properties"), dict) and len(s["properties"]) > MAX_PROPERTIES:
         found.append(f"more than {MAX_PROPERTIES} properties (at {path})")
     req, props = s.get("required"), s.get("properties")
-    if isinstance(req, list) and req:
+    # an object schema (a bare {"required": [...]} inside anyOf is left to its parent)
+    if isinstance(req, list) and req and (isinstance(props, dict) or s.get("type") == "object"):
         # the grammar only writes declared properties: an undeclared required name would
         # give "stop" outputs that fail their own schema
         missing = [str(r) for r in req if not (isinstance(props, dict) and r in props)]
