@@ -35,6 +35,7 @@ context 32768: prefill compute dominates on a CPU, for the prefix-cache benchmar
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import sys
@@ -373,7 +374,16 @@ def build_real_tokenizer():
     from tokenizers import AddedToken, normalizers, processors
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    raw = TikTokenConverter(vocab_file=real_bpe_file(), pattern=PRETOKENIZE_REGEX).converted()
+    class _Converter(TikTokenConverter):
+        @staticmethod
+        def load_tiktoken_bpe(path: str) -> dict[bytes, int]:
+            # the file is "<base64 token> <rank>" per line; read here rather than through
+            # tiktoken, whose older releases open local files only through blobfile
+            with open(path, "rb") as f:
+                return {base64.b64decode(tok): int(rank)
+                        for tok, rank in (line.split() for line in f if line.strip())}
+
+    raw = _Converter(vocab_file=real_bpe_file(), pattern=PRETOKENIZE_REGEX).converted()
     raw.normalizer = normalizers.NFC()
     raw.post_processor = processors.ByteLevel(trim_offsets=False)
     base = raw.get_vocab_size(with_added_tokens=False)

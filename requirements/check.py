@@ -49,6 +49,8 @@ def differences(pins: dict[str, str]) -> list[str]:
     out = []
     for dist in metadata.distributions():
         name = norm(dist.metadata["Name"] or "")
+        if name in ("pip", "setuptools", "wheel"):
+            continue  # the venv's own tools (setuptools is pinned only as torch 2.13's need)
         if name in pins:
             if dist.version != pins[name]:
                 out.append(f"{name}=={dist.version} is installed, the lock says {pins[name]}")

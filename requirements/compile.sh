@@ -27,9 +27,11 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-PY="${PY:-$ROOT/.venv/bin/python}"
-[ -x "$PY" ] || PY=python3
-# uv at the version the lock pins (the `lock` extra), so the resolver itself is locked
+# uv at the version the lock pins (the `lock` extra), so the resolver itself is locked, in a
+# venv of its own: never a package added to the venv being checked, nor to the system Python
+TOOLS="$ROOT/.venv-tools"
+PY="$TOOLS/bin/python"
+[ -x "$PY" ] || python3 -m venv "$TOOLS"
 "$PY" -m uv --version >/dev/null 2>&1 \
   || "$PY" -m pip install --disable-pip-version-check -q -c "$ROOT/requirements/lock.txt" uv >&2
 tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT

@@ -7,6 +7,7 @@ and logged by the serving layer, never rejected.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -125,6 +126,19 @@ TEMPLATE_TOKENS_FOR_TOOLS = 256      # the tools preamble (~100 tokens in Qwen's
 _CONTROL = re.compile(r"[\x00-\x1f]")
 
 
+def _rendered_arguments(arguments: str) -> str:
+    """Tool-call arguments as the template writes them: JSON arguments are parsed and
+    re-dumped (``tojson``: ", " and ": " separators, floats in full, 1e15 as
+    1000000000000000.0), which can be several times the text the client sent."""
+    try:
+        parsed = json.loads(arguments)
+    except ValueError:
+        return arguments
+    if not isinstance(parsed, (dict, list)):
+        return arguments
+    return json.dumps(parsed, ensure_ascii=False)
+
+
 def _walk_text(obj, acc: list[int]) -> None:
     """acc[0] += characters of every string (keys too), acc[1] += an upper bound of the
     UTF-8 bytes of ``obj`` as JSON (quotes, escapes, separators, numbers)."""
@@ -209,8 +223,9 @@ class ChatCompletionRequest(_Open):
                     _walk_text(extra, msg)
             for tc in m.tool_calls or []:
                 calls += 1
-                for s in (tc.id, tc.function.name, tc.function.arguments):
+                for s in (tc.id, tc.function.name):
                     _walk_text(s, msg)
+                _walk_text(_rendered_arguments(tc.function.arguments), msg)
         for t in self.tools or []:
             _walk_text(t.model_dump(exclude_none=True), tools)
         bound = msg[1] + tools[1] + TEMPLATE_TOKENS_PER_MESSAGE * (len(self.messages) + 1) \

@@ -162,7 +162,7 @@ class Settings(BaseSettings):
     grammar_timeout: float = Field(10.0, gt=0, description=(
         "Seconds one grammar (response_format / forced tools) may take to compile; its "
         "worker process is killed after that (400)."))
-    grammar_memory_mb: int = Field(1024, ge=64, description=(
+    grammar_memory_mb: int = Field(1024, ge=256, description=(
         "MiB of memory one grammar compile may use in its worker process (RLIMIT_DATA); "
         "a compile that needs more gets a 400."))
     grammar_cache_mb: int = Field(256, ge=0, description=(

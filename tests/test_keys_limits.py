@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import math
 import os
 import time
@@ -325,3 +326,22 @@ def test_estimate_is_an_upper_bound_for_any_text_and_counts_tools(tiny_model, te
     real = len(tok.tokenizer(rendered, add_special_tokens=False)["input_ids"])
     assert estimate_tokens(req, 16, 65536) - 1 >= real
     assert req.text_size.tool_chars > 2 * len(text)  # the tools were counted
+
+
+def test_estimate_counts_arguments_as_the_template_renders_them(tiny_model):
+    """Compact JSON arguments grow when the template re-dumps them (separators, 1e15 as
+    1000000000000000.0): the estimate follows the rendering, not the bytes sent."""
+    from models.processor import load_processor
+    from server import protocol as p
+    tok = load_processor(tiny_model)
+    args = '{"x":[' + ",".join(["1e15"] * 300) + "]}"
+    req = p.ChatCompletionRequest(model="m", max_tokens=1, messages=[
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "c1", "type": "function", "function": {"name": "f", "arguments": args}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"}])
+    msgs = [m.model_dump(exclude_none=True) for m in req.messages]
+    msgs[1]["tool_calls"][0]["function"]["arguments"] = json.loads(args)  # as serving does
+    rendered = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    real = len(tok.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    assert real > len(args) and estimate_tokens(req, 16, 65536) - 1 >= real

@@ -450,7 +450,8 @@ def _compile_job(spec: GrammarSpec) -> str:
     except (MemoryError, RuntimeError, InvalidRequest) as exc:
         # past RLIMIT_DATA: a MemoryError, or xgrammar's std::bad_alloc as a RuntimeError
         # (from the compile, wrapped as InvalidRequest, or from the serialisation)
-        if not isinstance(exc, MemoryError) and "bad_alloc" not in str(exc):
+        if not isinstance(exc, MemoryError) and "bad_alloc" not in str(exc) \
+                and not isinstance(exc.__context__, MemoryError):
             raise
         raise InvalidRequest(f"The grammar needs more than the {_WORKER_MEMORY_MB} MiB a "
                              "compile may use (--grammar-memory-mb); simplify the schema or "
