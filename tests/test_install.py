@@ -73,5 +73,7 @@ def test_check_reports_a_version_off_the_lock(tmp_path):
     name = "openai"
     bad = tmp_path / "lock.txt"
     bad.write_text(LOCK.read_text().replace(f"{name}=={pins[name]}", f"{name}==0.0.1"))
+    import openai
     diff = check.differences(check.read_lock(bad))
-    assert diff == [f"{name}=={pins[name]} is installed, the lock says 0.0.1"]
+    # (under UNLOCKED=1 / LOWEST=1 the venv differs from the lock elsewhere too)
+    assert f"{name}=={openai.__version__} is installed, the lock says 0.0.1" in diff
