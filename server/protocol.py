@@ -127,16 +127,18 @@ _CONTROL = re.compile(r"[\x00-\x1f]")
 
 
 def _rendered_arguments(arguments: str) -> str:
-    """Tool-call arguments as the template writes them: JSON arguments are parsed and
-    re-dumped (``tojson``: ", " and ": " separators, floats in full, 1e15 as
-    1000000000000000.0), which can be several times the text the client sent."""
+    """Tool-call arguments at their longest as the template may write them: the text sent,
+    or (serving parses JSON arguments) their re-dump (``tojson``: ", " and ": " separators,
+    floats in full, 1e15 as 1000000000000000.0), which can be several times longer.  Text
+    too deeply nested to parse stays text, as serving keeps it."""
     try:
         parsed = json.loads(arguments)
-    except ValueError:
+        if not isinstance(parsed, (dict, list)):
+            return arguments
+        dumped = json.dumps(parsed, ensure_ascii=False)
+    except (ValueError, RecursionError):
         return arguments
-    if not isinstance(parsed, (dict, list)):
-        return arguments
-    return json.dumps(parsed, ensure_ascii=False)
+    return dumped if len(dumped) > len(arguments) else arguments
 
 
 def _walk_text(obj, acc: list[int]) -> None:

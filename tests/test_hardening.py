@@ -330,6 +330,16 @@ CASES: list[Case] = [
                 "id": "c1", "type": "function",
                 "function": {"name": "f", "arguments": '"' + "a" * 300_000 + '"'}}]},
             {"role": "tool", "tool_call_id": "c1", "content": "ok"}]})),
+    # too deep to parse: counted and rendered as text (no 500 from the estimate), then
+    # longer than the context
+    Case("tool-call-arguments-nested-90k-deep", 400, "messages", post({
+        "model": MODEL, "max_tokens": 2, "messages": [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": None, "tool_calls": [{
+                "id": "c1", "type": "function",
+                "function": {"name": "f", "arguments": "[" * 90_000 + "]" * 90_000}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "ok"}]}),
+         code="context_length_exceeded"),
     Case("cache-salt-too-long", 400, "cache_salt", post(chat(cache_salt="s" * 300))),
     Case("schema-requires-an-undeclared-property", 400, "response_format", post(chat(
         response_format={"type": "json_schema", "json_schema": {"name": "g", "schema": {
