@@ -7,6 +7,7 @@ stderr), 3 if the server cannot start listening (port in use, like ``uvicorn.run
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -26,14 +27,23 @@ from server.settings import Settings
 EXIT_LOAD_FAILED, EXIT_STARTUP_FAILED = 1, 3
 
 
+def close_grace(timeout: float) -> float:
+    """How long before ``--shutdown-timeout`` the requests still open are answered (a 503,
+    or a stream's error event and ``[DONE]``): time to write those answers."""
+    return min(2.0, timeout / 2)
+
+
 class _Server(uvicorn.Server):
     """uvicorn's server, with ``--shutdown-timeout`` bounding the whole exit: uvicorn's drain
     and the lifespan's engine stop can each wait that long, so the first SIGTERM also arms a
-    watchdog that ends the process at the timeout, whatever is still running."""
+    watchdog that ends the process at the timeout, whatever is still running.  Shortly
+    before it, the requests still open are answered with a 503 (``app.state.close_requests``)
+    so that no client sees a cut connection."""
 
-    def __init__(self, config, shutdown_timeout: float):
+    def __init__(self, config, shutdown_timeout: float, close_requests=None):
         super().__init__(config)
         self._shutdown_timeout = shutdown_timeout
+        self._close_requests = close_requests
         self._watchdog: threading.Timer | None = None
 
     def handle_exit(self, sig, frame):
@@ -41,6 +51,10 @@ class _Server(uvicorn.Server):
             self._watchdog = threading.Timer(self._shutdown_timeout, _exit_now, args=(0,))
             self._watchdog.daemon = True
             self._watchdog.start()
+            if self._close_requests is not None:
+                loop = asyncio.get_event_loop()
+                delay = self._shutdown_timeout - close_grace(self._shutdown_timeout)
+                loop.call_soon_threadsafe(loop.call_later, delay, self._close_requests)
         super().handle_exit(sig, frame)
 
 
@@ -89,9 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     server = _Server(uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         log_config=None, access_log=False,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout),
+        timeout_graceful_shutdown=settings.shutdown_timeout,
         http=guarded_protocol(settings)),  # header deadline, connections per address
-        shutdown_timeout=settings.shutdown_timeout)
+        shutdown_timeout=settings.shutdown_timeout,
+        close_requests=app.state.close_requests)
     # uvicorn drains running requests on SIGTERM (--shutdown-timeout), then restores the
     # previous handler and re-raises the signal: make that handler a clean exit, so that a
     # drained shutdown exits 0 for service managers.  os._exit, not sys.exit: the

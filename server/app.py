@@ -46,6 +46,16 @@ class _State:
     service: ChatService | None = None
     engine = None
     load_error: str | None = None
+    # set when a SIGTERM's drain runs out of time (``app.state.close_requests``)
+    closing: asyncio.Event | None = None
+
+    def closed(self) -> asyncio.Event:
+        if self.closing is None:
+            self.closing = asyncio.Event()
+        return self.closing
+
+
+SHUTTING_DOWN = "The server is shutting down; retry the request."
 
 
 def media_policy(s: Settings) -> MediaPolicy:
@@ -62,7 +72,7 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
     metrics = Metrics(lambda: state.engine.stats() if state.engine else {})
     keys = KeyStore(settings.api_keys, settings.api_key_file)
     limiter = Limiter()
-    read_chat_body = chat_body_reader(settings.max_json_elements)
+    read_chat_body = chat_body_reader(settings.max_json_elements, settings.max_content_parts)
 
     async def load():
         try:
@@ -153,14 +163,16 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
         # a client that leaves while its images are fetched or its grammar compiles
         # cancels that work and frees its queue place at once
         outputs = await _unless_disconnected(request, svc.start(body, cid, stats, key=key.name,
-                                                                salt=key.cache_salt))
+                                                                salt=key.cache_salt),
+                                             state.closed())
         if body.stream:
             return StreamingResponse(svc.stream(body, cid, outputs, stats),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         # JSON written by ChatService (the models' JSON, logprobs without per-token models)
         return Response(await _unless_disconnected(request, svc.collect(body, cid, outputs,
-                                                                        stats)),
+                                                                        stats),
+                                                   state.closed()),
                         media_type="application/json")
 
     # --- errors ----------------------------------------------------------------------------
@@ -199,6 +211,17 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
     app.add_middleware(RequestLog, metrics=metrics, access_log=settings.access_log,
                        quiet_paths=() if settings.log_health_checks else ("/health",))
     app.state.runtime = state
+
+    def close_requests():
+        """The end of a SIGTERM's drain (called on the loop by the launcher): every open
+        request is answered now (a stream's error event and ``[DONE]``, a 503 envelope)
+        rather than cut when the process exits."""
+        state.closed().set()
+        n = (state.engine.close_requests(ServiceUnavailable(SHUTTING_DOWN))
+             if state.engine is not None else 0)
+        log.warning("shutdown timeout near: %d open request(s) answered with a 503 "
+                    "(streams: an error event and [DONE])", n)
+    app.state.close_requests = close_requests
     document_chat_body(app)
     return app
 
@@ -214,8 +237,9 @@ def _on_sighup(reload):
         pass
 
 
-async def _unless_disconnected(request: Request, work):
-    """Run ``work``; if the client goes away first, cancel it (which aborts generation)."""
+async def _unless_disconnected(request: Request, work, closing: asyncio.Event):
+    """Run ``work``; if the client goes away first, cancel it (which aborts generation);
+    if the server's drain ends first (``closing``), cancel it and answer 503."""
     task = asyncio.ensure_future(work)
 
     async def disconnected():
@@ -224,14 +248,18 @@ async def _unless_disconnected(request: Request, work):
                 return
 
     watch = asyncio.ensure_future(disconnected())
+    stop = asyncio.ensure_future(closing.wait())
     try:
-        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, watch, stop}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             return task.result()
         task.cancel()
+        if stop in done:
+            raise ServiceUnavailable(SHUTTING_DOWN)
         raise ClientClosedRequest("client disconnected")
     finally:
         watch.cancel()
+        stop.cancel()
         if not task.done():  # this handler itself was cancelled: abort the generation too
             task.cancel()
 

@@ -1,6 +1,6 @@
 """Reading a chat request body without stalling the event loop.
 
-``chat_body_reader(max_elements)`` returns a FastAPI dependency that reads the body and
+``chat_body_reader(max_elements, max_parts)`` returns a FastAPI dependency that reads the body and
 returns the validated ``ChatCompletionRequest``:
 
 * a client that cuts the upload short gets ``ClientClosedRequest`` (logged 499, not 400);
@@ -8,6 +8,10 @@ returns the validated ``ChatCompletionRequest``:
   pass in C; an upper bound, since commas inside strings count too): over
   ``max_elements`` is a 413, so that a body of millions of tiny values never reaches
   ``json.loads`` (which would hold the event loop for seconds and grow memory by GBs);
+* after parsing and before validation, the content parts of all messages are counted
+  (one ``len`` per message): over ``max_parts`` is a 400, so that a body of 160k tiny
+  parts within the size limits is never validated, dumped, scanned or rendered part by
+  part (each step holds the GIL for seconds at that count);
 * bodies over ``OFF_LOOP_BYTES`` are parsed and validated in a worker thread, the event
   loop meanwhile answering ``/health`` and streaming other requests.
 
@@ -31,11 +35,15 @@ from server.errors import ClientClosedRequest, InvalidRequest, PayloadTooLarge
 OFF_LOOP_BYTES = 256 * 1024
 
 
-def _parse(raw: bytes) -> p.ChatCompletionRequest:
+def _parse(raw: bytes, max_parts: int) -> p.ChatCompletionRequest:
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError):
         raise InvalidRequest("The request body is not valid JSON.") from None
+    parts = count_parts(data)
+    if parts > max_parts:
+        raise InvalidRequest(f"The messages hold {parts} content parts; at most {max_parts} "
+                             "are allowed (--max-content-parts).", param="messages")
     try:
         return p.ChatCompletionRequest.model_validate(data)
     except ValidationError as e:
@@ -48,7 +56,16 @@ def count_values(raw: bytes) -> int:
     return raw.count(b",") + raw.count(b"[") + raw.count(b"{") + 1
 
 
-def chat_body_reader(max_elements: int):
+def count_parts(data) -> int:
+    """Content parts over all messages (0 for a shape validation will refuse anyway)."""
+    messages = data.get("messages") if isinstance(data, dict) else None
+    if not isinstance(messages, list):
+        return 0
+    return sum(len(m["content"]) for m in messages
+               if isinstance(m, dict) and isinstance(m.get("content"), list))
+
+
+def chat_body_reader(max_elements: int, max_parts: int):
     async def read_chat_body(request: Request) -> p.ChatCompletionRequest:
         try:
             raw = await request.body()
@@ -60,8 +77,8 @@ def chat_body_reader(max_elements: int):
             raise PayloadTooLarge(f"The request body holds more than {max_elements} JSON "
                                   "values (--max-json-elements).")
         if len(raw) > OFF_LOOP_BYTES:
-            return await asyncio.to_thread(_parse, raw)
-        return _parse(raw)
+            return await asyncio.to_thread(_parse, raw, max_parts)
+        return _parse(raw, max_parts)
     return read_chat_body
 
 

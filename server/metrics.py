@@ -13,7 +13,8 @@ counters ``qwen_vl_prefix_cache_queries_tokens_total`` (key ``prefix_cache_query
 ``qwen_vl_image_cache_hits_total`` (``image_cache_hits``),
 ``qwen_vl_encoder_cache_hits_total`` (``encoder_cache_hits``),
 ``qwen_vl_grammar_cache_hits_total`` / ``_misses_total`` (``grammar_cache_hits`` /
-``grammar_cache_misses``); gauges ``qwen_vl_grammar_cache_bytes`` (``grammar_cache_bytes``),
+``grammar_cache_misses``), ``qwen_vl_prompts_rendered_total`` (``prompts_rendered``);
+gauges ``qwen_vl_grammar_cache_bytes`` (``grammar_cache_bytes``),
 ``qwen_vl_kv_blocks_used`` (``kv_blocks_used``) and ``qwen_vl_kv_blocks_free``
 (``kv_blocks_free``); and the batching engine's activity, counters
 ``qwen_vl_decode_steps_total`` (``decode_steps``) and ``qwen_vl_decode_rows_total``
@@ -48,6 +49,8 @@ ENGINE_STATS = (
      "Grammars compiled (not found in the cache)"),
     ("qwen_vl_grammar_cache_bytes", "grammar_cache_bytes", "gauge",
      "Bytes of compiled grammars kept (each at its serialised size or more)"),
+    ("qwen_vl_prompts_rendered", "prompts_rendered", "counter",
+     "Chat templates rendered (each prompt prepared for tokenisation)"),
     ("qwen_vl_kv_blocks_used", "kv_blocks_used", "gauge", "KV cache blocks in use"),
     ("qwen_vl_kv_blocks_free", "kv_blocks_free", "gauge", "KV cache blocks free"),
     ("qwen_vl_decode_steps", "decode_steps", "counter", "Batched decode steps taken"),

@@ -94,7 +94,8 @@ class Settings(BaseSettings):
         "reloaded on SIGHUP and when it changes."))
     cors_origins: list[str] = Field(default_factory=list, description="CORS origins; empty = CORS off.")
     shutdown_timeout: float = Field(30.0, ge=0, description=(
-        "Seconds running requests may take to finish after SIGTERM."))
+        "Seconds running requests may take to finish after SIGTERM; those still open "
+        "near the end are answered 503 (streams: an error event and [DONE])."))
     access_log: bool = Field(True, description="One access log line per request.")
     log_health_checks: bool = Field(False, description=(
         "Also log GET /health in the access log (off: health probes would flood it)."))
@@ -151,6 +152,9 @@ class Settings(BaseSettings):
     max_messages: int = Field(256, ge=1, description="Messages per request at most.")
     max_text_chars: int = Field(200_000, ge=1, description="Characters of text per request at most.")
     max_images_per_request: int = Field(16, ge=0, description="Images per request at most.")
+    max_content_parts: int = Field(1024, ge=1, description=(
+        "Content parts (text and image parts) over all messages of a request at most, "
+        "counted before validation (400)."))
     max_body_bytes: Bytes = Field(64 * 1024 * 1024, ge=1024, description="Request body cap (413).")
     max_json_elements: int = Field(500_000, ge=1000, description=(
         "JSON values per request body at most, counted cheaply as commas and brackets "

@@ -20,6 +20,11 @@ its exception (pickled across).
   oldest job of the turn served longest ago, so one key's six slow jobs make another
   key's job wait for at most one of them per worker, not for all six.
 * ``close()`` kills every worker: shutdown never waits for them.
+* Workers and their fork server ignore SIGTERM (``server.worker_signals``): a SIGTERM to
+  the whole process group (systemd, ``docker stop``, Ctrl-C's cousin ``kill -- -PGID``)
+  leaves them to the server, which drains and then kills them; a worker that dies while
+  the server still needs it is replaced.  They end by themselves when the server dies
+  (their pipe closes).
 
 All methods are called on the event loop; results are read with ``loop.add_reader``.
 """
@@ -51,8 +56,8 @@ def _context():
     global _CTX
     if _CTX is None:
         _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(["PIL.Image", "server.media", "xgrammar",
-                                     "server.engine.structured"])
+        _CTX.set_forkserver_preload(["server.worker_signals", "PIL.Image", "server.media",
+                                     "xgrammar", "server.engine.structured"])
     return _CTX
 
 

@@ -111,14 +111,16 @@ def tiny_model(request) -> str:
 def server_factory(tiny_model, tmp_path_factory):
     started: list[RunningServer] = []
 
-    def start(*flags: str, env: dict | None = None, model: str | None = None) -> RunningServer:
+    def start(*flags: str, env: dict | None = None, model: str | None = None,
+              new_session: bool = False) -> RunningServer:
         port = free_port()
         log_path = tmp_path_factory.mktemp("server") / "server.log"
         cmd = [sys.executable, "-m", "server", "--model-path", model or tiny_model,
                "--host", "127.0.0.1", "--port", str(port), *SMALL_IMAGES, *flags]
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        # new_session: a process group of its own, for tests that signal the whole group
         proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log_path.open("wb"),
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, start_new_session=new_session)
         srv = RunningServer(proc, port, log_path)
         started.append(srv)
         wait_healthy(srv.url, proc, log_path)

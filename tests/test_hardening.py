@@ -428,6 +428,8 @@ CASES: list[Case] = [
     Case("prompt-alone-too-long", 400, "messages",
          post({**chat("word " * 5000), "max_tokens": None}),
          code="context_length_exceeded"),
+    Case("content-parts-over-max", 400, "messages",
+         post(chat([{"type": "text", "text": "a"}] * 1025))),
     Case("body-over-max-body-bytes", 413, None, post(chat("x" * (BODY_CAP + 10))),
          code="payload_too_large"),
     Case("chunked-body-over-max-body-bytes", 413, None, lambda ctx: _chunked_over_cap(),

@@ -346,6 +346,19 @@ def test_large_body_under_the_count_is_parsed_off_the_loop(srv):
     assert isinstance(b.result, httpx.Response) and b.result.status_code == 200
 
 
+def test_160k_content_parts_are_counted_before_validation(srv):
+    """160k one-character text parts fit the byte and JSON-value limits; they are
+    counted right after parsing and refused.  The last part is invalid: a validation
+    error instead of the count's 400 would show that validation ran over all of them."""
+    parts = [{"type": "text", "text": "a"}] * 160_000 + [{"type": "nope"}]
+    raw = json.dumps(chat(parts)).encode()
+    from server.body import count_values
+    assert count_values(raw) < 500_000 and len(raw) < 64 * 2**20  # within the other limits
+    b = Bystander(srv, post(srv, content=raw)).run().check()
+    err = b.refused(400)
+    assert "--max-content-parts" in err["message"] and err["param"] == "messages", err
+
+
 # --------------------------------------------------------------------------- hang-ups
 
 def _queue_depth(srv) -> float:

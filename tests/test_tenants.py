@@ -9,8 +9,11 @@ probe has a positive control showing the same signal where it should be.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -157,10 +160,20 @@ def test_n_counts_against_max_concurrent(srv):
 
 
 def test_ten_megabyte_tools_refused_while_another_key_is_served(srv):
-    """10 MB of tool description: a 400 naming tools (the text limit counts tools); an
-    innocent request from another key sent beside it is answered normally."""
+    """10 MB of tool description: a 400 naming tools (the text limit counts tools), with
+    no chat template rendered (so nothing tokenised: the counter moves only for the
+    positive control); an innocent request from another key sent beside it is served."""
     tools = [{"type": "function", "function": {"name": "f", "description": "d" * 10_000_000,
                                                "parameters": {"type": "object"}}}]
+    renders = metric(srv, "qwen_vl_prompts_rendered_total")
+    r = httpx.post(srv.base_url + "/chat/completions", timeout=120,
+                   headers={"Authorization": "Bearer sk-a"},
+                   json={"model": "qwen3-vl", "tools": tools,
+                         "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400, r.text[:300]
+    assert metric(srv, "qwen_vl_prompts_rendered_total") == renders  # neither rendered
+    cached(srv, "sk-b", [{"role": "user", "content": "hello"}])
+    assert metric(srv, "qwen_vl_prompts_rendered_total") == renders + 1  # the control
     with ThreadPoolExecutor(2) as ex:
         big = ex.submit(httpx.post, srv.base_url + "/chat/completions", timeout=120,
                         headers={"Authorization": "Bearer sk-a"},
@@ -247,3 +260,56 @@ def test_a_compile_past_its_memory_limit_is_a_400(srv):
             "type": "json_schema", "json_schema": {"name": "w", "schema": wide_schema(512)}})
     assert "--grammar-memory-mb" in e.value.response.json()["error"]["message"]
     assert cached(srv, "sk-b", [{"role": "user", "content": "still there?"}]) >= 0
+
+
+def _group_alive(pgid: int) -> list[int]:
+    """The pids still in process group ``pgid``."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if os.getpgid(int(d)) == pgid:
+                    pids.append(int(d))
+            except ProcessLookupError:
+                pass
+    return pids
+
+
+def test_group_sigterm_past_the_timeout_answers_every_open_request(server_factory):
+    """systemd's stop: SIGTERM to the whole process group while a stream and a plain
+    request run longer than --shutdown-timeout.  The stream ends with an error event and
+    [DONE], the plain request gets a 503 envelope, the worker pools neither log tracebacks
+    nor respawn, the server exits 0 and nothing of its group is left."""
+    srv = server_factory("--shutdown-timeout", "4", new_session=True)
+    long = {"model": "qwen3-vl", "messages": [{"role": "user", "content": "Tell a story."}],
+            "max_tokens": 3000, "ignore_eos": True, "temperature": 0}
+    http = httpx.Client(base_url=srv.url, timeout=60, trust_env=False)
+    lines: list[str] = []
+
+    def stream():
+        with http.stream("POST", "/v1/chat/completions", json={**long, "stream": True}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                    if len(lines) == 3:
+                        os.killpg(srv.proc.pid, signal.SIGTERM)
+
+    with ThreadPoolExecutor(2) as ex:
+        plain = ex.submit(http.post, "/v1/chat/completions", json=long)
+        ex.submit(stream).result()
+        r = plain.result()
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "service_unavailable", r.text
+    assert lines[-1] == "data: [DONE]", lines[-3:]
+    event = json.loads(lines[-2][6:])
+    assert event["error"]["code"] == "service_unavailable", event
+    assert srv.proc.wait(timeout=15) == 0
+    log = srv.log()
+    assert "2 open request(s) answered with a 503" in log, log[-3000:]
+    assert "Traceback" not in log and "worker killed" not in log, log[-3000:]
+    deadline = time.monotonic() + 5  # the fork server and resource tracker see EOF
+    while _group_alive(srv.proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = {pid: open(f"/proc/{pid}/cmdline").read()[:120] for pid in _group_alive(srv.proc.pid)}
+    assert not left, f"processes of the server's group outlived it: {left}"

@@ -811,6 +811,9 @@ class AsyncEngine:
         self.scheduler = (SequentialScheduler if settings.scheduler == "sequential"
                           else BatchingScheduler)(self)
         self._stopping = False
+        # the output queues of the requests now open (``generate``), for ``close_requests``
+        self._open: set[asyncio.Queue] = set()
+        self._closed_with: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
@@ -841,10 +844,14 @@ class AsyncEngine:
         except BaseException:  # refused, or the client left (cancelled): free the place now
             reservation.release()
             raise
+        if self._closed_with is not None:  # shutting down: no new work
+            reservation.release()
+            raise self._closed_with
         q: asyncio.Queue = asyncio.Queue()
         entry = Entry(request.request_id, prepared, Sink(loop, q.put_nowait), reservation,
                       key=request.key, stream=request.stream, on_prefill=request.on_prefill)
         self._inbox.put(entry)
+        self._open.add(q)
         remaining = prepared.params.n
         try:
             while remaining:
@@ -861,6 +868,7 @@ class AsyncEngine:
                         remaining -= 1
                     yield out
         finally:
+            self._open.discard(q)
             reservation.release()
             if remaining:
                 self.aborted.add(request.request_id)
@@ -924,7 +932,8 @@ class AsyncEngine:
                "image_cache_hits": images["hits"], "image_cache_queries": images["queries"],
                "grammar_cache_hits": self.grammars.hits,
                "grammar_cache_misses": self.grammars.misses,
-               "grammar_cache_bytes": self.grammars.bytes}
+               "grammar_cache_bytes": self.grammars.bytes,
+               "prompts_rendered": self.builder.renders}
         blocks = getattr(self, "blocks", None)
         if blocks is not None:
             out.update(blocks.stats())
@@ -947,6 +956,17 @@ class AsyncEngine:
             return [_BYTE_OF_CHAR[ch] for ch in piece]
         except KeyError:  # an added/special token is stored as plain text
             return list(piece.encode())
+
+    def close_requests(self, exc: BaseException) -> int:
+        """End every open request with ``exc`` (called on the event loop when a SIGTERM's
+        drain runs out of time): each stream raises it, so a streamed answer ends with an
+        error event and ``[DONE]`` and a plain one with its envelope, instead of a cut
+        connection; their rows are aborted as for a client that left.  Requests still being
+        prepared get it when they reach the queue."""
+        self._closed_with = exc
+        for q in list(self._open):
+            q.put_nowait(exc)
+        return len(self._open)
 
     async def shutdown(self, timeout: float) -> None:
         self._stopping = True

@@ -132,4 +132,8 @@ class Engine(Protocol):
         ``prefix_cache_hit_tokens``, ``encoder_cache_hits``; gauges ``kv_blocks_used``,
         ``kv_blocks_free``.  A key left out is not exported."""
 
+    def close_requests(self, exc: BaseException) -> int:
+        """Make every open ``generate`` stream (and any started later) raise ``exc``: the
+        end of a SIGTERM's drain.  Returns how many were open."""
+
     async def shutdown(self, timeout: float) -> None: ...

@@ -94,6 +94,10 @@ class PromptBuilder:
         log.info("preprocessed-pixel cache: %s", f"{image_cache_bytes / 2**20:g} MiB"
                  if image_cache_bytes else "off")
         self._tokenizer_lock = threading.Lock()
+        # chat templates rendered by plan(): /metrics shows it, and tests prove with it
+        # that a request refused by the text limits was never rendered nor tokenised
+        self.renders = 0
+        self._renders_lock = threading.Lock()
 
     def _fast_images(self, mode: str, device) -> TorchImageProcessor | None:
         if mode == "torch":
@@ -124,6 +128,8 @@ class PromptBuilder:
 
     def plan(self, req: EngineRequest) -> Plan:
         """Template, token count and context check: no pixel is touched."""
+        with self._renders_lock:
+            self.renders += 1
         text = self.processor.apply_chat_template(req.messages, tokenize=False,
                                                   add_generation_prompt=True, tools=req.tools)
         pieces = text.split(IMAGE_PAD)
