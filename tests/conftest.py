@@ -4,7 +4,7 @@ The tiny model has Qwen's real vocabulary unless TEST_VOCAB=toy.
 
 ``server_factory(*flags, env=...)`` starts ``python -m server`` with the tiny model on a
 free port, waits for ``/health`` to say ok and returns a ``RunningServer``; every server
-started is stopped at the end of the session.  ``server`` is one shared default server.
+started is stopped when its test module ends (the shared ``server``: when the session ends), and the run fails if any process it started outlives it.  ``server`` is one shared default server.
 """
 
 from __future__ import annotations
@@ -107,6 +107,9 @@ def tiny_model(request) -> str:
     return request.getfixturevalue("real_vocab_model" if TEST_VOCAB == "real" else "toy_model")
 
 
+_STARTED: list[RunningServer] = []  # every server of the run, in start order
+
+
 @pytest.fixture(scope="session")
 def server_factory(tiny_model, tmp_path_factory):
     started: list[RunningServer] = []
@@ -123,6 +126,7 @@ def server_factory(tiny_model, tmp_path_factory):
                                 stderr=subprocess.STDOUT, start_new_session=new_session)
         srv = RunningServer(proc, port, log_path)
         started.append(srv)
+        _STARTED.append(srv)
         wait_healthy(srv.url, proc, log_path)
         return srv
 
@@ -131,9 +135,61 @@ def server_factory(tiny_model, tmp_path_factory):
         s.stop(signal.SIGKILL if s.proc.poll() is None else signal.SIGTERM, timeout=10)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _stop_module_servers():
+    """Servers a test module started stop when it ends (the shared ``server`` lives for
+    the session): about 17 of them would otherwise wait for the end of the run."""
+    before = len(_STARTED)
+    yield
+    for s in _STARTED[before:]:
+        if not getattr(s, "shared", False):
+            s.stop(signal.SIGKILL if s.proc.poll() is None else signal.SIGTERM, timeout=10)
+
+
 @pytest.fixture(scope="session")
 def server(server_factory) -> RunningServer:
-    return server_factory()
+    srv = server_factory()
+    srv.shared = True
+    return srv
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (from /proc)."""
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for k in kids.get(todo.pop(), []):
+            out.append(k)
+            todo.append(k)
+    return out
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No server subprocess or grammar/decode worker outlives the run (multiprocessing's
+    own fork server and resource tracker, which end with this process, aside)."""
+    left, me = {}, os.getpid()
+    for pid in _children(me):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
+            ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        # the fork server itself is a direct child; the workers it forked are not
+        if ppid == me and ("multiprocessing.forkserver" in cmd
+                           or "multiprocessing.resource_tracker" in cmd):
+            continue
+        left[pid] = cmd[:160]
+    if left:
+        session.config.pluginmanager.get_plugin("terminalreporter").write_line(
+            f"processes outlived the test run: {left}", red=True)
+        session.exitstatus = 1
 
 
 @pytest.fixture
@@ -190,3 +246,17 @@ def summary_fixture(name: str, stats: dict, line):
         yield
         path.write_text(json.dumps(stats, indent=1, sort_keys=True))
     return summary
+
+
+def grammar_accepts(text: str, schema: dict | None = None, *, complete: bool) -> bool:
+    """Whether ``text`` is (``complete``) or begins (not ``complete``: an answer cut by
+    max_tokens) a JSON value of ``schema`` (default: any object), in the compact form
+    the server's grammars allow (no free whitespace)."""
+    import json as _json
+
+    import xgrammar as xgr
+    from xgrammar.testing import _is_grammar_accept_string
+
+    grammar = xgr.Grammar.from_json_schema(_json.dumps(schema or {"type": "object"}),
+                                           any_whitespace=False)
+    return _is_grammar_accept_string(grammar, text, require_termination=complete)

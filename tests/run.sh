@@ -17,4 +17,9 @@ fi
 
 export QWEN_VL_CONSTRAINTS="${QWEN_VL_CONSTRAINTS-$constraints}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
-exec "$PY" -m pytest -q -p no:cacheprovider "$@"
+# file order by default (what CI runs); RANDOM_ORDER=1 shuffles modules and tests with
+# pytest-randomly, which prints its seed ("Using --randomly-seed=N"): rerun that order with
+# RANDOM_ORDER=1 ./tests/run.sh --randomly-seed=N
+order=(-p no:randomly)
+[ "${RANDOM_ORDER:-0}" = 1 ] && order=()
+exec "$PY" -m pytest -q -p no:cacheprovider "${order[@]}" "$@"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import re
 import subprocess
 import sys
 import threading
@@ -200,6 +201,71 @@ def test_sampling_fields_accepted(client):
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
+# --- each sampling field reaches the engine and does what it should ----------------------
+
+def _tokens(client, **kw) -> list[str]:
+    """The completion's tokens (from logprobs), 40 of them, eos ignored."""
+    extra = kw.pop("extra_body", {})
+    r = client.chat.completions.create(
+        model="qwen3-vl", messages=USER, max_tokens=40, logprobs=True,
+        extra_body={"ignore_eos": True, **extra}, **kw)
+    return [t.token + repr(t.bytes) for t in r.choices[0].logprobs.content]
+
+
+@pytest.fixture
+def greedy(client):
+    return _tokens(client, temperature=0)
+
+
+def test_temperature_zero_ignores_the_seed_and_one_uses_it(client, greedy):
+    assert _tokens(client, temperature=0, seed=1) == _tokens(client, temperature=0, seed=2) == greedy
+    assert _tokens(client, temperature=1.0, seed=1) != _tokens(client, temperature=1.0, seed=2)
+
+
+@pytest.mark.parametrize("field", ["top_p", "top_k", "min_p"])
+def test_truncation_to_one_candidate_is_greedy(client, greedy, field):
+    """temperature 1 draws differ from greedy (seeds 1-3); cut to the single most likely
+    token by ``field`` they are greedy."""
+    cut = {"top_p": {"top_p": 1e-6}, "top_k": {"extra_body": {"top_k": 1}},
+           "min_p": {"extra_body": {"min_p": 1.0}}}[field]
+    assert any(_tokens(client, temperature=1.0, seed=s) != greedy for s in (1, 2, 3))
+    for s in (1, 2, 3):
+        assert _tokens(client, temperature=1.0, seed=s, **cut) == greedy, (field, s)
+
+
+# the random model's next-token logits differ by ~0.01-0.1: a bias of 1.0 on one token
+# makes greedy repeat it every step, which each penalty must then break
+BIASED = {"logit_bias": {"15": 1.0}}  # token 15: "0"
+
+
+def test_logit_bias_forces_a_token(client, greedy):
+    got = _tokens(client, temperature=0, **BIASED)
+    assert got == [got[0]] * 40 and got[0].startswith("0") and got != greedy, got[:3]
+
+
+@pytest.mark.parametrize("field", ["presence_penalty", "frequency_penalty",
+                                   "repetition_penalty"])
+def test_each_penalty_breaks_a_forced_repeat(client, field):
+    """Greedy with the bias repeats one token 40 times; each penalty alone (2.0) makes
+    it step aside: more than one distinct token, the same again on a second run."""
+    kw = {"extra_body": {"repetition_penalty": 2.0}} if field == "repetition_penalty" \
+        else {field: 2.0}
+    got = _tokens(client, temperature=0, **BIASED, **kw)
+    assert len(set(got)) > 1, (field, got[:5])
+    assert _tokens(client, temperature=0, **BIASED, **kw) == got
+
+
+def test_frequency_penalty_grows_with_the_count_and_presence_does_not(client):
+    """0.6 each against the bias: the presence penalty is paid once, so the biased token
+    keeps coming back; the frequency penalty is paid per use and soon keeps it out."""
+    presence = _tokens(client, temperature=0, presence_penalty=0.6, **BIASED)
+    frequency = _tokens(client, temperature=0, frequency_penalty=0.6, **BIASED)
+    zero = presence[0]
+    assert frequency[0] == zero and zero.startswith("0")
+    assert presence.count(zero) > frequency.count(zero) + 2, (presence.count(zero),
+                                                               frequency.count(zero))
+
+
 async def test_async_client_concurrent(aclient):
     """The async SDK: 8 concurrent requests (they share batches), streamed and not."""
     async def one(i):
@@ -305,8 +371,12 @@ def test_queue_full_is_429_before_any_image_is_fetched(server_factory):
         next(lines)                                  # the slot is taken
         waiter = threading.Thread(target=lambda: httpx.post(
             api, json={**long, "max_tokens": 2}, timeout=120))
-        waiter.start()                               # the queue place is taken
-        time.sleep(0.5)
+        waiter.start()
+        deadline = time.monotonic() + 60  # until the queue place is taken (an event)
+        while not re.search(r"^qwen_vl_queue_depth 1\.0$",
+                            httpx.get(srv.url + "/metrics").text, re.M):
+            assert time.monotonic() < deadline, "the waiter never took the queue place"
+            time.sleep(0.02)
         t0 = time.perf_counter()
         r = httpx.post(api, timeout=30, json={"model": "qwen3-vl", "max_tokens": 2,
                                               "messages": image_msg(url)})

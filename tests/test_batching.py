@@ -28,8 +28,8 @@ def make_engine(toy_model):
         engines.append(e)
         return e
     yield make
-    for e in engines:
-        e._stopping = True
+    for e in engines:  # threads and grammar workers: nothing outlives the module
+        e.close()
 
 
 def img(w, h, seed):
@@ -63,9 +63,35 @@ def mixed_requests(n=16, max_tokens=20, **params):
     return out
 
 
-async def run(engine, req, delay=0.0, stop_after=None):
+class PeakRows:
+    """The most rows that decoded together while it was installed (it wraps the
+    scheduler's step): an equality test of batched against alone asserts with it that
+    its requests really shared a batch."""
+
+    def __init__(self, engine):
+        self.sched, self.peak = engine.scheduler, 0
+        self._step = self.sched.step
+        self.sched.step = self._counted
+
+    def _counted(self):
+        self._step()
+        self.peak = max(self.peak, len(self.sched.batch or []))
+
+    def close(self):
+        self.sched.step = self._step
+
+
+async def after_steps(engine, n: int):
+    """Wait until the engine has taken ``n`` steps: arrivals staggered by steps, not by
+    seconds, so that the batch they make does not depend on the machine's speed."""
+    while n and engine.scheduler.steps < n:
+        await asyncio.sleep(0.001)
+
+
+async def run(engine, req, delay=0.0, stop_after=None, after_step=0):
     """Token ids per choice, plus the time of the first and last output."""
     await asyncio.sleep(delay)
+    await after_steps(engine, after_step)
     ids: dict[int, list[int]] = {}
     first = None
     agen = engine.generate(req, engine.reserve())
@@ -84,10 +110,16 @@ async def test_greedy_batch_equals_alone(make_engine):
     engine = make_engine()
     reqs = mixed_requests()
     alone = [(await run(engine, r))[0] for r in reqs]
-    together = await asyncio.gather(*(run(engine, r, delay=0.003 * i) for i, r in enumerate(reqs)))
+    base, rows = engine.scheduler.steps, PeakRows(engine)
+    # one arrival per engine step: each joins a batch already decoding, and the first
+    # (20 tokens) is still running when the last arrives
+    together = await asyncio.gather(*(run(engine, r, after_step=base + i)
+                                      for i, r in enumerate(reqs)))
+    rows.close()
     for i, (a, (b, _, _)) in enumerate(zip(alone, together)):
         assert a == b, f"request {i} differs in a batch"
     assert all(len(a[0]) == 20 for a in alone)
+    assert rows.peak == len(reqs), rows.peak
 
 
 async def test_batching_matches_hf_generate(make_engine):
@@ -96,8 +128,11 @@ async def test_batching_matches_hf_generate(make_engine):
     batching, reference = make_engine(), make_engine(scheduler="sequential")
     reqs = mixed_requests(8)
     expected = [(await run(reference, r))[0] for r in reqs]
+    rows = PeakRows(batching)
     got = await asyncio.gather(*(run(batching, r) for r in reqs))
+    rows.close()
     assert [g[0] for g in got] == expected
+    assert rows.peak == len(reqs), rows.peak
 
 
 async def test_model_rope_state_is_not_used(make_engine):
@@ -155,8 +190,11 @@ async def test_seeded_sampling_same_alone_and_in_batch(make_engine):
     others = [r for r in mixed_requests(8)]
     for r in others:
         r.params = r.params.replace(temperature=0.9)  # unseeded samplers share the batch
+    rows = PeakRows(engine)
     together = await asyncio.gather(run(engine, seeded), *(run(engine, r) for r in others))
+    rows.close()
     assert together[0][0] == alone
+    assert rows.peak == 1 + len(others), rows.peak
 
 
 async def test_n_shares_one_prefill(make_engine):

@@ -305,8 +305,11 @@ def test_reload_on_file_change_and_sighup_keeps_requests_in_flight(keyed, key_fi
         os.utime(key_file, ns=(st.st_atime_ns, st.st_mtime_ns))
         time.sleep(1.5)  # two polls: nothing changes
         ask(client(keyed, "sk-newbie-5678"), max_tokens=1)
+        reloads = keyed.log().count("api keys reloaded")
         keyed.proc.send_signal(signal.SIGHUP)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 30  # an event (the reload's log line), not a sleep
+        while keyed.log().count("api keys reloaded") == reloads and time.monotonic() < deadline:
+            time.sleep(0.05)
         with pytest.raises(openai.AuthenticationError):
             ask(client(keyed, "sk-newbie-5678"), max_tokens=1)
         ask(client(keyed, "sk-newbie-5679"), max_tokens=1)

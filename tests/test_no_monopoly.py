@@ -3,7 +3,7 @@
 Each hostile request of the issue goes to one real server subprocess while an innocent
 request is sent half a second later (``Bystander``): the innocent text request must be
 answered within 2 s (an innocent image request within 3 s, with 200), ``/health`` never
-takes more than 1 s, the server's RSS grows by less than ``RSS_BOUND_MB``, and the hostile
+takes more than 1 s and always says 200, the server's RSS grows by less than ``RSS_BOUND_MB``, and the hostile
 request gets a 4xx in OpenAI's envelope (never a 5xx, never a hang).  The last test
 SIGTERMs the server with a grammar compile in flight and checks it exits within its
 shutdown timeout.
@@ -73,6 +73,7 @@ class Bystander:
     def __init__(self, srv, hostile, innocent: dict | None = None):
         self.srv, self.hostile, self.innocent = srv, hostile, innocent or chat()
         self.health: list[float] = []
+        self.health_status: list[int | str] = []
         self.rss0 = rss_mb(srv.proc.pid)
         self.rss_peak = self.rss0
         self.result: httpx.Response | BaseException | None = None
@@ -94,9 +95,10 @@ class Bystander:
             while not stop.is_set():
                 t0 = time.monotonic()
                 try:
-                    httpx.get(self.srv.url + "/health", timeout=10, trust_env=False)
-                except httpx.HTTPError:
-                    pass
+                    self.health_status.append(httpx.get(
+                        self.srv.url + "/health", timeout=10, trust_env=False).status_code)
+                except httpx.HTTPError as exc:
+                    self.health_status.append(type(exc).__name__)
                 self.health.append(time.monotonic() - t0)
                 self.rss_peak = max(self.rss_peak, rss_mb(self.srv.proc.pid))
                 stop.wait(0.1)
@@ -122,6 +124,7 @@ class Bystander:
         assert self.innocent_status == 200, self.innocent_status
         assert self.innocent_s < innocent_limit, self.innocent_s
         assert max(self.health) < 1.0, max(self.health)
+        assert set(self.health_status) == {200}, self.health_status  # answered, and healthy
         assert self.rss_peak - self.rss0 < RSS_BOUND_MB, (self.rss0, self.rss_peak)
         return self
 
@@ -221,12 +224,16 @@ def redirect_origin():
     srv.shutdown()
 
 
-@pytest.fixture(scope="module")
-def srv(server_factory):
+def _start(server_factory):
     return server_factory("--grammar-timeout", str(GRAMMAR_TIMEOUT),
                           "--shutdown-timeout", str(SHUTDOWN_TIMEOUT),
                           "--allowed-media-hosts", "localhost",
                           "--max-body-bytes", str(64 * 1024 * 1024))
+
+
+@pytest.fixture(scope="module")
+def srv(server_factory):
+    return _start(server_factory)
 
 
 # --------------------------------------------------------------------------- grammars
@@ -426,8 +433,9 @@ def test_sequential_scheduler_refuses_what_it_cannot_honour(tiny_model):
 
 # --------------------------------------------------------------------------- SIGTERM
 
-def test_sigterm_with_a_compile_in_flight_exits_within_the_timeout(srv):
-    """Last: it stops the server."""
+def test_sigterm_with_a_compile_in_flight_exits_within_the_timeout(server_factory):
+    """A server of its own (it stops it: no test after it depends on the order)."""
+    srv = _start(server_factory)
     body = chat(response_format=schema_format(slow_schema(198)))
     threading.Thread(target=lambda: _swallow(post(srv, body, timeout=30)), daemon=True).start()
     time.sleep(1.0)

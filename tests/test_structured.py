@@ -14,6 +14,7 @@ import json
 import httpx
 import jsonschema
 import pytest
+from tests.conftest import grammar_accepts
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -135,10 +136,15 @@ async def test_json_object_mode(aclient):
     rs = await asyncio.gather(*(aclient.chat.completions.create(
         model=MODEL, messages=ask("JSON please"), max_tokens=160, seed=s, temperature=1.0,
         response_format={"type": "json_object"}) for s in range(6)))
+    # every answer keeps to the grammar: a whole object when it stopped, the start of one
+    # when max_tokens cut it
     stopped = [r for r in rs if r.choices[0].finish_reason == "stop"]
     assert stopped
     for r in stopped:
         assert isinstance(json.loads(r.choices[0].message.content), dict)
+    for r in rs:
+        assert grammar_accepts(r.choices[0].message.content,
+                               complete=r.choices[0].finish_reason == "stop"), r.choices[0]
 
 
 def test_streamed_constrained_output_matches_non_streamed(client):

@@ -174,8 +174,10 @@ def test_ui_in_browser(tiny_model, tmp_path):
                 assert usage, f"no usage line in {answer!r}"
                 assert int(usage.group(1)) > 10 and 1 <= int(usage.group(2)) <= 40, answer
                 assert answer[:usage.start()].strip(), f"empty answer: {answer!r}"
-                if int(usage.group(2)) >= 5:  # streamed: the answer grew in several steps
-                    assert len({n for n in lengths if n}) >= 3, lengths
+                # streamed: the answer grew in several steps (the random model on the real
+                # vocabulary all but never stops before 5 tokens: eos is 1 of 151,936)
+                assert int(usage.group(2)) >= 5, answer
+                assert len({n for n in lengths if n}) >= 3, lengths
                 user = page.locator("#chat [data-testid=user]")
                 expect(user.filter(has_text=QUESTION)).to_have_count(1)
                 expect(page.locator("#chat .user-row img")).to_have_count(1)

@@ -969,10 +969,16 @@ class AsyncEngine:
         return len(self._open)
 
     async def shutdown(self, timeout: float) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.close, timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the engine from any thread: compile workers killed (shutdown never waits
+        for them), the model thread joined within ``timeout``, output and preparation
+        threads stopped.  Idempotent."""
         self._stopping = True
-        self.grammars.close()  # kill compiles in flight: shutdown never waits for them
+        self.grammars.close()
         self._inbox.put(None)
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
+        self._thread.join(timeout)
         self.output.stop()
         self._prep.shutdown(wait=False, cancel_futures=True)
 
