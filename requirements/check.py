@@ -45,9 +45,19 @@ def read_lock(path: Path) -> dict[str, str]:
     return pins
 
 
+def installed():
+    """The distributions installed in this environment's site-packages.  Not
+    ``metadata.distributions()`` alone: that walks ``sys.path``, which a running program
+    may have grown (importing setuptools adds its vendored packages' folder), and would
+    then list what is merely importable."""
+    import sysconfig
+    paths = sorted({sysconfig.get_paths()[k] for k in ("purelib", "platlib")})
+    return metadata.distributions(path=paths)
+
+
 def differences(pins: dict[str, str]) -> list[str]:
     out = []
-    for dist in metadata.distributions():
+    for dist in installed():
         name = norm(dist.metadata["Name"] or "")
         if name in ("pip", "setuptools", "wheel"):
             continue  # the venv's own tools (setuptools is pinned only as torch 2.13's need)
@@ -63,13 +73,13 @@ def main(argv: list[str]) -> int:
     lock = Path(argv[0] if argv else Path(__file__).with_name("lock.txt"))
     pins = read_lock(lock)
     diff = differences(pins)
-    installed = sum(1 for d in metadata.distributions())
+    installed_count = sum(1 for d in installed())
     if diff:
-        print(f"[lock] {len(diff)} of {installed} installed packages differ from {lock.name}:")
+        print(f"[lock] {len(diff)} of {installed_count} installed packages differ from {lock.name}:")
         for d in diff:
             print("  " + d)
         return 1
-    print(f"[lock] {installed} installed packages: every one at its locked version "
+    print(f"[lock] {installed_count} installed packages: every one at its locked version "
           f"(or left out of the lock on purpose: torch and its pins, pip, this project)")
     return 0
 

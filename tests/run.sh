@@ -18,8 +18,11 @@ fi
 export QWEN_VL_CONSTRAINTS="${QWEN_VL_CONSTRAINTS-$constraints}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 # file order by default (what CI runs); RANDOM_ORDER=1 shuffles modules and tests with
-# pytest-randomly, which prints its seed ("Using --randomly-seed=N"): rerun that order with
-# RANDOM_ORDER=1 ./tests/run.sh --randomly-seed=N
+# pytest-randomly under a seed it prints (RANDOM_SEED=N replays that order)
 order=(-p no:randomly)
-[ "${RANDOM_ORDER:-0}" = 1 ] && order=()
+if [ "${RANDOM_ORDER:-0}" = 1 ]; then
+  seed="${RANDOM_SEED:-$RANDOM$RANDOM}"
+  echo "[tests] random order: RANDOM_ORDER=1 RANDOM_SEED=$seed ./tests/run.sh replays it" >&2
+  order=(-p randomly "--randomly-seed=$seed")
+fi
 exec "$PY" -m pytest -q -p no:cacheprovider "${order[@]}" "$@"

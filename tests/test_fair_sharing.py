@@ -263,6 +263,25 @@ def test_two_keys_tagger_flood_support_bot_unaffected(keyed):
 
 
 def test_per_key_metrics_and_logs_name_keys_never_secrets(keyed):
+    # its own traffic (in any test order): one request per key, and a 429 for tagger
+    # (4 of its streams hold its max_concurrent: 4 places, a fifth request is refused)
+    ask(client(keyed, "sk-support-1234"), max_tokens=1)
+    for key in ("sk-hashed-9999", "sk-slowpoke-0000"):
+        try:
+            ask(client(keyed, key), max_tokens=2)
+        except openai.RateLimitError:  # its budget spent by an earlier test: counted too
+            pass
+    held = [client(keyed, "sk-tagger-5678").chat.completions.create(
+        model="qwen3-vl", messages=[{"role": "user", "content": "long"}], temperature=0,
+        max_tokens=300, stream=True, extra_body={"ignore_eos": True}) for _ in range(4)]
+    try:
+        for h in held:
+            next(iter(h))  # running: it holds one of tagger's places
+        with pytest.raises(openai.RateLimitError):
+            ask(client(keyed, "sk-tagger-5678"), max_tokens=1)
+    finally:
+        for h in held:
+            h.close()
     text = httpx.get(keyed.url + "/metrics", timeout=10,
                      headers={"Authorization": "Bearer sk-support-1234"}).text
     assert re.search(r'qwen_vl_key_requests_total\{key="support-bot",status="200"\} \d', text)
