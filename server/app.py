@@ -46,13 +46,6 @@ class _State:
     service: ChatService | None = None
     engine = None
     load_error: str | None = None
-    # set when a SIGTERM's drain runs out of time (``app.state.close_requests``)
-    closing: asyncio.Event | None = None
-
-    def closed(self) -> asyncio.Event:
-        if self.closing is None:
-            self.closing = asyncio.Event()
-        return self.closing
 
 
 SHUTTING_DOWN = "The server is shutting down; retry the request."
@@ -72,6 +65,7 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
     metrics = Metrics(lambda: state.engine.stats() if state.engine else {})
     keys = KeyStore(settings.api_keys, settings.api_key_file)
     limiter = Limiter()
+    closing = asyncio.Event()  # set when a SIGTERM's drain runs out of time (close_requests)
     read_chat_body = chat_body_reader(settings.max_json_elements, settings.max_content_parts)
 
     async def load():
@@ -164,7 +158,7 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
         # cancels that work and frees its queue place at once
         outputs = await _unless_disconnected(request, svc.start(body, cid, stats, key=key.name,
                                                                 salt=key.cache_salt),
-                                             state.closed())
+                                             closing)
         if body.stream:
             return StreamingResponse(svc.stream(body, cid, outputs, stats),
                                      media_type="text/event-stream",
@@ -172,7 +166,7 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
         # JSON written by ChatService (the models' JSON, logprobs without per-token models)
         return Response(await _unless_disconnected(request, svc.collect(body, cid, outputs,
                                                                         stats),
-                                                   state.closed()),
+                                                   closing),
                         media_type="application/json")
 
     # --- errors ----------------------------------------------------------------------------
@@ -216,7 +210,7 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
         """The end of a SIGTERM's drain (called on the loop by the launcher): every open
         request is answered now (a stream's error event and ``[DONE]``, a 503 envelope)
         rather than cut when the process exits."""
-        state.closed().set()
+        closing.set()
         n = (state.engine.close_requests(ServiceUnavailable(SHUTTING_DOWN))
              if state.engine is not None else 0)
         log.warning("shutdown timeout near: %d open request(s) answered with a 503 "

@@ -112,8 +112,6 @@ _STARTED: list[RunningServer] = []  # every server of the run, in start order
 
 @pytest.fixture(scope="session")
 def server_factory(tiny_model, tmp_path_factory):
-    started: list[RunningServer] = []
-
     def start(*flags: str, env: dict | None = None, model: str | None = None,
               new_session: bool = False) -> RunningServer:
         port = free_port()
@@ -125,13 +123,12 @@ def server_factory(tiny_model, tmp_path_factory):
         proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log_path.open("wb"),
                                 stderr=subprocess.STDOUT, start_new_session=new_session)
         srv = RunningServer(proc, port, log_path)
-        started.append(srv)
         _STARTED.append(srv)
         wait_healthy(srv.url, proc, log_path)
         return srv
 
     yield start
-    for s in started:
+    for s in _STARTED:
         s.stop(signal.SIGKILL if s.proc.poll() is None else signal.SIGTERM, timeout=10)
 
 
@@ -151,6 +148,19 @@ def server(server_factory) -> RunningServer:
     srv = server_factory()
     srv.shared = True
     return srv
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The pids still in process group ``pgid`` (from /proc)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if os.getpgid(int(d)) == pgid:
+                    pids.append(int(d))
+            except ProcessLookupError:
+                pass
+    return pids
 
 
 def _children(pid: int) -> list[int]:

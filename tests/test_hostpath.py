@@ -295,7 +295,7 @@ async def test_non_streamed_request_gets_its_first_token_then_the_rest_at_once(
 
 # --- every stage guarded ---------------------------------------------------------------
 
-def _concerned(sched, stage: str, caller) -> set[str]:
+def _concerned(sched, stage: str, caller, last_prefilled: set[str]) -> set[str]:
     """The requests a fault in ``stage`` concerns, read from the scheduler's state when
     the fault fires (independently of the engine's failure path): a prefill (or a forward
     inside one) the prompts being prefilled (all of them: these prompts fit one chunk);
@@ -307,7 +307,7 @@ def _concerned(sched, stage: str, caller) -> set[str]:
     if stage == "prefill" or (stage == "forward" and caller.f_code.co_name == "_prefill"):
         return prefilling
     if stage == "join":
-        return sched._last_prefilled - prefilling
+        return last_prefilled - prefilling
     if stage in ("decode", "sample", "forward"):
         return {r.request_id for r in rows}
     if stage == "leave":
@@ -328,15 +328,16 @@ async def test_fault_in_each_stage_fails_exactly_its_requests_and_frees_memory(
     sched, faults = engine.scheduler, engine.faults
     stage, at = fault.split(":")[0], int(fault.split(":")[1])
     concerned: set[str] = set()
-    sched._last_prefilled = set()
+    last_prefilled: set[str] = set()
     real_tick = faults.tick
 
     def tick(name="forward"):
         import sys
         if name == "prefill":
-            sched._last_prefilled = {p.entry.request_id for p in sched.prefilling}
+            last_prefilled.clear()
+            last_prefilled.update(p.entry.request_id for p in sched.prefilling)
         if name == stage and faults.counts.get(name, 0) + 1 == at:
-            concerned.update(_concerned(sched, stage, sys._getframe(1)))
+            concerned.update(_concerned(sched, stage, sys._getframe(1), last_prefilled))
         return real_tick(name)
     faults.tick = tick
     # streamed and non-streamed (events held between deliveries) requests alike

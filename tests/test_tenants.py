@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import data_url, png_bytes
+from tests.conftest import data_url, group_pids, png_bytes
 
 KEYS = """\
 keys:
@@ -263,19 +263,6 @@ def test_a_compile_past_its_memory_limit_is_a_400(srv):
     assert cached(srv, "sk-b", [{"role": "user", "content": "still there?"}]) >= 0
 
 
-def _group_alive(pgid: int) -> list[int]:
-    """The pids still in process group ``pgid``."""
-    pids = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                if os.getpgid(int(d)) == pgid:
-                    pids.append(int(d))
-            except ProcessLookupError:
-                pass
-    return pids
-
-
 def test_group_sigterm_past_the_timeout_answers_every_open_request(server_factory):
     """systemd's stop: SIGTERM to the whole process group while a stream and a plain
     request run longer than --shutdown-timeout.  The stream ends with an error event and
@@ -310,7 +297,7 @@ def test_group_sigterm_past_the_timeout_answers_every_open_request(server_factor
     assert "2 open request(s) answered with a 503" in log, log[-3000:]
     assert "Traceback" not in log and "worker killed" not in log, log[-3000:]
     deadline = time.monotonic() + 5  # the fork server and resource tracker see EOF
-    while _group_alive(srv.proc.pid) and time.monotonic() < deadline:
+    while group_pids(srv.proc.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    left = {pid: open(f"/proc/{pid}/cmdline").read()[:120] for pid in _group_alive(srv.proc.pid)}
+    left = {pid: open(f"/proc/{pid}/cmdline").read()[:120] for pid in group_pids(srv.proc.pid)}
     assert not left, f"processes of the server's group outlived it: {left}"
