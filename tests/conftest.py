@@ -110,22 +110,30 @@ def tiny_model(request) -> str:
 _STARTED: list[RunningServer] = []  # every server of the run, in start order
 
 
+def start_server(model, log_path: Path, *flags: str, env: dict | None = None,
+                 new_session: bool = False) -> RunningServer:
+    """``python -m server`` on ``model`` at a free port (small images), logging to
+    ``log_path``; returns once ``/health`` says ok.  The benches start theirs here too."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "server", "--model-path", str(model),
+           "--host", "127.0.0.1", "--port", str(port), *SMALL_IMAGES, *flags]
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    # new_session: a process group of its own, for tests that signal the whole group
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log_path.open("wb"),
+                            stderr=subprocess.STDOUT, start_new_session=new_session)
+    srv = RunningServer(proc, port, log_path)
+    _STARTED.append(srv)
+    wait_healthy(srv.url, proc, log_path)
+    return srv
+
+
 @pytest.fixture(scope="session")
 def server_factory(tiny_model, tmp_path_factory):
     def start(*flags: str, env: dict | None = None, model: str | None = None,
               new_session: bool = False) -> RunningServer:
-        port = free_port()
-        log_path = tmp_path_factory.mktemp("server") / "server.log"
-        cmd = [sys.executable, "-m", "server", "--model-path", model or tiny_model,
-               "--host", "127.0.0.1", "--port", str(port), *SMALL_IMAGES, *flags]
-        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-        # new_session: a process group of its own, for tests that signal the whole group
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log_path.open("wb"),
-                                stderr=subprocess.STDOUT, start_new_session=new_session)
-        srv = RunningServer(proc, port, log_path)
-        _STARTED.append(srv)
-        wait_healthy(srv.url, proc, log_path)
-        return srv
+        return start_server(model or tiny_model,
+                            tmp_path_factory.mktemp("server") / "server.log", *flags,
+                            env=env, new_session=new_session)
 
     yield start
     for s in _STARTED:

@@ -377,16 +377,16 @@ def test_queue_full_is_429_before_any_image_is_fetched(server_factory):
                             httpx.get(srv.url + "/metrics").text, re.M):
             assert time.monotonic() < deadline, "the waiter never took the queue place"
             time.sleep(0.02)
-        t0 = time.perf_counter()
         r = httpx.post(api, timeout=30, json={"model": "qwen3-vl", "max_tokens": 2,
                                               "messages": image_msg(url)})
-        refused_in = time.perf_counter() - t0
         lines.close()                                # leave: frees the slot for the waiter
     waiter.join(120)
     host.shutdown()
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
     assert r.json()["error"]["type"] == "rate_limit_error"
-    assert hits == [] and refused_in < 2.0
+    # at once: a queued request would have waited for the slot, held until after this
+    # answer, and its image would have been fetched first
+    assert hits == []
     srv.stop()
 
 

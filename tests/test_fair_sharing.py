@@ -9,8 +9,8 @@ Three servers start side by side:
   --max-connections-per-client 60`` with two unlimited keys ``a`` and ``b``.
 * ``deadline``: ``--max-num-seqs 1 --max-queue-wait 1`` with the same two keys.
 
-Latency comparisons use medians of several requests against the same server idle, with
-a small absolute allowance for scheduler noise on a shared CI box.
+Counts, codes and events only: how fast one key is served while another floods or
+trickles is timed in bench/fair_sharing.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import math
 import os
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -52,7 +51,6 @@ BODY_TIMEOUT = HEADER_TIMEOUT = 3.0
 QUEUE_WAIT = 6.0  # long enough for the fairness test's queue
 DEADLINE_WAIT = 1.0  # far shorter than 4000 tokens, even on a fast box
 CONN_CAP = 60
-NOISE_S = 0.15  # absolute allowance on top of "within 2x" for a noisy shared box
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +103,6 @@ def ask(c, max_tokens=16, model="qwen3-vl", **kw):
     return c.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "Where is my parcel?"}],
         temperature=0, max_tokens=max_tokens, extra_body={"ignore_eos": True}, **kw)
-
-
-def timed(c, **kw) -> float:
-    t0 = time.perf_counter()
-    ask(c, **kw)
-    return time.perf_counter() - t0
 
 
 def envelope(resp: httpx.Response) -> dict:
@@ -215,51 +207,47 @@ def tagger_rate_limited(srv) -> int:
     return int(float(m.group(1))) if m else 0
 
 
+def run_flood(srv, key: str, during) -> dict:
+    """Run FLOOD (50 concurrent requests of ``key``, niced: a bot on another box, not a
+    CPU rival of the server) and call ``during()`` while it floods; returns the flood's
+    counts and what ``during`` returned.  bench/fair_sharing.py times the same scenario."""
+    proc = subprocess.Popen([sys.executable, "-c", FLOOD, srv.base_url, key],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: os.nice(19))
+    try:
+        assert proc.stdout.readline().strip() == "flooding"
+        result = during()
+    finally:
+        proc.stdin.close()
+        out = proc.stdout.read()
+        proc.wait(timeout=60)
+    return {**json.loads(out), "during": result}
+
+
 def test_two_keys_tagger_flood_support_bot_unaffected(keyed):
     """tagger floods with 50 concurrent requests (retrying after Retry-After on 429) while
-    support-bot sends one request at a time: support-bot's median latency stays within 2x
-    its idle median, tagger gets 429s beyond its 4 concurrent places, support-bot none.
-    On a shared CI box a round can be disturbed by other jobs: up to 3 rounds, each
-    measured against a fresh idle baseline, and one must pass."""
+    support-bot sends one request at a time: every support-bot request is answered, tagger
+    gets 429s beyond its 4 concurrent places, support-bot none.  Counts only: support-bot's
+    latency under the flood is a benchmark (bench/fair_sharing.py), not a test."""
     support = client(keyed, "sk-support-1234")
-    timed(support)  # warm-up
-    rounds, floods, counted = [], [], []
-    for _ in range(3):
-        before = tagger_rate_limited(keyed)
-        idle = statistics.median(timed(support) for _ in range(5))
-        proc = subprocess.Popen([sys.executable, "-c", FLOOD, keyed.base_url, "sk-tagger-5678"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                preexec_fn=lambda: os.nice(19))
-        try:
-            assert proc.stdout.readline().strip() == "flooding"
-            loaded = [timed(support) for _ in range(7)]  # a support-bot error raises here
-        finally:
-            proc.stdin.close()
-            out = proc.stdout.read()
-            proc.wait(timeout=60)
-        floods.append(json.loads(out))
-        # the server counts a response as it finishes it, a moment after the client has it
-        seen, deadline = json.loads(out)["status"].get("429", 0), time.monotonic() + 10
-        while tagger_rate_limited(keyed) - before < seen and time.monotonic() < deadline:
-            time.sleep(0.05)
-        counted.append(tagger_rate_limited(keyed) - before)
-        busy = statistics.median(loaded)
-        rounds.append((round(idle, 3), round(busy, 3)))
-        if busy <= 2 * idle + NOISE_S:
-            break
-    print(f"support-bot median latency (idle, under flood) per round: {rounds}; "
-          f"tagger {floods}")
-    assert busy <= 2 * idle + NOISE_S, rounds
-    # counts, not timing: how many of the flood's requests find the 4 places taken depends
-    # on how fast they drain, but every 429 the client saw is one the server counted for
-    # tagger (and none for support-bot: its requests all returned above), each with the
-    # right code, and 50 workers against 4 places get at least one
-    # (a 429 whose connection broke reaches the client as a connection error)
-    for f, n in zip(floods, counted):
-        seen = f["status"].get("429", 0)
-        assert 1 <= seen <= n <= seen + f["status"].get("conn", 0), (f, n)
-        assert f["codes"] == ["rate_limit_exceeded"]
-    assert sum(f["status"].get("200", 0) for f in floods) >= 4
+    before = tagger_rate_limited(keyed)
+    flood = run_flood(keyed, "sk-tagger-5678",
+                      lambda: [ask(support).usage.completion_tokens for _ in range(7)])
+    assert flood["during"] == [16] * 7  # a support-bot error would have raised
+    # the server counts a response as it finishes it, a moment after the client has it
+    seen, deadline = flood["status"].get("429", 0), time.monotonic() + 10
+    while tagger_rate_limited(keyed) - before < seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+    counted = tagger_rate_limited(keyed) - before
+    print(f"tagger {flood}")
+    # how many of the flood's requests find the 4 places taken depends on how fast they
+    # drain, but every 429 the client saw is one the server counted for tagger (and none
+    # for support-bot: its requests all returned above), each with the right code, and 50
+    # workers against 4 places get at least one (a 429 whose connection broke reaches
+    # the client as a connection error)
+    assert 1 <= seen <= counted <= seen + flood["status"].get("conn", 0), (flood, counted)
+    assert flood["codes"] == ["rate_limit_exceeded"]
+    assert flood["status"].get("200", 0) >= 4
 
 
 def test_per_key_metrics_and_logs_name_keys_never_secrets(keyed):
@@ -360,7 +348,7 @@ def test_max_queue_wait_503_with_retry_after(deadline):
         long.close()
     assert r.status_code == 503 and envelope(r)["code"] == "queue_timeout"
     assert r.headers["retry-after"] == str(math.ceil(DEADLINE_WAIT))
-    assert DEADLINE_WAIT <= waited < DEADLINE_WAIT + 5
+    assert waited >= DEADLINE_WAIT  # (the 503's code says the deadline, not the clock)
     ask(client(deadline, "sk-b"), max_tokens=2)  # the slot is free again
 
 
@@ -411,15 +399,15 @@ def _status_and_error(data: bytes) -> tuple[int, dict]:
     return status, json.loads(body)["error"]
 
 
-def test_fifty_slow_uploads_are_cut_and_normal_requests_flow(slow):
-    c = client(slow, "sk-b")
-    timed(c)
-    idle = statistics.median(timed(c) for _ in range(5))
+def with_slow_uploads(srv, during, n=50):
+    """Open ``n`` connections that send a 400-byte body's headers and then one byte a
+    second, and call ``during()`` meanwhile; returns ([(response bytes, closed, seconds)]
+    per upload, what ``during`` returned).  bench/fair_sharing.py times the same scenario."""
     head = ("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-a\r\n"
             "Content-Type: application/json\r\nContent-Length: 400\r\n\r\n").encode()
 
     async def uploader():
-        reader, writer = await asyncio.open_connection("127.0.0.1", slow.port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
         t0 = time.perf_counter()
         writer.write(head)
 
@@ -440,22 +428,27 @@ def test_fifty_slow_uploads_are_cut_and_normal_requests_flow(slow):
         return data, closed, elapsed
 
     async def main():
-        ups = [asyncio.create_task(uploader()) for _ in range(50)]
-        await asyncio.sleep(0.5)
-        during = []
-        for _ in range(5):
-            during.append(await asyncio.to_thread(timed, c))
-        return await asyncio.gather(*ups), during
+        ups = [asyncio.create_task(uploader()) for _ in range(n)]
+        await asyncio.sleep(0.5)  # (the uploads are on their way: timing, not correctness)
+        result = await asyncio.to_thread(during)
+        return await asyncio.gather(*ups), result
 
-    results, during = asyncio.run(main())
-    busy = statistics.median(during)
-    print(f"normal request median idle {idle * 1000:.0f} ms, with 50 slow uploads "
-          f"{busy * 1000:.0f} ms")
-    assert busy <= 2 * idle + NOISE_S, (idle, during)
+    return asyncio.run(main())
+
+
+def test_fifty_slow_uploads_are_cut_and_normal_requests_flow(slow):
+    """Each of 50 trickled bodies gets 408 (request_timeout) once --body-timeout has
+    passed, and its connection is closed; normal requests meanwhile are all answered.
+    Counts only: their latency beside the uploads is in bench/fair_sharing.py."""
+    c = client(slow, "sk-b")
+    results, answered = with_slow_uploads(
+        slow, lambda: [ask(c).usage.completion_tokens for _ in range(5)])
+    assert answered == [16] * 5
     for data, closed, elapsed in results:
         status, err = _status_and_error(data)
         assert (status, err["code"]) == (408, "request_timeout")
-        assert closed and BODY_TIMEOUT - 0.5 <= elapsed <= BODY_TIMEOUT + 5, elapsed
+        # (no upper bound: a trickle left alone would run 400 s, past _read_all's limit)
+        assert closed and elapsed >= BODY_TIMEOUT - 0.5, elapsed
 
 
 def test_slow_headers_and_silent_connections_get_408(slow):
@@ -474,15 +467,15 @@ def test_slow_headers_and_silent_connections_get_408(slow):
     for data, closed, elapsed in asyncio.run(main()):
         status, err = _status_and_error(data)
         assert (status, err["code"]) == (408, "request_timeout")
-        assert closed and HEADER_TIMEOUT - 0.5 <= elapsed <= HEADER_TIMEOUT + 5
+        assert closed and elapsed >= HEADER_TIMEOUT - 0.5, elapsed
 
 
 def test_connections_per_address_are_capped(slow):
     async def main():
         conns = [await asyncio.open_connection("127.0.0.1", slow.port) for _ in range(CONN_CAP)]
-        await asyncio.sleep(0.2)
+        # (the server accepts in arrival order: the 61st is counted after the 60)
         reader, writer = await asyncio.open_connection("127.0.0.1", slow.port)
-        data, closed = await _read_all(reader, 2)
+        data, closed = await _read_all(reader, 30)
         writer.close()
         for _, w in conns:
             w.close()
@@ -491,5 +484,10 @@ def test_connections_per_address_are_capped(slow):
     data, closed = asyncio.run(main())
     status, err = _status_and_error(data)
     assert (status, err["code"]) == (429, "rate_limit_exceeded") and closed
-    time.sleep(0.3)  # the capped connections are gone: the address may connect again
+    # the address may connect again once the server has seen the 60 close (an event: the
+    # next connection is not refused)
+    deadline = time.monotonic() + 30
+    while httpx.get(slow.url + "/health", timeout=30).status_code == 429:
+        assert time.monotonic() < deadline, "the closed connections were never counted out"
+        time.sleep(0.05)
     ask(client(slow, "sk-a"), max_tokens=2)

@@ -16,6 +16,7 @@ import struct
 import threading
 import time
 import zlib
+from pathlib import Path
 
 import httpx
 import pytest
@@ -84,6 +85,10 @@ GIF = _many_frame_gif()
 CMYK_JPEG = _cmyk_jpeg()
 
 
+RELEASE_BIG_CL = threading.Event()
+ENDLESS_SENT, ENDLESS_DONE = [0], threading.Event()
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"
 
@@ -146,20 +151,26 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             elif path == "/html-octet":
                 self._send(b"<html><body>hello</body></html>", "application/octet-stream")
             elif path == "/big-cl":
+                # the headers only: the body waits until the test has its answer, so a
+                # loader that read it would time out instead of refusing from the header
                 self.send_response(200)
                 self.send_header("Content-Type", "image/png")
                 self.send_header("Content-Length", str(100 * 1024 * 1024))
                 self.end_headers()
-                self.wfile.write(PNG)
                 self.wfile.flush()
-                time.sleep(3)
+                RELEASE_BIG_CL.wait(60)
+                self.wfile.write(PNG)
             elif path == "/endless":
                 self.send_response(200)
                 self.send_header("Content-Type", "image/png")
                 self.end_headers()
                 chunk = b"\0" * 65536
-                for _ in range(4096):
-                    self.wfile.write(chunk)
+                try:  # 256 MiB unless the reader stops first: count what it let through
+                    for _ in range(4096):
+                        self.wfile.write(chunk)
+                        ENDLESS_SENT[0] += len(chunk)
+                finally:
+                    ENDLESS_DONE.set()
             elif path == "/slow":
                 self.send_response(200)
                 self.send_header("Content-Type", "image/png")
@@ -252,12 +263,18 @@ def test_rgba_flattened_on_white(server):
     assert img.mode == "RGB" and img.getpixel((5, 5)) == (255, 255, 255)
 
 
-def test_many_frame_gif_first_frame_only(server):
-    t0 = time.monotonic()
+def test_many_frame_gif_first_frame_only(server, monkeypatch):
     img = run(_load(f"{server}/anim.gif"))
     assert img.mode == "RGB" and img.size == (16, 16)
     assert img.getpixel((0, 0)) == (0, 255, 0)  # palette index 0 of frame 0
-    assert time.monotonic() - t0 < 2
+    # a count, not a clock: decoding (here in-process) never moves past frame 0 of 300
+    from PIL import GifImagePlugin
+    frames, real_seek = [], GifImagePlugin.GifImageFile._seek
+    monkeypatch.setattr(GifImagePlugin.GifImageFile, "_seek",
+                        lambda self, frame, *a, **k: (frames.append(frame),
+                                                      real_seek(self, frame, *a, **k))[1])
+    assert decode_image_bytes(GIF, MediaPolicy(), param=PARAM).getpixel((0, 0)) == (0, 255, 0)
+    assert frames and set(frames) == {0}, frames
 
 
 def test_cmyk_jpeg_converted(server):
@@ -320,25 +337,33 @@ def test_html_as_octet_stream_refused(server):
 
 
 def test_content_length_over_cap_immediately(server):
-    t0 = time.monotonic()
-    load_err(f"{server}/big-cl", cls=PayloadTooLarge, status=413)
-    assert time.monotonic() - t0 < 1.5
+    # refused from the header: the body is never sent until the answer is in, and the
+    # total timeout (60 s) is far off, so reading it would not end in a 413
+    policy = MediaPolicy(allowed_media_hosts=LOOPBACK, total_timeout=60)
+    try:
+        load_err(f"{server}/big-cl", policy, cls=PayloadTooLarge, status=413)
+    finally:
+        RELEASE_BIG_CL.set()
 
 
 def test_endless_body_capped(server):
+    # 256 MiB on offer; the reader stops past 256 KiB (what got through is bounded by the
+    # cap plus the sockets' buffers), and the 413 comes long before the 60 s timeout
     policy = MediaPolicy(allowed_media_hosts=LOOPBACK, max_image_bytes=256 * 1024,
-                         total_timeout=5)
-    t0 = time.monotonic()
+                         total_timeout=60)
+    ENDLESS_DONE.clear()
+    ENDLESS_SENT[0] = 0
     load_err(f"{server}/endless", policy, cls=PayloadTooLarge, status=413)
-    assert time.monotonic() - t0 < 3
+    assert ENDLESS_DONE.wait(30), "the server was still sending"
+    assert ENDLESS_SENT[0] < 64 * 1024 * 1024, ENDLESS_SENT[0]
 
 
 def test_slow_drip_times_out(server):
+    # one byte every 0.25 s for 10 s: each read is quick, so only the total deadline ends
+    # it ("timed out"); without it the drip would finish and fail as a corrupt image
     policy = MediaPolicy(allowed_media_hosts=LOOPBACK, total_timeout=1.0)
-    t0 = time.monotonic()
     msg = load_err(f"{server}/slow", policy)
     assert "timed out" in msg
-    assert time.monotonic() - t0 < 2.5
 
 
 @pytest.mark.parametrize("url", [
@@ -606,21 +631,33 @@ def test_decode_bytes_over_cap():
 
 
 def _slow_decode_job(data, policy, param, max_pixels):
-    """Runs in a decode worker process (imported there by name)."""
+    """Runs in a decode worker process (imported there by name); ``param`` names a file
+    it writes once its 30 s decode ends."""
     time.sleep(30)
+    Path(param).write_text("decoded")
     return Image.new("RGB", (1, 1))
 
 
-def test_decode_timeout(monkeypatch):
+def test_decode_timeout(monkeypatch, tmp_path):
     """A decode past its budget answers 400 at the budget, not when the decode ends: its
-    worker process is killed."""
+    worker process is killed (counted by the pool, and the decode never finishes)."""
     import server.media as media
 
     monkeypatch.setattr(media, "_decode_job", _slow_decode_job)
-    t0 = time.monotonic()
-    msg = load_err(_data_url(PNG), MediaPolicy(decode_timeout=1.0))
-    assert msg.startswith("timed out decoding image")
-    assert time.monotonic() - t0 < 10  # worker start-up included; never the 30 s sleep
+    ended = tmp_path / "decode-ended"
+
+    async def load():
+        fetcher = MediaFetcher(MediaPolicy(decode_timeout=1.0))
+        try:
+            with pytest.raises(APIError) as ei:
+                await fetcher.load_image(_data_url(PNG), param=str(ended))
+            return ei, fetcher._decode_pool.killed
+        finally:
+            await fetcher.aclose()
+    ei, killed = run(load())
+    assert type(ei.value) is InvalidRequest and ei.value.status == 400
+    assert ei.value.message.startswith("timed out decoding image")
+    assert killed == 1 and not ended.exists()
 
 
 # --------------------------------------------------------------------------- memory bounds
