@@ -5,8 +5,8 @@ Three servers start side by side:
 * ``keyed``: a YAML key file with ``support-bot`` (no limits), ``tagger``
   (``max_concurrent: 4``), ``slowpoke`` (2 requests a minute) and ``hashed`` (given by its
   sha256, 500 tokens a minute).
-* ``slow``: ``--max-num-seqs 1 --max-queue-wait 6 --body-timeout 3 --header-timeout 3
-  --max-connections-per-client 60`` with two unlimited keys ``a`` and ``b``.
+* ``slow``: ``--max-num-seqs 1 --max-queue-wait 300 --body-timeout 3 --header-timeout 3
+  --max-connections-per-client 60`` with two unlimited keys ``a`` (operator) and ``b``.
 * ``deadline``: ``--max-num-seqs 1 --max-queue-wait 1`` with the same two keys.
 
 Counts, codes and events only: how fast one key is served while another floods or
@@ -48,7 +48,7 @@ keys:
 """
 SECRETS = ("sk-support-1234", "sk-tagger-5678", "sk-slowpoke-0000", "sk-hashed-9999")
 BODY_TIMEOUT = HEADER_TIMEOUT = 3.0
-QUEUE_WAIT = 6.0  # long enough for the fairness test's queue
+QUEUE_WAIT = 300.0  # the fairness test's queue never expires, however loaded the box
 DEADLINE_WAIT = 1.0  # far shorter than 4000 tokens, even on a fast box
 CONN_CAP = 60
 
@@ -64,7 +64,9 @@ def key_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def servers(server_factory, key_file, tmp_path_factory):
     ab = tmp_path_factory.mktemp("keys-ab") / "keys.yml"
-    ab.write_text("keys:\n  - name: a\n    key: sk-a\n  - name: b\n    key: sk-b\n")
+    # a reads /metrics (the fairness test waits for its queue there)
+    ab.write_text("keys:\n  - name: a\n    key: sk-a\n    operator: true\n"
+                  "  - name: b\n    key: sk-b\n")
     with ThreadPoolExecutor(3) as ex:
         keyed = ex.submit(server_factory, "--api-key-file", str(key_file),
                           "--max-new-tokens", "16")
@@ -358,17 +360,23 @@ def test_fair_queue_serves_the_other_key_in_turn(slow):
     done: list[str] = []
 
     async def one(c, name):
-        # a's requests long enough that 0.3 s is well within a's queue however fast the
-        # engine decodes
         await c.chat.completions.create(
             model="qwen3-vl", messages=[{"role": "user", "content": "x"}], temperature=0,
             max_tokens=8 if name == "b" else 400, extra_body={"ignore_eos": True})
         done.append(name)
 
+    async def a_queued():  # an event, not a sleep: three or four of a's are in the queue
+        async with httpx.AsyncClient(headers={"Authorization": "Bearer sk-a"}) as h:
+            deadline = time.monotonic() + 60
+            while not re.search(r"^qwen_vl_queue_depth [34]\.0$",
+                                (await h.get(slow.url + "/metrics")).text, re.M):
+                assert time.monotonic() < deadline, "a's requests never queued"
+                await asyncio.sleep(0.02)
+
     async def main():
         a, b = client(slow, "sk-a", openai.AsyncOpenAI), client(slow, "sk-b", openai.AsyncOpenAI)
         tasks = [asyncio.create_task(one(a, f"a{i}")) for i in range(5)]
-        await asyncio.sleep(0.3)
+        await a_queued()  # one runs in the slot, the others wait
         tasks.append(asyncio.create_task(one(b, "b")))
         await asyncio.gather(*tasks)
 
