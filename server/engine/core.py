@@ -914,6 +914,7 @@ class AsyncEngine:
         probe = self.blocks.allocate(min(3, num_blocks))
         try:
             self.runner.check(probe)
+            self.runner.check_encoder()
             if getattr(settings, "compile", False):
                 self.runner.compile_decode(probe)
         finally:

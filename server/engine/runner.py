@@ -10,7 +10,9 @@ Contract (the scheduler decides what runs; this module only runs it):
   logits of the last token of each chunk that ends its prompt.
 * ``encode(pixel_values, grids, keys)``: the vision encoder, once for all images of a
   step; results are cached per image key (content hash + pixel budget) in a byte-bounded
-  LRU, so a resent photo is not encoded again.
+  LRU, so a resent photo is not encoded again.  The encoder is server/engine/vision.py's
+  (one attention call per block, no host sync) once ``check_encoder()`` has matched it
+  against the model's own vision forward at startup; else the model's own.
 * ``decode(ids, pos, kv_len, tables)``: one token per row through a static-buffer step:
   every input lives in one device buffer per (batch bucket, table-width bucket), filled
   by one host-to-device copy; slots and masks are computed on the device; logits land in
@@ -223,6 +225,7 @@ class ModelRunner:
         self.steps: dict[tuple[int, int], _DecodeStep] = {}
         self.encoder_cache = encoder_cache
         self.encoder_hits = 0
+        self.encoder_path = "model"  # check_encoder() (at startup) chooses "batched"
         self._staging = None
         self._flip = 0
         self._logits: torch.Tensor | None = None
@@ -525,18 +528,18 @@ class ModelRunner:
                     self.encoder_hits += out[i] is not None
         todo = [i for i, o in enumerate(out) if o is None]
         if todo:
-            patches = (grids[:, 0] * grids[:, 1] * grids[:, 2]).tolist()
+            every = [tuple(g) for g in grids.tolist()]  # a host tensor: no device read
+            patches = [t * h * w for t, h, w in every]
             offs = [0]
             for p in patches:
                 offs.append(offs[-1] + p)
             pix = torch.cat([pixel_values[offs[i]:offs[i + 1]] for i in todo])
-            g = grids[todo]
-            res = self.visual(pix.to(self.device).type(self.visual.dtype),
-                              grid_thw=g.to(self.device), return_dict=True)
+            g = [every[i] for i in todo]
+            merged, deep = self._vision(pix.to(self.device).type(self.visual.dtype), g)
             merge = self.visual.spatial_merge_size ** 2
-            sizes = (g.prod(-1) // merge).tolist()
-            embeds = torch.split(res.pooler_output, sizes)
-            deep = [torch.split(f, sizes) for f in (res.deepstack_features or [])]
+            sizes = [t * h * w // merge for t, h, w in g]
+            embeds = torch.split(merged, sizes)
+            deep = [torch.split(f, sizes) for f in deep]
             for j, i in enumerate(todo):
                 item = (embeds[j], [d[j] for d in deep])
                 if len(todo) > 1 and self.encoder_cache is not None:
@@ -547,6 +550,60 @@ class ModelRunner:
                     nbytes = sum(t.numel() * t.element_size() for t in [item[0], *item[1]])
                     self.encoder_cache.put(keys[i], item, nbytes)
         return out
+
+    def _vision(self, pixels: torch.Tensor, grids: list[tuple[int, int, int]]):
+        """``(merged embeds, [deepstack features])`` of one encoder call, by the batched
+        encoder (server/engine/vision.py) or, where the startup check chose it, the
+        model's own vision forward."""
+        if self.encoder_path == "batched":
+            from server.engine import vision
+            return vision.encode(self.visual, pixels, vision.plan(grids, self.visual,
+                                                                  self.device))
+        res = self.visual(pixels, grid_thw=torch.tensor(grids, device=self.device),
+                          return_dict=True)
+        return res.pooler_output, list(res.deepstack_features or [])
+
+    def check_encoder(self) -> str:
+        """The batched encoder against the model's own vision forward on small images of
+        equal and of different sizes; sets and returns ``encoder_path`` ("batched", or
+        "model" when they disagree or the batched one fails), logging which and why."""
+        v = self.visual
+        cfg = v.config
+        width = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+        m = v.spatial_merge_size
+        gen = torch.Generator().manual_seed(0)
+        errors, failure = [], None
+        with torch.inference_mode():
+            for grids in ([(1, 2 * m, 2 * m)] * 2, [(1, 2 * m, 2 * m), (1, 2 * m, 4 * m)]):
+                n = sum(t * h * w for t, h, w in grids)
+                pix = torch.randn(n, width, generator=gen).to(self.device, v.dtype)
+                self.encoder_path = "model"
+                ref = self._vision(pix, grids)
+                self.encoder_path = "batched"
+                try:  # e.g. a transformers whose vision block is built differently
+                    ours = self._vision(pix, grids)
+                    if len(ours[1]) != len(ref[1]):
+                        raise ValueError("a different number of deepstack features")
+                    errors += [_relative_error(a, b) for a, b in
+                               zip([ours[0], *ours[1]], [ref[0], *ref[1]])]
+                except Exception as exc:
+                    failure = exc
+                    break
+        # float32 on CPU agrees bit for bit (one attention call per image or per block:
+        # the same sums); a 1% error in one block's attention moves the tiny model's
+        # output by ~5e-5, so the bound is tight.  bf16 noise on a GPU is ~1e-2.
+        tol = 1e-6 if v.dtype == torch.float32 else 2e-2
+        worst = max(errors, default=0.0)
+        if failure is None and all(e <= tol for e in errors):  # (NaN fails)
+            self.encoder_path = "batched"
+            log.info("vision encoder: batched (one attention call per block, no host "
+                     "sync; relative error %.1e against the model's own forward)", worst)
+        else:
+            self.encoder_path = "model"
+            why = repr(failure) if failure is not None else f"relative error {worst:.2e}"
+            log.warning("vision encoder: the model's own forward (the batched encoder "
+                        "disagrees with it: %s)", why)
+        return self.encoder_path
 
     # --- startup check --------------------------------------------------------------------
     def check(self, blocks: list[int]):
