@@ -125,9 +125,15 @@ class Settings(BaseSettings):
         "default is max_num_seqs x max_model_len, at most 1 GiB)."))
     kv_block_size: int = Field(16, ge=1, le=1024, description=(
         "Tokens per KV block: the unit of KV allocation and of prefix-cache reuse."))
-    max_prefill_chunk: int = Field(1024, ge=16, description=(
-        "Prompt tokens prefilled per step; a longer prompt is prefilled in chunks between "
-        "decode steps, so running streams wait at most about one chunk."))
+    max_num_batched_tokens: int | None = Field(None, ge=16, description=(
+        "Tokens one engine step processes at most: one per decoding row plus the prompt "
+        "tokens prefilled (a longer prompt is prefilled in chunks between decode steps), "
+        "and as many image tokens through the vision encoder. Default by device: 8192 on "
+        "a GPU with at least 70 GiB, 2048 on a smaller GPU, 1024 on the CPU (vLLM's "
+        "--max-num-batched-tokens)."))
+    max_prefill_chunk: int | None = Field(None, ge=16, description=(
+        "Deprecated: the old name of --max-num-batched-tokens (used when that is not "
+        "given)."))
     prefix_cache: bool = Field(True, description=(
         "Reuse the KV of earlier prompts' common prefixes (--no-prefix-cache: off)."))
     prefix_cache_share: float = Field(0.5, gt=0, le=1, description=(

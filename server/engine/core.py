@@ -269,6 +269,23 @@ class _Running:
         return len(self.rows)
 
 
+def step_token_budget(settings, device) -> tuple[int, str]:
+    """Tokens one engine step may process, and why: ``--max-num-batched-tokens``, else
+    the deprecated ``--max-prefill-chunk``, else by device as vLLM's API server does
+    (8,192 on GPUs of >= 70 GiB, 2,048 on smaller ones) and 1,024 on the CPU, where a
+    bigger step only makes running streams wait longer."""
+    if settings.max_num_batched_tokens is not None:
+        return settings.max_num_batched_tokens, "--max-num-batched-tokens"
+    if settings.max_prefill_chunk is not None:
+        log.warning("--max-prefill-chunk is deprecated: it sets --max-num-batched-tokens")
+        return settings.max_prefill_chunk, "--max-prefill-chunk (deprecated)"
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 1024, "default on the CPU"
+    gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return (8192 if gib >= 70 else 2048), f"default on a GPU of {gib:.0f} GiB"
+
+
 class BatchingScheduler(_SchedulerBase):
     """Continuous batching over the paged KV pool (``server.engine.kv_pool``); the model
     is stepped by ``server.engine.runner.ModelRunner``."""
@@ -277,7 +294,7 @@ class BatchingScheduler(_SchedulerBase):
         super().__init__(engine)
         s = engine.settings
         self.max_num_seqs, self.max_batch_tokens = s.max_num_seqs, s.max_batch_tokens
-        self.chunk = s.max_prefill_chunk
+        self.chunk = engine.step_tokens  # the step's token budget
         self.runner = engine.runner
         self.blocks: BlockManager = engine.blocks
         self.bs = self.blocks.block_size
@@ -432,15 +449,23 @@ class BatchingScheduler(_SchedulerBase):
                 p.entry.dead = True
 
     def _prefill_step(self):
-        """One chunk budget of prompt tokens, over the prompts in admission order."""
-        budget, picked = self.chunk, []
+        """The step's token budget, less one token per decoding row (at least one block's
+        worth is left to prefill, so prompts always move), over the prompts in admission
+        order; the images the picked prompts still need go through the encoder in one
+        call, within the same budget in image tokens (the first prompt always goes)."""
+        decoding = len(self.batch) if self.batch is not None else 0
+        budget = max(self.chunk - decoding, min(self.chunk, self.bs))
+        images, picked = self.chunk, []
         for p in self.prefilling:
             n = min(p.length - p.done, budget)
             width = max([c for _, c in picked] + [n])
-            if n <= 0 or (picked and width * (len(picked) + 1) > self.max_batch_tokens):
+            need = self._image_tokens_to_encode(p)
+            if n <= 0 or (picked and (width * (len(picked) + 1) > self.max_batch_tokens
+                                      or need > images)):
                 break
             picked.append((p, n))
             budget -= n
+            images -= need
         if not picked:
             return
         group = [p for p, _ in picked]
@@ -476,17 +501,22 @@ class BatchingScheduler(_SchedulerBase):
                 self.blocks.commit(p.blocks[i], p.keys[i])
         return logits if logits is not None else ()
 
+    @staticmethod
+    def _images_to_encode(p: _Prompt) -> list[int]:
+        """Indices of ``p``'s images that still have tokens to prefill and no features."""
+        if p.img_ord is None:
+            return []
+        first = int(p.img_ord[p.done - 1]) + 1 if p.done else 0  # ordinal of next image token
+        return [i for i in range(len(p.img_bounds) - 1)
+                if p.img_bounds[i + 1] > first and i not in p.vision]
+
+    def _image_tokens_to_encode(self, p: _Prompt) -> int:
+        return sum(p.img_bounds[i + 1] - p.img_bounds[i] for i in self._images_to_encode(p))
+
     def _encode(self, prompts: list[_Prompt]):
         """Vision features of every image that still has tokens to prefill, in one encoder
         call for the step (the encoder cache answers resent images)."""
-        want = []  # (prompt, image index)
-        for p in prompts:
-            if p.img_ord is None:
-                continue
-            first = int(p.img_ord[p.done - 1]) + 1 if p.done else 0  # ordinal of next image token
-            for i in range(len(p.img_bounds) - 1):
-                if p.img_bounds[i + 1] > first and i not in p.vision:
-                    want.append((p, i))
+        want = [(p, i) for p in prompts for i in self._images_to_encode(p)]
         if not want:
             return
         pix, grids, keys = [], [], []
@@ -893,6 +923,7 @@ class AsyncEngine:
     def _build_kv(self, settings):
         """The KV pool (the whole budget, allocated once), its block manager and the
         runner; then the startup check of the paged path against the model's forward."""
+        self.step_tokens, step_why = step_token_budget(settings, self.device)
         bs = settings.kv_block_size
         num_blocks = max(1, self.kv_budget.tokens // bs)
         cache_blocks = (int(num_blocks * settings.prefix_cache_share)
@@ -921,10 +952,10 @@ class AsyncEngine:
             self.blocks.release(probe)
         self.runner.capture_all(max_width=STARTUP_GRAPH_BLOCKS)
         self.decode_path = self.runner.decode_path
-        log.info("KV blocks: %d x %d tokens (%.2f GiB); prefix cache %s; prefill chunk %d "
-                 "tokens; encoder cache %s", num_blocks, bs, self.pool.nbytes / 2**30,
+        log.info("KV blocks: %d x %d tokens (%.2f GiB); prefix cache %s; step budget %d "
+                 "tokens (%s); encoder cache %s", num_blocks, bs, self.pool.nbytes / 2**30,
                  f"up to {cache_blocks} idle blocks" if cache_blocks else "off",
-                 settings.max_prefill_chunk,
+                 self.step_tokens, step_why,
                  f"{settings.encoder_cache_mb} MiB" if encoder_cache is not None else "off")
 
     def stats(self) -> dict[str, float]:

@@ -1,16 +1,23 @@
-"""Issue 29, the encoder: many images in one call with no host sync inside it
-(server/engine/vision.py), against its slow twin, the model's own vision forward run one
-image at a time (float32), and counted with the shared counter of CUDA-syncing ops."""
+"""Issue 29, photo bursts: the encoder takes many images in one call with no host sync
+inside it (server/engine/vision.py), checked against its slow twin, the model's own
+vision forward run one image at a time (float32), and counted with the shared counter of
+CUDA-syncing ops; a step's token budget (--max-num-batched-tokens) prefills a burst of
+photos in a few steps, several images per encoder call."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
+import time
 
 import pytest
 import torch
+from PIL import Image
 
 from server.engine import vision
 from server.engine.core import AsyncEngine
+from server.engine.interface import EngineRequest, ImageInput, SamplingParams
 from models.loader import load_model
 from server.settings import Settings
 from tests.sync_counter import HostSyncs
@@ -118,3 +125,65 @@ def test_startup_check_falls_back_to_the_models_forward(engine, monkeypatch, cap
     with caplog.at_level(logging.INFO, logger="qwen_vl.engine"):
         assert runner.check_encoder() == "batched"
     assert "vision encoder: batched" in caplog.text
+
+
+# --------------------------------------------------------------- many images per step
+
+def photo(seed: int) -> ImageInput:
+    """A 1024x1024 photo at a 1,024-token budget: 1,024 image tokens."""
+    im = Image.effect_noise((1024, 1024), 40 + seed).convert("RGB")
+    return ImageInput(im, 1024 * 32 * 32, 1024 * 32 * 32)
+
+
+def burst(n: int) -> list[EngineRequest]:
+    return [EngineRequest(f"p{i}", [{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": f"Is parcel {i} damaged?"}]}],
+        [photo(i)], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+        for i in range(n)]
+
+
+@pytest.mark.parametrize("budget,most_steps", [(8192, 3), (1024, None)])
+async def test_burst_of_16_photos_prefilled_in_few_steps(toy_model, loaded, budget, most_steps):
+    """16 requests of one 1,024-token photo each, all waiting when the engine starts:
+    with an 8,192-token step budget they are prefilled in at most 3 steps, several photos
+    per encoder call (at 1,024 tokens, as before: one photo per step, 16 or more)."""
+    engine = AsyncEngine(loaded, Settings(model_path=toy_model, max_num_batched_tokens=budget,
+                                          max_num_seqs=16))
+    sched, runner = engine.scheduler, engine.runner
+    prefills, encoded = [], []
+    real_prefill, real_encode, real_step = runner.prefill, runner.encode, sched.step
+    gate = threading.Event()
+    runner.prefill = lambda chunks: (prefills.append(sum(c.ids.numel() for c in chunks)),
+                                     real_prefill(chunks))[1]
+    runner.encode = lambda pix, grids, keys: (encoded.append(len(keys)),
+                                              real_encode(pix, grids, keys))[1]
+
+    def gated_step():  # the first step waits until all 16 are in, then takes them all
+        if not gate.is_set():
+            gate.wait(120)
+            while not engine._inbox.empty():
+                engine._take(engine._inbox.get_nowait())
+        real_step()
+    sched.step = gated_step
+    try:
+        async def one(r):
+            return [o async for o in engine.generate(r, engine.reserve())]
+        tasks = [asyncio.create_task(one(r)) for r in burst(16)]
+        deadline = time.monotonic() + 120
+        # an event: all 16 prepared and handed to the engine (taken, or in its inbox)
+        while len(sched.waiting) + engine._inbox.qsize() < 16:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        gate.set()
+        await asyncio.gather(*tasks)
+    finally:
+        gate.set()
+        engine.close()
+    print(f"budget {budget}: prefill steps {len(prefills)} (tokens {prefills}), "
+          f"images per encoder call {encoded}")
+    assert sum(encoded) == 16 and sum(prefills) >= 16 * 1024
+    assert max(prefills) <= budget
+    if most_steps is not None:
+        assert len(prefills) <= most_steps and max(encoded) > 1
+    else:
+        assert len(prefills) >= 16 and max(encoded) == 1
