@@ -18,6 +18,9 @@ tests use it too).
 On a CPU none of these waits for anything, which is why they are counted by name: a
 decode step that is sync-free here is sync-free on the GPU.  ``CUDA_SYNC_OPS`` and
 ``is_sync`` are the one list; add to them rather than writing another.
+
+``with Ops() as ops: ...`` counts every aten op dispatched (``ops.count``, by name in
+``ops.seen``): on a GPU each is roughly one kernel launch.
 """
 
 from __future__ import annotations
@@ -97,3 +100,17 @@ class HostSyncs(TorchDispatchMode):
             for name, orig in self._patched:
                 setattr(torch.Tensor, name, orig)
             self._patched.clear()
+
+
+class Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen: Counter[str] = Counter()
+
+    @property
+    def count(self) -> int:
+        return sum(self.seen.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen[func._schema.name] += 1
+        return func(*args, **(kwargs or {}))

@@ -20,7 +20,7 @@ from server.engine.core import AsyncEngine
 from server.engine.interface import EngineRequest, ImageInput, SamplingParams
 from models.loader import load_model
 from server.settings import Settings
-from tests.sync_counter import HostSyncs
+from tests.sync_counter import HostSyncs, Ops
 
 # (t, h, w) in patches: equal sizes (one view, no padding) and a mix (padded layout)
 EQUAL = [(1, 8, 8)] * 3
@@ -187,3 +187,77 @@ async def test_burst_of_16_photos_prefilled_in_few_steps(toy_model, loaded, budg
         assert len(prefills) <= most_steps and max(encoded) > 1
     else:
         assert len(prefills) >= 16 and max(encoded) == 1
+
+
+# ------------------------------------------------------------------ admission
+
+LAYOUTS = {  # (text tokens before, [(grid, text tokens after)]) per prompt
+    "text-only": (12, []),
+    "one-image": (5, [((1, 8, 8), 3)]),
+    "image-first": (0, [((1, 4, 12), 7)]),
+    "two-images": (4, [((1, 8, 8), 2), ((1, 16, 4), 6)]),
+    "image-last": (3, [((1, 6, 10), 0)]),
+}
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_mrope_positions_equal_the_models_get_rope_index(loaded, name):
+    from server.engine.core import image_spans, mrope_positions
+    before, images = LAYOUTS[name]
+    types, grids = [0] * before, []
+    for grid, after in images:
+        types += [1] * (grid[0] * grid[1] * grid[2] // 4) + [0] * after
+        grids.append(grid)
+    tt = torch.tensor([types])
+    ref_pos, ref_delta = loaded.model.model.get_rope_index(
+        tt, mm_token_type_ids=tt, image_grid_thw=torch.tensor(grids) if grids else None,
+        attention_mask=torch.ones_like(tt))
+    spans = image_spans(tt[0] == 1, [g[0] * g[1] * g[2] // 4 for g in grids])
+    pos, delta = mrope_positions(len(types), spans, grids, 2)
+    assert torch.equal(pos, ref_pos[:, 0]) and delta == int(ref_delta.view(-1)[0])
+
+
+def python_calls(fn, *args):
+    """Python and C function calls made by ``fn(*args)`` (sys.setprofile)."""
+    import sys
+    calls = [0]
+
+    def prof(frame, event, arg):
+        if event in ("call", "c_call"):
+            calls[0] += 1
+    sys.setprofile(prof)
+    try:
+        return fn(*args), calls[0]
+    finally:
+        sys.setprofile(None)
+
+
+async def test_admission_does_no_python_per_image_token(toy_model, loaded):
+    """Admitting a 1,024-token photo's prompt costs the same Python calls as a 64-token
+    one (positions, prefix keys and block clears work per image and per block, not per
+    image token); its ~66 blocks are cleared with a couple of ops, not two per block."""
+    engine = AsyncEngine(loaded, Settings(model_path=toy_model))
+    sched = engine.scheduler
+    counted, real = [], sched._reserve
+    sched._reserve = lambda e: (lambda r: (counted.append(r[1]), r[0])[1])(
+        python_calls(real, e))
+    try:
+        for side in (256, 1024):
+            r = EngineRequest(f"s{side}", [{"role": "user", "content": [
+                {"type": "image"}, {"type": "text", "text": "Damaged?"}]}],
+                [ImageInput(Image.effect_noise((side, side), 50).convert("RGB"),
+                            side * side, side * side)],
+                SamplingParams(max_tokens=1, temperature=0))
+            [o async for o in engine.generate(r, engine.reserve())]
+        blocks = list(range(1, 67))
+        with Ops() as ops:
+            engine.runner.pool.clear(blocks)
+    finally:
+        engine.close()
+    small, big = counted
+    print(f"Python calls admitting a 64-token photo {small}, a 1,024-token one {big}; "
+          f"clearing 66 blocks: {dict(ops.seen)}")
+    # 60 more blocks (960 more tokens): a few calls per block for the prefix keys; the
+    # old per-token walk (positions, keys) made 2,400 more
+    assert big - small <= 8 * 60, (small, big)
+    assert ops.count <= 4, ops.seen

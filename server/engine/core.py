@@ -46,7 +46,6 @@ through the registered function would otherwise serve garbage silently.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import dataclasses
 import gc
 import logging
@@ -269,6 +268,43 @@ class _Running:
         return len(self.rows)
 
 
+def image_spans(is_img: torch.Tensor, sizes: list[int]) -> list[tuple[int, int]]:
+    """``(start, tokens)`` of each image's run of placeholder tokens in a prompt (host
+    tensors: one ``nonzero``, then Python per image, never per image token)."""
+    where = is_img.nonzero().view(-1)
+    firsts = [0]
+    for size in sizes[:-1]:
+        firsts.append(firsts[-1] + size)
+    return list(zip(where[firsts].tolist(), sizes)) if sizes else []
+
+
+def mrope_positions(length: int, spans: list[tuple[int, int]],
+                    grids: list[tuple[int, int, int]], merge: int) -> tuple[torch.Tensor, int]:
+    """The prompt's M-RoPE positions ``[3, length]`` and its decode offset ``delta``, as
+    transformers' ``get_rope_index`` computes them for images (text: the same position on
+    all three axes; an image: (t, row, column) from where it starts, after which the text
+    resumes ``max(h, w) / merge`` further), with tensor ops per image instead of its
+    Python walk over every token.  ``tests/test_photo_burst.py`` holds them equal."""
+    parts, cur, at, top = [], 0, 0, -1
+
+    def text(n):
+        nonlocal cur, top
+        if n > 0:
+            parts.append(torch.arange(cur, cur + n).expand(3, n))
+            cur, top = cur + n, cur + n - 1
+    for (start, size), (t, h, w) in zip(spans, grids):
+        text(start - at)
+        gh, gw = h // merge, w // merge
+        tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw),
+                                    indexing="ij")
+        parts.append(torch.stack([tt, hh, ww]).reshape(3, -1) + cur)
+        top = max(top, cur + max(t, gh, gw) - 1)
+        cur += max(h, w) // merge
+        at = start + size
+    text(length - at)
+    return torch.cat(parts, 1), top + 1 - length
+
+
 def step_token_budget(settings, device) -> tuple[int, str]:
     """Tokens one engine step may process, and why: ``--max-num-batched-tokens``, else
     the deprecated ``--max-prefill-chunk``, else by device as vLLM's API server does
@@ -302,7 +338,8 @@ class BatchingScheduler(_SchedulerBase):
         self.prefilling: list[_Prompt] = []
         self.peak_kv_tokens = 0  # most KV tokens held at once, in block columns (tests)
         self.image_token_id = self.model.config.image_token_id
-        self.merge = self.model.model.visual.spatial_merge_size ** 2
+        self.spatial_merge = self.model.model.visual.spatial_merge_size
+        self.merge = self.spatial_merge ** 2
 
     steps = 0  # engine steps taken (tests and metrics read it)
     # batched decode steps and the rows they decoded: rows / steps is the mean batch
@@ -378,24 +415,31 @@ class BatchingScheduler(_SchedulerBase):
         p = e.prepared
         ids = p.input_ids[0]
         n = ids.numel()
-        img_ord, bounds, img_keys = None, [0], []
+        img_ord, bounds, img_keys, spans, grids = None, [0], [], [], []
         if p.image_grid_thw is not None:
             is_img = ids == self.image_token_id
             img_ord = torch.cumsum(is_img, 0) - 1
-            for g in (p.image_grid_thw.prod(-1) // self.merge).tolist():
-                bounds.append(bounds[-1] + g)
+            grids = [tuple(g) for g in p.image_grid_thw.tolist()]
+            sizes = [t * h * w // self.merge for t, h, w in grids]
+            for size in sizes:
+                bounds.append(bounds[-1] + size)
+            spans = image_spans(is_img, sizes)
             img_keys = list(p.image_keys)  # content hash + pixel budget, per image
         keys = []
         if self.blocks.cache_blocks:
             entries = ids.tolist()
-            if img_ord is not None:  # image tokens are keyed by their image
-                for i in is_img.nonzero().view(-1).tolist():
-                    entries[i] = img_keys[bisect.bisect_right(bounds, int(img_ord[i])) - 1]
+            for (start, size), key in zip(spans, img_keys):  # keyed by their image
+                entries[start:start + size] = [key] * size
             keys = chain_keys(entries, self.bs, p.cache_salt)
-        grid = p.image_grid_thw
-        pos, delta = self.model.model.get_rope_index(  # before any block is taken
-            p.input_ids, mm_token_type_ids=p.mm_token_type_ids, image_grid_thw=grid,
-            attention_mask=torch.ones_like(p.input_ids))
+        if p.mm_token_type_ids is not None and bool((p.mm_token_type_ids == 2).any()):
+            pos, delta = self.model.model.get_rope_index(  # video: the model's own
+                p.input_ids, mm_token_type_ids=p.mm_token_type_ids,
+                image_grid_thw=p.image_grid_thw,
+                video_grid_thw=getattr(p, "video_grid_thw", None),
+                attention_mask=torch.ones_like(p.input_ids))
+            pos, delta = pos[:, 0], int(delta.view(-1)[0])
+        else:  # before any block is taken
+            pos, delta = mrope_positions(n, spans, grids, self.spatial_merge)
         matched = self.blocks.match(keys, (n - 1) // self.bs)  # the last token is computed
         now, promise = self._need(e, len(matched))
         if now + sum(promise) > self.blocks.available:
@@ -406,7 +450,7 @@ class BatchingScheduler(_SchedulerBase):
         cached = len(matched) * self.bs
         self.blocks.count(n, cached)
         self._note_allocation()
-        return _Prompt(e, ids, pos[:, 0], int(delta.view(-1)[0]), keys, blocks, cached, cached,
+        return _Prompt(e, ids, pos, delta, keys, blocks, cached, cached,
                        promise, img_ord, bounds, img_keys)
 
     def _fresh(self, n: int, *, promised: bool = False) -> list[int]:

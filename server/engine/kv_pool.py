@@ -90,11 +90,17 @@ class KVPool:
         block holds, past its length, whatever an earlier owner wrote; attention masks
         those columns, but a masked column still multiplies its value by 0, and a
         non-finite value left by another request (an fp16 overflow) would turn this row's
-        output into NaN.  Two kernels per block, an int index each (no host-to-device
-        copy)."""
-        for b in blocks:
-            self.k[:, b].zero_()
-            self.v[:, b].zero_()
+        output into NaN.  Two kernels for all the blocks (one ``index_fill_`` each for
+        keys and values), their index copied up once without a stall (pinned memory,
+        ``non_blocking``), where one ``zero_`` per block and tensor cost ~260 launches for
+        a photo's prompt."""
+        if not blocks:
+            return
+        index = torch.tensor(blocks, dtype=torch.long)
+        if self.k.device.type == "cuda":
+            index = index.pin_memory().to(self.k.device, non_blocking=True)
+        self.k.index_fill_(1, index, 0)
+        self.v.index_fill_(1, index, 0)
 
     def copy_block(self, src: int, dst: int):
         """Every layer's block ``src`` into ``dst`` (a forked choice's partial block)."""
