@@ -28,6 +28,11 @@ processor it replaces, and refuses (``ValueError``) a configuration it does not 
    (HF's ``(x * rescale_factor - mean) / std``, fused into ``x * gain + shift`` when the
    channels share mean and std, as Qwen's do) and the temporal duplication.
 
+``proc.patches(...)`` stops before the normalisation (uint8 patches, an eighth of the
+bytes) and ``proc.normalise(patches)`` finishes them on whatever device they are on: the
+server patchifies on the host and normalises on the model's device, so pixel data crosses
+to the device once and never comes back.
+
 ``pixel_values`` is ``(sum of patches, 3 * temporal_patch * patch**2)`` float32 on
 ``device`` in HF's layout (rows: merge blocks row-major, then the 2x2 patches inside a
 block; columns: channel, time, patch row, patch column).  ``image_grid_thw`` is
@@ -151,6 +156,15 @@ class TorchImageProcessor:
     def __call__(self, images: Sequence[Any],
                  budgets: Sequence[tuple[int | None, int | None] | None] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        patches, grids = self.patches(images, budgets)
+        return self.normalise(patches), grids
+
+    def patches(self, images: Sequence[Any],
+                budgets: Sequence[tuple[int | None, int | None] | None] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 1-3 and the patchify of step 4: ``(patches, 3, patch**2)`` uint8 on
+        ``device`` (an eighth of the float32 pixel values' bytes) and the grids;
+        ``normalise`` finishes them, possibly later and on another device."""
         if not images:
             raise ValueError("no images to preprocess")
         budgets = budgets or [None] * len(images)
@@ -179,10 +193,9 @@ class TorchImageProcessor:
                               device=self.device)
         for image, part in zip(resized, patches.split(counts)):
             self._patchify(image, part)
-        pixel_values = self._normalise(patches)
         grids = torch.tensor([[1, th // self.patch, tw // self.patch] for th, tw in targets],
                              dtype=torch.int64)
-        return pixel_values, grids
+        return patches, grids
 
     def _resize(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """(N, 3, H, W) uint8 -> (N, 3, height, width) uint8, as Pillow's ``Image.resize``."""
@@ -217,11 +230,17 @@ class TorchImageProcessor:
         x = x.permute(1, 4, 2, 5, 0, 3, 6)  # block row, block col, row in block, col in block, c, py, px
         out.view(x.shape).copy_(x)
 
-    def _normalise(self, patches: torch.Tensor) -> torch.Tensor:
-        """(N, 3, P) uint8 -> (N, 3 * temporal * P) float32: HF's rescale and normalise,
-        then the single frame repeated ``temporal`` times, written straight into the output
-        (no float intermediate of the batch's size, few passes over memory)."""
+    def normalise(self, patches: torch.Tensor) -> torch.Tensor:
+        """(N, 3, P) uint8 -> (N, 3 * temporal * P) float32 on the patches' device: HF's
+        rescale and normalise, then the single frame repeated ``temporal`` times, written
+        straight into the output (no float intermediate of the batch's size, few passes
+        over memory)."""
         n, c, pp = patches.shape
+        if self._mean.device != patches.device:  # the host half's constants, moved once
+            self._mean, self._std = (self._mean.to(patches.device),
+                                     self._std.to(patches.device))
+            if self._fused is not None:
+                self._fused = (self._fused[0], self._fused[1].to(patches.device))
         out = torch.empty(n, c, self.temporal, pp, device=patches.device)
         first = out[:, :, 0]
         if self._fused is not None:  # x * (scale / std) - mean / std, in one pass

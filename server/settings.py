@@ -187,8 +187,9 @@ class Settings(BaseSettings):
     max_pixels: int = Field(1280 * 32 * 32, ge=32 * 32, description=(
         "Default per-image pixel budget (one token per 32x32 pixels)."))
     image_preprocess: Literal["torch", "pil"] = Field("torch", description=(
-        "Image preprocessing: torch = one tensor pipeline on the model's device (GPU when "
-        "there is one); pil = the HF PIL processor on the CPU (the reference)."))
+        "Image preprocessing: torch = one tensor pipeline, resized and patchified to uint8 "
+        "on the host, normalised on the model's device as the encoder takes them; pil = "
+        "the HF PIL processor on the CPU (the reference)."))
     image_cache_mb: int = Field(512, ge=0, description=(
         "MiB of host memory for preprocessed image pixels, keyed by the image's bytes and "
         "pixel budget: a resent photo is not preprocessed again (LRU). 0 = off."))

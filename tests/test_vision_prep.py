@@ -150,7 +150,8 @@ def test_builder_selects_and_logs_the_path(tiny_model, caplog):
     caplog.set_level(logging.INFO, logger="qwen_vl.engine")
     kw = dict(max_model_len=4096, default_max_tokens=16)
     assert PromptBuilder(processor, image_preprocess="torch", **kw).fast_images is not None
-    assert "image preprocessing: torch pipeline on cpu (uint8 resize)" in caplog.text
+    assert ("image preprocessing: torch pipeline, uint8 patches on the host (uint8 resize), "
+            "normalised on cpu") in caplog.text
     assert PromptBuilder(processor, image_preprocess="pil", **kw).fast_images is None
     assert "image preprocessing: PIL processor (Qwen2VLImageProcessorPil)" in caplog.text
     processor.image_processor.do_rescale = False
@@ -158,21 +159,68 @@ def test_builder_selects_and_logs_the_path(tiny_model, caplog):
     assert "torch image preprocessing unavailable" in caplog.text
 
 
-def test_out_of_memory_while_preprocessing_is_a_503(tiny_model):
-    """Device memory running out in the pipeline fails the request with 503, not 500."""
+def test_pixels_stay_uint8_on_the_host_until_the_encoder(tiny_model):
+    """Issue 29: a prepared request holds uint8 patches on the host (an eighth of the
+    float32 pixels' bytes) and nothing is read back from a device while it is prepared;
+    ``model_pixels`` (copy up once, normalise there) gives exactly the full pipeline's
+    pixel values."""
     from models.processor import load_processor
     from server.engine.prompt import PromptBuilder
-    from server.errors import ServiceUnavailable
+    from tests.sync_counter import HostSyncs
 
     builder = PromptBuilder(load_processor(tiny_model), max_model_len=4096, default_max_tokens=16)
+    images = [synthetic_photo(640, 480, 1), noise(37, 53)]
+    req = EngineRequest("r", [{"role": "user", "content": [{"type": "image"}, {"type": "image"}]}],
+                        [ImageInput(im, 4096, 65536) for im in images], SamplingParams())
+    with HostSyncs() as syncs:
+        prepared = builder.build(req)
+    assert "Tensor.cpu" not in syncs.seen, syncs.seen
+    pv = prepared.pixel_values
+    assert pv.dtype == torch.uint8 and pv.device.type == "cpu" and pv.dim() == 3
+    full, grids = builder.fast_images([im for im in images], [(4096, 65536)] * 2)
+    assert torch.equal(grids, prepared.image_grid_thw)
+    # float32 (4 bytes) and the frame twice (temporal patch 2): 8x the bytes
+    assert pv.numel() * pv.element_size() * 8 == full.numel() * full.element_size()
+    assert torch.equal(builder.model_pixels(pv, "cpu"), full)
 
-    def oom(*args):
-        raise torch.OutOfMemoryError("injected")
-    builder.fast_images = oom
-    req = EngineRequest("r", [{"role": "user", "content": [{"type": "image"}]}],
-                        [ImageInput(noise(40, 40), 4096, 65536)], SamplingParams())
-    with pytest.raises(ServiceUnavailable):
-        builder.build(req)
+
+async def test_out_of_memory_normalising_on_the_device_is_a_503(toy_model):
+    """Device memory running out where the pixels are normalised (the engine's prefill)
+    fails that request with 503, and the engine serves the next one."""
+    from models.loader import load_model
+    from server.engine.core import AsyncEngine
+    from server.errors import APIError
+    from server.settings import Settings
+
+    s = Settings(model_path=toy_model, min_pixels=4096, max_pixels=65536)
+    engine = AsyncEngine(load_model(s), s)
+    fast, real = engine.builder.fast_images, engine.builder.fast_images.normalise
+    fails = [1]
+
+    def oom(patches):
+        if fails:
+            fails.pop()
+            raise torch.OutOfMemoryError("injected")
+        return real(patches)
+    fast.normalise = oom
+
+    def req(i):
+        return EngineRequest(f"r{i}", [{"role": "user", "content": [{"type": "image"}]}],
+                             [ImageInput(noise(40 + i, 40), 4096, 65536)],
+                             SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+
+    async def run(r):
+        try:
+            return [t async for o in engine.generate(r, engine.reserve()) for t in o.token_ids]
+        except APIError as exc:
+            return exc
+    try:
+        first = await run(req(0))
+        second = await run(req(1))
+    finally:
+        await engine.shutdown(5)
+    assert isinstance(first, APIError) and first.status == 503, first
+    assert isinstance(second, list) and len(second) == 3
 
 
 async def test_greedy_output_unchanged_through_the_engine(toy_model):

@@ -780,7 +780,8 @@ class SequentialScheduler(_SchedulerBase):
                               attention_mask=torch.ones_like(prep.input_ids).to(dev),
                               mm_token_type_ids=prep.mm_token_type_ids.to(dev))
                 if prep.pixel_values is not None:
-                    inputs.update(pixel_values=prep.pixel_values.to(dev),
+                    inputs.update(pixel_values=self.engine.builder.model_pixels(
+                                      prep.pixel_values, dev),
                                   image_grid_thw=prep.image_grid_thw.to(dev))
                 gen = dict(max_new_tokens=p.max_tokens, do_sample=not p.greedy,
                            repetition_penalty=p.repetition_penalty,
@@ -985,7 +986,8 @@ class AsyncEngine:
                                   max_num_seqs=settings.max_num_seqs,
                                   max_model_len=self.max_model_len,
                                   enforce_eager=getattr(settings, "enforce_eager", False),
-                                  encoder_cache=encoder_cache)
+                                  encoder_cache=encoder_cache,
+                                  pixels=self.builder.model_pixels)
         probe = self.blocks.allocate(min(3, num_blocks))
         try:
             self.runner.check(probe)

@@ -2,7 +2,8 @@
 
 Runs on the engine's preparation thread (off the event loop and off the GPU thread).  A
 request's images are preprocessed together, each with its own pixel budget, by the torch
-pipeline (``models.vision_prep``, on the model's device: ``--image-preprocess torch``) or
+pipeline (``models.vision_prep``: uint8 patches on the host, ``--image-preprocess torch``;
+``model_pixels`` normalises them on the model's device when the encoder takes them) or
 one by one by the HF PIL processor (``--image-preprocess pil``, the reference); each
 ``<|image_pad|>`` placeholder is then expanded to the number of merged patches, as Qwen's
 processor does.  The context check (prompt + max_tokens <= max_model_len) happens
@@ -44,7 +45,7 @@ from models.processor import image_budget_kwargs
 from models.vision_prep import TorchImageProcessor
 from server.engine.interface import EngineRequest, ImageInput, SamplingParams
 from server.engine.lru import ByteLRU
-from server.errors import ContextLengthExceeded, InvalidRequest, ServiceUnavailable
+from server.errors import ContextLengthExceeded, InvalidRequest
 
 IMAGE_PAD = "<|image_pad|>"
 
@@ -55,7 +56,7 @@ log = logging.getLogger("qwen_vl.engine")
 class Prepared:
     input_ids: torch.Tensor            # (1, L) long
     mm_token_type_ids: torch.Tensor    # (1, L) int: 1 on image tokens
-    pixel_values: torch.Tensor | None  # (patches, dim)
+    pixel_values: torch.Tensor | None  # (patches, 3, patch^2) uint8, or (patches, dim) float
     image_grid_thw: torch.Tensor | None  # (images, 3)
     params: SamplingParams             # max_tokens filled in
     # one per image, in order: "<digest>:<min_pixels>:<max_pixels>" (see the module doc)
@@ -101,13 +102,13 @@ class PromptBuilder:
 
     def _fast_images(self, mode: str, device) -> TorchImageProcessor | None:
         if mode == "torch":
-            try:
-                fast = TorchImageProcessor.from_hf(self.processor.image_processor, device=device)
+            try:  # the host half: decode, resize and patchify to uint8 on the CPU
+                fast = TorchImageProcessor.from_hf(self.processor.image_processor, device="cpu")
             except ValueError as exc:  # a processor configuration the pipeline does not mirror
                 log.warning("torch image preprocessing unavailable (%s): using the PIL processor", exc)
             else:
-                log.info("image preprocessing: torch pipeline on %s (%s resize)",
-                         fast.device, fast.resize_kernel)
+                log.info("image preprocessing: torch pipeline, uint8 patches on the host "
+                         "(%s resize), normalised on %s", fast.resize_kernel, device)
                 return fast
         log.info("image preprocessing: PIL processor (%s) on the CPU",
                  type(self.processor.image_processor).__name__)
@@ -187,21 +188,28 @@ class PromptBuilder:
     def _images(self, images) -> tuple[torch.Tensor, torch.Tensor]:
         """(pixel values, grids) of a request's images, each in its own pixel budget."""
         if self.fast_images is not None:
-            try:
-                pixels, grids = self.fast_images([im.image for im in images],
-                                                 [(im.min_pixels, im.max_pixels) for im in images])
-                # a prepared request may wait in the queue: its pixels (~25 MB per
-                # 1024-token image) wait in host memory, not in the GPU memory that the KV
-                # budget counts as its own; prefill copies them back
-                return pixels.cpu(), grids
-            except torch.OutOfMemoryError:  # on the model's device: a 503, as in the engine
-                raise ServiceUnavailable(
-                    "The server ran out of memory preprocessing the images; retry.") from None
+            # uint8 patches on the host (~3 MB per 1024-token image where float32 pixels
+            # are 25 MB): a prepared request waits in the queue in host memory, and the
+            # pixels cross to the device once, when the encoder takes them (model_pixels)
+            return self.fast_images.patches([im.image for im in images],
+                                            [(im.min_pixels, im.max_pixels) for im in images])
         outs = [self.processor.image_processor(
             images=[im.image], return_tensors="pt",
             **image_budget_kwargs(im.min_pixels, im.max_pixels)) for im in images]
         return (torch.cat([o["pixel_values"] for o in outs]),
                 torch.cat([o["image_grid_thw"] for o in outs]))
+
+    def model_pixels(self, pixels: torch.Tensor, device) -> torch.Tensor:
+        """Prepared pixels as the vision encoder takes them, on ``device``: uint8 patches
+        (the torch pipeline's host half) are copied up once, from pinned memory without
+        a stall, and normalised there; the PIL processor's float pixels are copied as
+        they are."""
+        device = torch.device(device)
+        if pixels.dtype != torch.uint8:
+            return pixels.to(device)
+        if device.type == "cuda":
+            pixels = pixels.pin_memory().to(device, non_blocking=True)
+        return self.fast_images.normalise(pixels.to(device))
 
     def _image_tokens(self, im) -> int | None:
         try:

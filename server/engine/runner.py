@@ -209,7 +209,8 @@ class _DecodeStep:
 
 class ModelRunner:
     def __init__(self, model, pool: KVPool, *, device, pad_id: int, max_num_seqs: int,
-                 max_model_len: int, enforce_eager: bool = False, encoder_cache=None):
+                 max_model_len: int, enforce_eager: bool = False, encoder_cache=None,
+                 pixels=None):
         self.model, self.pool, self.device = model, pool, torch.device(device)
         self.lm = model.model.language_model
         self.lm_head = model.lm_head
@@ -226,6 +227,9 @@ class ModelRunner:
         self.encoder_cache = encoder_cache
         self.encoder_hits = 0
         self.encoder_path = "model"  # check_encoder() (at startup) chooses "batched"
+        # prepared pixels -> the encoder's input on the device (PromptBuilder.model_pixels:
+        # uint8 patches copied up once and normalised there)
+        self.pixels = pixels or (lambda pv, device: pv.to(device))
         self._staging = None
         self._flip = 0
         self._logits: torch.Tensor | None = None
@@ -535,7 +539,7 @@ class ModelRunner:
                 offs.append(offs[-1] + p)
             pix = torch.cat([pixel_values[offs[i]:offs[i + 1]] for i in todo])
             g = [every[i] for i in todo]
-            merged, deep = self._vision(pix.to(self.device).type(self.visual.dtype), g)
+            merged, deep = self._vision(self.pixels(pix, self.device).type(self.visual.dtype), g)
             merge = self.visual.spatial_merge_size ** 2
             sizes = [t * h * w // merge for t, h, w in g]
             embeds = torch.split(merged, sizes)
