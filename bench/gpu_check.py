@@ -13,7 +13,10 @@ via ``AsyncEngine.generate(EngineRequest(...), engine.reserve())``: no HTTP laye
 * decode tokens/s at batch 16 and 64 with ~1k tokens of context each (counted in the window
   where every row of the batch is decoding);
 * TTFT of one request with a 1024x1024 image at batch 1 (median of a few, a fresh image each);
-* throughput of 64 concurrent requests, each with its own 1024x1024 image;
+* throughput of 64 concurrent requests, each with its own 1024x1024 image, with the
+  engine's per-stage timers (``engine.timers``: preparation, admission, encoder, prefill,
+  decode; host and CUDA-event time) and, with ``--profile``, a trace of 4 mid-burst engine
+  steps; again at a step budget of 1,024 tokens when the engine's is larger;
 * peak GPU memory (``torch.cuda.max_memory_allocated``, weights included);
 * the decode path the engine reports (``engine.decode_path``: "cuda-graphs" or "eager"), at
   startup and at the end (a capture that fails later turns it eager), and the number of
@@ -317,6 +320,58 @@ async def profile_request(r: "Runner", req, out_dir: Path, name: str,
         return {"error": repr(exc)}
 
 
+async def image_burst(r: "Runner", engine, w: Workload, seed: int, budget,
+                      profile_dir: Path | None, tag: str) -> dict:
+    """``w.image_requests`` concurrent requests with a fresh image each: throughput, TTFT,
+    the engine's per-stage timers (``engine.timers``) and its prefill steps; with
+    ``profile_dir``, a torch.profiler trace of a few mid-burst engine steps (the engine
+    thread's ops; the preparation threads' host time is in the stage timers)."""
+    images = [noise_image(w.image_size, seed + i) for i in range(w.image_requests)]
+    reqs = [r.request(QUESTIONS[i % len(QUESTIONS)], w.image_tokens, im)
+            for i, im in enumerate(images)]
+    timers, sched = engine.timers, engine.scheduler
+    timers.reset()
+    timers.enable()
+    real_step, prof, steps = sched.step, None, [0]
+    if profile_dir is not None:
+        import torch
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+
+        def step():  # engine steps 3..6 of the burst under the profiler
+            nonlocal prof
+            steps[0] += 1
+            if steps[0] == 3:
+                prof = torch.profiler.profile(activities=acts)
+                prof.__enter__()
+            try:
+                real_step()
+            finally:
+                if steps[0] == 6 and prof is not None:
+                    prof.__exit__(None, None, None)
+                    profile_dir.mkdir(parents=True, exist_ok=True)
+                    prof.export_chrome_trace(str(profile_dir / f"profile_burst_{tag}.json"))
+        sched.step = step
+    t = time.perf_counter()
+    try:
+        xs = await r.run_all(reqs)
+    finally:
+        wall = time.perf_counter() - t
+        sched.step = real_step
+        timers.enable(False)
+    out = {"requests": w.image_requests, "output_tokens": w.image_tokens,
+           "step_budget": budget,
+           "tokens_per_s": sum(len(x["ids"]) for x in xs) / wall,
+           "requests_per_s": len(xs) / wall, "wall_s": wall,
+           "ttft_p50_ms": 1000 * statistics.median(x["ttft"] for x in xs),
+           "ttft_max_ms": 1000 * max(x["ttft"] for x in xs),
+           "stages": timers.report()}
+    if prof is not None and steps[0] >= 6:
+        out["profile_trace"] = f"profile_burst_{tag}.json"
+    return out
+
+
 async def measure_mode(loaded, settings, w: Workload, device: str, seed: int,
                        res: dict, note=lambda msg: None,
                        profile_dir: Path | None = None, tag: str = "mode") -> dict:
@@ -379,21 +434,23 @@ async def measure_mode(loaded, settings, w: Workload, device: str, seed: int,
         res["image_ttft_ms"] = 1000 * statistics.median(ttfts)
         note(f"image TTFT {res['image_ttft_ms']:.1f} ms")
 
-        # 4. throughput: image_requests concurrent requests, one fresh image each
-        images = [noise_image(w.image_size, seed + 3000 + i) for i in range(w.image_requests)]
-        reqs = [r.request(QUESTIONS[i % len(QUESTIONS)], w.image_tokens, im)
-                for i, im in enumerate(images)]
-        t = time.perf_counter()
-        xs = await r.run_all(reqs)
-        wall = time.perf_counter() - t
-        res["image_batch"] = {
-            "requests": w.image_requests, "output_tokens": w.image_tokens,
-            "tokens_per_s": sum(len(x["ids"]) for x in xs) / wall,
-            "requests_per_s": len(xs) / wall, "wall_s": wall,
-            "ttft_p50_ms": 1000 * statistics.median(x["ttft"] for x in xs),
-            "ttft_max_ms": 1000 * max(x["ttft"] for x in xs)}
-        note(f"{w.image_requests} image requests: "
-             f"{res['image_batch']['tokens_per_s']:.0f} tok/s")
+        # 4. throughput: image_requests concurrent requests, one fresh image each, with
+        # per-stage timers (host and CUDA-event time), at the engine's step budget and
+        # again at 1,024 tokens (fresh images: no cache helps either run)
+        sched = engine.scheduler
+        budgets = [getattr(sched, "chunk", None)]
+        if budgets[0] not in (None, 1024):
+            budgets.append(1024)
+        for k, budget in enumerate(budgets):
+            if budget is not None:
+                sched.chunk = budget
+            key = "image_batch" if k == 0 else f"image_batch_budget_{budget}"
+            res[key] = await image_burst(r, engine, w, seed + 3000 + 1000 * k, budget,
+                                         profile_dir if k == 0 else None, tag)
+            note(f"{w.image_requests} image requests at a step budget of {budget}: "
+                 f"{res[key]['tokens_per_s']:.0f} tok/s, stages {res[key]['stages']}")
+        if budgets[0] is not None:
+            sched.chunk = budgets[0]
 
         # 5. correctness material: greedy token ids of a batch of 8 text prompts of one
         # length (no padding, whichever steps admit them: in bf16 a different grouping

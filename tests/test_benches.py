@@ -101,7 +101,8 @@ def test_gpu_check_cpu_without_server_packages(tmp_path):
             assert d["tokens_per_s"] > 0 and d["context_tokens"] >= rep["workload"]["decode_context"]
         assert set(mode["image_batch"]) == {"requests", "output_tokens", "tokens_per_s",
                                             "requests_per_s", "wall_s", "ttft_p50_ms",
-                                            "ttft_max_ms"}
+                                            "ttft_max_ms", "step_budget", "stages"}
+        assert mode["image_batch"]["stages"]["encoder"]["calls"] >= 1
     c = rep["correctness"]
     assert c == {"batch": 8, "sequences_equal": 8, "equal": True, "first_divergence": [None] * 8,
                  "decode_paths": ["eager", "eager"]}
@@ -212,24 +213,33 @@ def test_decode_rate_window():
 
 
 def test_gpu_session_script_dry_run_on_cpu(tmp_path):
-    """``bench/gpu_session.sh`` (the GPU session's one command) runs its three checks on
-    the CPU and leaves 6 files: the three JSONs, two profile archives and the log."""
+    """``bench/gpu_session.sh`` (the GPU session's one command) runs its one check on the
+    CPU and leaves 3 files: the JSON, the profiles and the log (versions first); the photo
+    burst is measured at the step budget and at 1,024 tokens, with per-stage timers and a
+    profile of mid-burst steps."""
     r = subprocess.run(["bash", "bench/gpu_session.sh"], cwd=ROOT, capture_output=True,
                        text=True, timeout=600,
                        env={**os.environ, "PY": sys.executable, "OUT": str(tmp_path),
-                            "PYTHONPATH": str(ROOT)})
+                            "PYTHONPATH": str(ROOT),  # a budget above 1,024: both bursts
+                            "GPU_CHECK_ARGS": "--set max_num_batched_tokens=4096"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "gpu_check-profiles.tgz", "gpu_check.json", "gpu_check_compile-profiles.tgz",
-        "gpu_check_compile.json", "gpu_check_prefill.json", "log.txt"]
-    default = json.loads((tmp_path / "gpu_check.json").read_text())
-    compiled = json.loads((tmp_path / "gpu_check_compile.json").read_text())
-    prefill = json.loads((tmp_path / "gpu_check_prefill.json").read_text())
-    assert default["complete"] and compiled["complete"] and prefill["complete"]
-    assert set(default["modes"]) == {"eager", "graphs"} and default["correctness"]["equal"]
-    assert set(compiled["modes"]) == {"graphs"} and compiled["modes"]["graphs"]["decode_compiled"]
-    assert "profile" in compiled["modes"]["graphs"]
-    assert prefill["settings_set"] == ["max_prefill_chunk=4096", "prep_workers=8"]
+        "gpu_check-profiles.tgz", "gpu_check.json", "log.txt"]
+    log = (tmp_path / "log.txt").read_text()
+    assert "torch " in log and "gcc:" in log and "nvcc:" in log
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["complete"] and set(report["modes"]) == {"graphs"}
+    graphs = report["modes"]["graphs"]
+    assert "profile" in graphs and graphs["image_batch"]["profile_trace"]
+    stages = graphs["image_batch"]["stages"]
+    assert {"preparation", "admission", "encoder", "prefill", "decode"} <= set(stages)
+    assert graphs["image_batch"]["step_budget"] == 4096
+    again = graphs["image_batch_budget_1024"]
+    assert again["step_budget"] == 1024 and again["stages"]["prefill"]["calls"] >= \
+        graphs["image_batch"]["stages"]["prefill"]["calls"]
+    import tarfile
+    with tarfile.open(tmp_path / "gpu_check-profiles.tgz") as tar:
+        assert any("profile_burst_graphs" in n for n in tar.getnames())
 
 
 def test_hostpath_clients_and_decode_split(server):

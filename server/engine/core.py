@@ -70,6 +70,7 @@ from server.engine.prompt import Prepared, PromptBuilder
 from server.engine.sampler import SamplingState, stream_key
 from server.engine.sequence import Sequence
 from server.engine.structured import GrammarCache, GrammarLogitsProcessor
+from server.engine.timers import StageTimers
 from server.errors import (APIError, InternalError, InvalidRequest, Overloaded, QueueTimeout,
                            ServiceUnavailable)
 
@@ -331,6 +332,7 @@ class BatchingScheduler(_SchedulerBase):
         s = engine.settings
         self.max_num_seqs, self.max_batch_tokens = s.max_num_seqs, s.max_batch_tokens
         self.chunk = engine.step_tokens  # the step's token budget
+        self.timers = engine.timers
         self.runner = engine.runner
         self.blocks: BlockManager = engine.blocks
         self.bs = self.blocks.block_size
@@ -474,13 +476,15 @@ class BatchingScheduler(_SchedulerBase):
         self.steps += 1
         self._leave()  # rows that finished or whose client left
         self._expire()
-        self._admit()
+        with self.timers.stage("admission"):
+            self._admit()
         if self.prefilling:
             self._prefill_step()
         self._leave()
         if self.batch is not None:
             batch = self.batch
-            self._guarded("decode", lambda: _entries(batch.rows), self._decode)
+            with self.timers.stage("decode"):
+                self._guarded("decode", lambda: _entries(batch.rows), self._decode)
             self._leave()
 
     def abort(self, request_id: str):
@@ -530,7 +534,8 @@ class BatchingScheduler(_SchedulerBase):
                     self._release_seq(s)
 
     def _prefill(self, picked: list[tuple[_Prompt, int]]):
-        self._encode([p for p, n in picked])
+        with self.timers.stage("encoder"):
+            self._encode([p for p, n in picked])
         chunks = []
         for p, n in picked:
             s, e = p.done, p.done + n
@@ -538,7 +543,8 @@ class BatchingScheduler(_SchedulerBase):
                                        p.blocks[:self.blocks.blocks_for(e)],
                                        self._chunk_vision(p, s, e), e == p.length))
         self.engine.faults.tick()
-        logits = self.runner.prefill(chunks)
+        with self.timers.stage("prefill"):
+            logits = self.runner.prefill(chunks)
         for p, n in picked:  # their keys/values are written: full blocks become cacheable
             first, p.done = p.done // self.bs, p.done + n
             for i in range(first, min(p.done // self.bs, len(p.keys))):
@@ -862,6 +868,7 @@ class AsyncEngine:
         self.opens_think = self.builder.opens_think
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.faults = FaultInjector(fault_oom_at, fault)
+        self.timers = StageTimers(self.device)  # off unless a benchmark enables them
         if torch.device(self.device).type == "cpu":
             threads, why = cpu_threads(settings.cpu_threads)
             torch.set_num_threads(threads)
@@ -955,7 +962,8 @@ class AsyncEngine:
         --grammar-timeout; (3) image preprocessing on the preparation thread.  Each step
         is abandoned at once when the client leaves (the awaiting task is cancelled)."""
         loop = asyncio.get_running_loop()
-        plan = await loop.run_in_executor(self._prep, self.builder.plan, request)
+        plan = await loop.run_in_executor(self._prep, self._timed_prep, self.builder.plan,
+                                          request)
         spec = request.params.grammar
         if spec is not None and not hasattr(spec, "matcher"):
             compiled = await self.grammars.compile_async(
@@ -963,7 +971,12 @@ class AsyncEngine:
                 turn=request.key)
             request = dataclasses.replace(
                 request, params=request.params.replace(grammar=compiled))
-        return await loop.run_in_executor(self._prep, self.builder.finish, request, plan)
+        return await loop.run_in_executor(self._prep, self._timed_prep, self.builder.finish,
+                                          request, plan)
+
+    def _timed_prep(self, fn, *args):
+        with self.timers.stage("preparation"):
+            return fn(*args)
 
     def _build_kv(self, settings):
         """The KV pool (the whole budget, allocated once), its block manager and the
