@@ -261,3 +261,35 @@ async def test_admission_does_no_python_per_image_token(toy_model, loaded):
     # old per-token walk (positions, keys) made 2,400 more
     assert big - small <= 8 * 60, (small, big)
     assert ops.count <= 4, ops.seen
+
+
+async def test_image_prefill_reads_nothing_back(toy_model, loaded):
+    """Every prefill step of a prompt whose two images are cut across 16-token chunks
+    (image features placed and deepstack features added by index, inputs copied up
+    without a stall) makes no host sync, and the answer equals the unchunked one."""
+    images = [Image.effect_noise(size, 40).convert("RGB") for size in ((256, 192), (128, 320))]
+
+    def req():  # (effect_noise draws new noise each call: the same images for both runs)
+        return EngineRequest("two", [{"role": "user", "content": [
+            {"type": "image"}, {"type": "image"}, {"type": "text", "text": "Same parcel?"}]}],
+            [ImageInput(im, 4096, 65536) for im in images],
+            SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    answers, counts = [], []
+    for budget in (16, 4096):
+        engine = AsyncEngine(loaded, Settings(model_path=toy_model, max_num_batched_tokens=budget,
+                                              prefix_cache=False))
+        runner, real = engine.runner, engine.runner.prefill
+
+        def counted(chunks, real=real):
+            with HostSyncs() as syncs:
+                out = real(chunks)
+            counts.append(syncs.count)
+            return out
+        runner.prefill = counted
+        try:
+            answers.append([t async for o in engine.generate(req(), engine.reserve())
+                            for t in o.token_ids])
+        finally:
+            engine.close()
+    assert len(counts) > 5 and counts == [0] * len(counts), counts  # many chunks, no sync
+    assert answers[0] == answers[1] and len(answers[0]) == 6

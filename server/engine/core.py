@@ -252,6 +252,7 @@ class _Prompt:
     img_ord: torch.Tensor | None   # (L,) ordinal of each image token among the prompt's
     img_bounds: list[int]          # image i owns image-token ordinals [b[i], b[i+1])
     img_keys: list
+    img_spans: list                # (position, tokens) of each image's placeholder run
     vision: dict = field(default_factory=dict)  # image index -> encoder features
 
     @property
@@ -453,7 +454,7 @@ class BatchingScheduler(_SchedulerBase):
         self.blocks.count(n, cached)
         self._note_allocation()
         return _Prompt(e, ids, pos, delta, keys, blocks, cached, cached,
-                       promise, img_ord, bounds, img_keys)
+                       promise, img_ord, bounds, img_keys, spans)
 
     def _fresh(self, n: int, *, promised: bool = False) -> list[int]:
         """``n`` blocks for a new owner, zeroed (``KVPool.clear``: no earlier request's
@@ -539,9 +540,11 @@ class BatchingScheduler(_SchedulerBase):
         chunks = []
         for p, n in picked:
             s, e = p.done, p.done + n
+            runs = tuple((max(a, s) - s, min(a + size, e) - max(a, s))
+                         for a, size in p.img_spans if a < e and a + size > s)
             chunks.append(PrefillChunk(p.ids[s:e], p.pos[:, s:e], s,
                                        p.blocks[:self.blocks.blocks_for(e)],
-                                       self._chunk_vision(p, s, e), e == p.length))
+                                       self._chunk_vision(p, s, e), e == p.length, runs))
         self.engine.faults.tick()
         with self.timers.stage("prefill"):
             logits = self.runner.prefill(chunks)

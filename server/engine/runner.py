@@ -117,6 +117,30 @@ def fuse_rms_norms(module: torch.nn.Module) -> int:
     return n
 
 
+def _up(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor to ``device`` without stalling the host: a copy from pageable memory
+    waits for the stream, one from pinned memory does not."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def deepstack_by_index(lm) -> None:
+    """Let the text model take the deepstack positions as a flat index into ``[rows *
+    tokens]`` (what the runner passes) as well as the boolean mask its own callers pass:
+    ``hidden[mask] += features`` reads a count back from the device (a boolean index),
+    ``index_add`` does not.  The same single addition per element either way."""
+    own = lm._deepstack_process
+
+    def process(hidden_states, visual_pos_masks, visual_embeds):
+        if visual_pos_masks.dtype == torch.bool:
+            return own(hidden_states, visual_pos_masks, visual_embeds)
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        return flat.index_add(0, visual_pos_masks,
+                              visual_embeds.to(flat.dtype)).view_as(hidden_states)
+    lm._deepstack_process = process
+
+
 def _relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     """Largest difference relative to the reference's largest value (NaN stays NaN)."""
     return (got - ref).abs().max().item() / (ref.abs().max().item() or 1.0)
@@ -140,6 +164,7 @@ class PrefillChunk:
     table: list[int]           # the row's blocks, covering start + n tokens
     vision: tuple | None       # (embeds [m, H], [deepstack [m, H], ...]) for its m image tokens
     last: bool                 # the chunk ends the prompt: its last token's logits are wanted
+    image_runs: tuple = ()     # (offset in the chunk, tokens) of each run of its image tokens
 
 
 class _DecodeStep:
@@ -219,6 +244,7 @@ class ModelRunner:
         self.image_token_id = model.config.image_token_id
         self.pad_id = pad_id
         install(model)
+        deepstack_by_index(self.lm)
         log.info("RMSNorm: %d modules through torch's fused rms_norm", fuse_rms_norms(self.lm))
         self.batch_buckets = batch_buckets(max_num_seqs)
         self.max_blocks = max(1, math.ceil(max_model_len / pool.block_size))
@@ -497,18 +523,21 @@ class ModelRunner:
             tables[i, :len(row)] = torch.tensor(row, dtype=torch.long)
         starts = torch.tensor([c.start for c in chunks], dtype=torch.long)
         lens = torch.tensor([c.start + c.ids.numel() for c in chunks], dtype=torch.long)
-        ids, pos, tables = ids.to(dev), pos.to(dev), tables.to(dev)
+        vis = [c.vision for c in chunks if c.vision is not None]
+        if vis:  # where the image tokens are, from the host's spans: no mask read back
+            where = torch.cat([torch.arange(i * q + o, i * q + o + n)
+                               for i, c in enumerate(chunks) for o, n in c.image_runs])
+        ids, pos, tables = _up(ids, dev), _up(pos, dev), _up(tables, dev)
         emb = self.embed(ids)
         extra = {}
-        vis = [c.vision for c in chunks if c.vision is not None]
         if vis:
-            vmask = ids == self.image_token_id
+            where = _up(where, dev)
             feats = torch.cat([v[0] for v in vis]).to(emb.dtype)
-            emb = emb.masked_scatter(vmask.unsqueeze(-1), feats)
-            if vis[0][1]:
-                extra = dict(visual_pos_masks=vmask, deepstack_visual_embeds=[
+            emb = emb.view(b * q, -1).index_copy(0, where, feats).view(b, q, -1)
+            if vis[0][1]:  # an index, not a mask: see _deepstack_by_index
+                extra = dict(visual_pos_masks=where, deepstack_visual_embeds=[
                     torch.cat([v[1][k] for v in vis]) for k in range(len(vis[0][1]))])
-        inp = StepInputs(tables, starts.to(dev), lens.to(dev))
+        inp = StepInputs(tables, _up(starts, dev), _up(lens, dev))
         fresh = b == 1 and chunks[0].start == 0
         with self.pool.step(inp, q, fresh=fresh) as ctx:
             h = self.lm(inputs_embeds=emb, attention_mask=ctx.mask, position_ids=pos,
