@@ -25,6 +25,7 @@ from tests.sync_counter import HostSyncs, Ops
 # (t, h, w) in patches: equal sizes (one view, no padding) and a mix (padded layout)
 EQUAL = [(1, 8, 8)] * 3
 MIXED = [(1, 8, 8), (1, 4, 12), (1, 16, 8), (1, 4, 4)]
+VIDEO = [(3, 8, 8), (1, 4, 4)]  # a 3-frame grid: each frame its own attention segment
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +56,13 @@ def own_forward_one_at_a_time(visual, pix, grids):
     return torch.cat(merged), [torch.cat(d) for d in zip(*deep)]
 
 
-@pytest.mark.parametrize("grids", [EQUAL, MIXED], ids=["equal", "mixed"])
+@pytest.mark.parametrize("grids", [EQUAL, MIXED, VIDEO], ids=["equal", "mixed", "video"])
 def test_batched_encoder_equals_the_models_own_forward_one_image_at_a_time(visual, grids):
     assert visual.dtype == torch.float32 and len(visual.deepstack_visual_indexes) > 0
     pix = pixels(visual, grids)
     p = vision.plan(grids, visual, "cpu")
     assert (p.gather is None) == (grids is EQUAL)  # both layouts are exercised
+    assert len(p.lengths) == sum(t for t, _, _ in grids)
     with torch.inference_mode():
         merged, deep = vision.encode(visual, pix, p)
         ref_merged, ref_deep = own_forward_one_at_a_time(visual, pix, grids)
