@@ -268,7 +268,8 @@ async def test_admission_does_no_python_per_image_token(toy_model, loaded):
 async def test_image_prefill_reads_nothing_back(toy_model, loaded):
     """Every prefill step of a prompt whose two images are cut across 16-token chunks
     (image features placed and deepstack features added by index, inputs copied up
-    without a stall) makes no host sync, and the answer equals the unchunked one."""
+    without a stall; chunks padded to 64 tokens, as on a GPU) makes no host sync, and
+    the answer equals the unchunked, unpadded one."""
     images = [Image.effect_noise(size, 40).convert("RGB") for size in ((256, 192), (128, 320))]
 
     def req():  # (effect_noise draws new noise each call: the same images for both runs)
@@ -281,6 +282,7 @@ async def test_image_prefill_reads_nothing_back(toy_model, loaded):
         engine = AsyncEngine(loaded, Settings(model_path=toy_model, max_num_batched_tokens=budget,
                                               prefix_cache=False))
         runner, real = engine.runner, engine.runner.prefill
+        runner.bucket_prefill = budget == 16  # padded chunks (the GPU's) against exact ones
 
         def counted(chunks, real=real):
             with HostSyncs() as syncs:
@@ -295,3 +297,29 @@ async def test_image_prefill_reads_nothing_back(toy_model, loaded):
             engine.close()
     assert len(counts) > 5 and counts == [0] * len(counts), counts  # many chunks, no sync
     assert answers[0] == answers[1] and len(answers[0]) == 6
+
+
+async def test_prefill_shapes_repeat(toy_model, loaded):
+    """Twelve prompts of twelve different lengths, one at a time: their prefills run in
+    three padded shapes (lengths to multiples of 64, block tables to the decode
+    widths), not twelve, so attention plans and kernels are reused."""
+    from server.engine.runner import prefill_bucket
+    assert [prefill_bucket(n) for n in (1, 64, 65, 1024, 1025, 8000)] == \
+        [64, 64, 128, 1024, 1280, 8192]
+    engine = AsyncEngine(loaded, Settings(model_path=toy_model, prefix_cache=False))
+    runner = engine.runner
+    assert not runner.bucket_prefill  # on the CPU it only costs; here as on a GPU
+    runner.bucket_prefill = True
+    runner.prefill_shapes.clear()
+    lengths = set()
+    try:
+        for i in range(12):
+            r = EngineRequest(f"t{i}", [{"role": "user", "content": "parcel " * (3 + 2 * i)}],
+                              [], SamplingParams(max_tokens=1, temperature=0))
+            [o async for o in engine.generate(r, engine.reserve())]
+            lengths.add(engine.builder.build(r).input_ids.shape[1])
+    finally:
+        engine.close()
+    shapes = runner.prefill_shapes
+    assert len(lengths) == 12 and len(shapes) <= 3, (lengths, shapes)
+    assert all(q % 64 == 0 and w in runner.width_buckets for _, q, w in shapes), shapes

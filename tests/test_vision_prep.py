@@ -169,6 +169,8 @@ def test_pixels_stay_uint8_on_the_host_until_the_encoder(tiny_model):
     from tests.sync_counter import HostSyncs
 
     builder = PromptBuilder(load_processor(tiny_model), max_model_len=4096, default_max_tokens=16)
+    assert not builder.normalise_on_device  # the model on the CPU: normalised when prepared
+    builder.normalise_on_device = True      # what a GPU's builder does
     images = [synthetic_photo(640, 480, 1), noise(37, 53)]
     req = EngineRequest("r", [{"role": "user", "content": [{"type": "image"}, {"type": "image"}]}],
                         [ImageInput(im, 4096, 65536) for im in images], SamplingParams())
@@ -194,6 +196,7 @@ async def test_out_of_memory_normalising_on_the_device_is_a_503(toy_model):
 
     s = Settings(model_path=toy_model, min_pixels=4096, max_pixels=65536)
     engine = AsyncEngine(load_model(s), s)
+    engine.builder.normalise_on_device = True  # the GPU's path: normalised in the engine
     fast, real = engine.builder.fast_images, engine.builder.fast_images.normalise
     fails = [1]
 

@@ -90,6 +90,10 @@ class PromptBuilder:
         self.default_max_tokens = default_max_tokens
         self.opens_think = self._template_opens_think()
         self.fast_images = self._fast_images(image_preprocess, device)
+        # on a GPU the prepared request keeps uint8 patches and model_pixels normalises
+        # them there; with the model on the CPU there is no crossing to save, and the
+        # preparation threads normalise (off the engine thread)
+        self.normalise_on_device = torch.device(device).type != "cpu"
         # key -> (pixel_values, grid) of one image, on the host
         self.image_cache: ByteLRU[tuple[torch.Tensor, torch.Tensor]] = ByteLRU(image_cache_bytes)
         log.info("preprocessed-pixel cache: %s", f"{image_cache_bytes / 2**20:g} MiB"
@@ -191,8 +195,10 @@ class PromptBuilder:
             # uint8 patches on the host (~3 MB per 1024-token image where float32 pixels
             # are 25 MB): a prepared request waits in the queue in host memory, and the
             # pixels cross to the device once, when the encoder takes them (model_pixels)
-            return self.fast_images.patches([im.image for im in images],
-                                            [(im.min_pixels, im.max_pixels) for im in images])
+            patches, grids = self.fast_images.patches(
+                [im.image for im in images], [(im.min_pixels, im.max_pixels) for im in images])
+            return (patches if self.normalise_on_device
+                    else self.fast_images.normalise(patches)), grids
         outs = [self.processor.image_processor(
             images=[im.image], return_tensors="pt",
             **image_budget_kwargs(im.min_pixels, im.max_pixels)) for im in images]

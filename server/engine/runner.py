@@ -58,6 +58,14 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
     return out + [max_num_seqs]
 
 
+def prefill_bucket(tokens: int) -> int:
+    """A prefill chunk's padded length: a multiple of 64 up to 1,024 tokens, of 256 beyond
+    (at most ~44 lengths up to an 8,192-token step; padding under 64 tokens per row, ~6%
+    of a full chunk).  Padding queries write the pool's scratch slot (``KVPool.layout``)."""
+    step = 64 if tokens <= 1024 else 256
+    return -(-tokens // step) * step
+
+
 def width_buckets(max_blocks: int, smallest: int = 4) -> list[int]:
     """Block-table widths: 4, 6, 8, 12, 16, 24, ... (x1.5 then x4/3): the attention
     gathers at most a third more blocks than a row needs."""
@@ -250,6 +258,8 @@ class ModelRunner:
         self.max_blocks = max(1, math.ceil(max_model_len / pool.block_size))
         self.width_buckets = width_buckets(self.max_blocks)
         self.steps: dict[tuple[int, int], _DecodeStep] = {}
+        self.prefill_shapes: set[tuple[int, int, int]] = set()  # (rows, tokens, blocks) seen
+        self.bucket_prefill = self.device.type == "cuda"  # tests turn it on on the CPU
         self.encoder_cache = encoder_cache
         self.encoder_hits = 0
         self.encoder_path = "model"  # check_encoder() (at startup) chooses "batched"
@@ -510,8 +520,15 @@ class ModelRunner:
     def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor | None:
         dev, bs = self.device, self.pool.block_size
         b = len(chunks)
+        # shapes that repeat: the attention plans (cuDNN's, ~40 ms of host time each on
+        # the H200) and kernels of one shape serve every later step of that shape
+        # (on CUDA; the CPU has no plans to reuse and would only pay for the padding)
         q = max(c.ids.numel() for c in chunks)
         width = max(math.ceil((c.start + c.ids.numel()) / bs) for c in chunks)
+        if self.bucket_prefill:
+            q = prefill_bucket(q)
+            width = next((w for w in self.width_buckets if w >= width), width)
+        self.prefill_shapes.add((b, q, width))
         ids = torch.full((b, q), self.pad_id, dtype=torch.long)
         pos = torch.zeros((3, b, q), dtype=torch.long)
         tables = torch.zeros((b, width), dtype=torch.long)
