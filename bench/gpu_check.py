@@ -332,33 +332,13 @@ async def image_burst(r: "Runner", engine, w: Workload, seed: int, budget,
     timers, sched = engine.timers, engine.scheduler
     timers.reset()
     timers.enable()
-    real_step, prof, steps = sched.step, None, [0]
-    if profile_dir is not None:
-        import torch
-        acts = [torch.profiler.ProfilerActivity.CPU]
-        if torch.cuda.is_available():
-            acts.append(torch.profiler.ProfilerActivity.CUDA)
-
-        def step():  # engine steps 3..6 of the burst under the profiler
-            nonlocal prof
-            steps[0] += 1
-            if steps[0] == 3:
-                prof = torch.profiler.profile(activities=acts)
-                prof.__enter__()
-            try:
-                real_step()
-            finally:
-                if steps[0] == 6 and prof is not None:
-                    prof.__exit__(None, None, None)
-                    profile_dir.mkdir(parents=True, exist_ok=True)
-                    prof.export_chrome_trace(str(profile_dir / f"profile_burst_{tag}.json"))
-        sched.step = step
+    steps = StepProfile(sched, profile_dir, f"burst_{tag}")
     t = time.perf_counter()
     try:
-        xs = await r.run_all(reqs)
+        with steps:
+            xs = await r.run_all(reqs)
     finally:
         wall = time.perf_counter() - t
-        sched.step = real_step
         timers.enable(False)
     out = {"requests": w.image_requests, "output_tokens": w.image_tokens,
            "step_budget": budget,
@@ -367,9 +347,48 @@ async def image_burst(r: "Runner", engine, w: Workload, seed: int, budget,
            "ttft_p50_ms": 1000 * statistics.median(x["ttft"] for x in xs),
            "ttft_max_ms": 1000 * max(x["ttft"] for x in xs),
            "stages": timers.report()}
-    if prof is not None and steps[0] >= 6:
-        out["profile_trace"] = f"profile_burst_{tag}.json"
+    if steps.trace:
+        out["profile_trace"] = steps.trace
     return out
+
+
+class StepProfile:
+    """With a ``profile_dir``: a torch.profiler trace (``profile_<name>.json``) of engine
+    steps ``first``..``last`` of what runs inside the ``with`` (the engine thread's ops,
+    CPU and CUDA), started and stopped on the engine thread; without one, nothing."""
+
+    def __init__(self, sched, profile_dir: Path | None, name: str, first=3, last=6):
+        self.sched, self.dir, self.name = sched, profile_dir, name
+        self.first, self.last, self.trace = first, last, None
+
+    def __enter__(self):
+        if self.dir is None:
+            return self
+        import torch
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        real, n, prof = self.sched.step, [0], [None]
+
+        def step():
+            n[0] += 1
+            if n[0] == self.first:
+                prof[0] = torch.profiler.profile(activities=acts)
+                prof[0].__enter__()
+            try:
+                real()
+            finally:
+                if n[0] == self.last and prof[0] is not None:
+                    prof[0].__exit__(None, None, None)
+                    self.dir.mkdir(parents=True, exist_ok=True)
+                    prof[0].export_chrome_trace(str(self.dir / f"profile_{self.name}.json"))
+                    self.trace = f"profile_{self.name}.json"
+        self._real, self.sched.step = real, step
+        return self
+
+    def __exit__(self, *exc):
+        if self.dir is not None:
+            self.sched.step = self._real
 
 
 async def measure_mode(loaded, settings, w: Workload, device: str, seed: int,
@@ -414,7 +433,13 @@ async def measure_mode(loaded, settings, w: Workload, device: str, seed: int,
         for b in w.decode_batches:
             reqs = [r.request(context_text(tok, w.decode_context, seed + 100 * b + i),
                               w.decode_tokens) for i in range(b)]
-            xs = await r.run_all(reqs)
+            # the largest batch: a trace of 4 decode steps well past its prefill
+            steps = StepProfile(engine.scheduler,
+                                profile_dir if b == max(w.decode_batches) else None,
+                                f"decode_batch{b}_{tag}", first=w.decode_tokens // 2,
+                                last=w.decode_tokens // 2 + 3)
+            with steps:
+                xs = await r.run_all(reqs)
             rate, window = decode_rate(xs)
             res["decode"].append({"batch": b,
                                   "context_tokens": round(statistics.mean(

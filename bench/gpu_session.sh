@@ -2,7 +2,8 @@
 # The GPU session's checks in one command, within ~6 minutes (the device tool runs it in
 # the repo root; the GPU image's own python3 has all it needs).  One run of
 # bench.gpu_check: one model build, CUDA graphs only, profiled:
-#   - batch-1 time per token and its profile, decode at batch 16 and 64;
+#   - batch-1 time per token and its profile, decode at batch 16 and 64 (a trace of 4
+#     steps mid-decode at 64);
 #   - one-image TTFT and its profile;
 #   - the burst of 64 fresh 1024px photo requests at the default step budget
 #     (--max-num-batched-tokens: 8192 on GPUs of >= 70 GiB) and again at 1,024, each with

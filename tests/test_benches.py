@@ -239,7 +239,9 @@ def test_gpu_session_script_dry_run_on_cpu(tmp_path):
         graphs["image_batch"]["stages"]["prefill"]["calls"]
     import tarfile
     with tarfile.open(tmp_path / "gpu_check-profiles.tgz") as tar:
-        assert any("profile_burst_graphs" in n for n in tar.getnames())
+        names = tar.getnames()
+    assert any("profile_burst_graphs" in n for n in names), names
+    assert any("profile_decode_batch8_graphs" in n for n in names), names
 
 
 def test_hostpath_clients_and_decode_split(server):
