@@ -15,7 +15,7 @@ via ``AsyncEngine.generate(EngineRequest(...), engine.reserve())``: no HTTP laye
 * TTFT of one request with a 1024x1024 image at batch 1 (median of a few, a fresh image each);
 * throughput of 64 concurrent requests, each with its own 1024x1024 image, with the
   engine's per-stage timers (``engine.timers``: preparation, admission, encoder, prefill,
-  decode; host and CUDA-event time) and, with ``--profile``, a trace of 4 mid-burst engine
+  decode; host and CUDA-event time) and, with ``--profile``, a trace of 3 early engine
   steps; again at a step budget of 1,024 tokens when the engine's is larger;
 * peak GPU memory (``torch.cuda.max_memory_allocated``, weights included);
 * the decode path the engine reports (``engine.decode_path``: "cuda-graphs" or "eager"), at
@@ -324,7 +324,7 @@ async def image_burst(r: "Runner", engine, w: Workload, seed: int, budget,
                       profile_dir: Path | None, tag: str) -> dict:
     """``w.image_requests`` concurrent requests with a fresh image each: throughput, TTFT,
     the engine's per-stage timers (``engine.timers``) and its prefill steps; with
-    ``profile_dir``, a torch.profiler trace of a few mid-burst engine steps (the engine
+    ``profile_dir``, a torch.profiler trace of engine steps 2-4 of the burst (the engine
     thread's ops; the preparation threads' host time is in the stage timers)."""
     images = [noise_image(w.image_size, seed + i) for i in range(w.image_requests)]
     reqs = [r.request(QUESTIONS[i % len(QUESTIONS)], w.image_tokens, im)
@@ -332,7 +332,7 @@ async def image_burst(r: "Runner", engine, w: Workload, seed: int, budget,
     timers, sched = engine.timers, engine.scheduler
     timers.reset()
     timers.enable()
-    steps = StepProfile(sched, profile_dir, f"burst_{tag}")
+    steps = StepProfile(sched, profile_dir, f"burst_{tag}", first=2, last=4)
     t = time.perf_counter()
     try:
         with steps:

@@ -8,7 +8,7 @@
 #   - the burst of 64 fresh 1024px photo requests at the default step budget
 #     (--max-num-batched-tokens: 8192 on GPUs of >= 70 GiB) and again at 1,024, each with
 #     per-stage timers (preparation, admission, encoder, prefill, decode; host and
-#     CUDA-event time), the first with a profile of 4 mid-burst engine steps;
+#     CUDA-event time), the first with a profile of 3 early engine steps;
 #   - graphs == eager is not re-measured here (known: bench/results/gpu_check_h200.json).
 # Files in OUT (the device tool brings back at most 8): log.txt (versions: nvidia-smi,
 # torch, transformers, triton, gcc/nvcc present?), gpu_check.json, gpu_check-profiles.tgz.
