@@ -323,3 +323,24 @@ async def test_prefill_shapes_repeat(toy_model, loaded):
     shapes = runner.prefill_shapes
     assert len(lengths) == 12 and len(shapes) <= 3, (lengths, shapes)
     assert all(q % 64 == 0 and w in runner.width_buckets for _, q, w in shapes), shapes
+
+
+async def test_images_are_encoded_as_the_chunks_reach_them(toy_model, loaded):
+    """A prompt of three photos prefilled in 64-token chunks: each encoder call takes the
+    images its chunk touches, not every image of the prompt at its first chunk (the
+    encoder's memory then follows the step budget, not the prompt)."""
+    engine = AsyncEngine(loaded, Settings(model_path=toy_model, max_num_batched_tokens=64,
+                                          prefix_cache=False, encoder_cache_mb=0))
+    runner, calls = engine.runner, []
+    real = runner.encode
+    runner.encode = lambda pix, grids, keys: (calls.append(len(keys)), real(pix, grids, keys))[1]
+    images = [Image.effect_noise((256, 256), 20 + 10 * i).convert("RGB") for i in range(3)]
+    r = EngineRequest("three", [{"role": "user", "content": [{"type": "image"}] * 3 + [
+        {"type": "text", "text": "Which is damaged?"}]}],
+        [ImageInput(im, 4096, 65536) for im in images],  # 64 tokens each
+        SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    try:
+        out = [t async for o in engine.generate(r, engine.reserve()) for t in o.token_ids]
+    finally:
+        engine.close()
+    assert len(out) == 2 and sum(calls) == 3 and max(calls) <= 2, calls

@@ -61,7 +61,7 @@ import torch
 from tokenizers import Tokenizer
 
 from server.engine.kv_pool import BlockManager, KVPool, chain_keys
-from server.engine.runner import ModelRunner, PrefillChunk
+from server.engine.runner import ModelRunner, PrefillChunk, prefill_bucket
 from server.engine.fairqueue import FairQueue
 from server.engine.interface import EngineRequest, Output
 from server.engine.kv_budget import KVBudget
@@ -500,17 +500,20 @@ class BatchingScheduler(_SchedulerBase):
     def _prefill_step(self):
         """The step's token budget, less one token per decoding row (at least one block's
         worth is left to prefill, so prompts always move), over the prompts in admission
-        order; the images the picked prompts still need go through the encoder in one
-        call, within the same budget in image tokens (the first prompt always goes)."""
+        order; the images their chunks touch go through the encoder in one call, within
+        the same budget in image tokens (the first prompt always goes).  On CUDA the
+        ``--max-batch-tokens`` check counts the padded (bucketed) length."""
         decoding = len(self.batch) if self.batch is not None else 0
         budget = max(self.chunk - decoding, min(self.chunk, self.bs))
+        # the forward's padded size, as the runner will pad it (bucketed on CUDA)
+        padded = prefill_bucket if self.runner.bucket_prefill else (lambda n: n)
         images, picked = self.chunk, []
         for p in self.prefilling:
             n = min(p.length - p.done, budget)
-            width = max([c for _, c in picked] + [n])
-            need = self._image_tokens_to_encode(p)
+            width = padded(max([c for _, c in picked] + [n]))
+            need = self._image_tokens_to_encode(p, p.done + n)
             if n <= 0 or (picked and (width * (len(picked) + 1) > self.max_batch_tokens
-                                      or need > images)):
+                                      or (need and need > images))):
                 break
             picked.append((p, n))
             budget -= n
@@ -536,7 +539,7 @@ class BatchingScheduler(_SchedulerBase):
 
     def _prefill(self, picked: list[tuple[_Prompt, int]]):
         with self.timers.stage("encoder"):
-            self._encode([p for p, n in picked])
+            self._encode(picked)
         chunks = []
         for p, n in picked:
             s, e = p.done, p.done + n
@@ -555,21 +558,19 @@ class BatchingScheduler(_SchedulerBase):
         return logits if logits is not None else ()
 
     @staticmethod
-    def _images_to_encode(p: _Prompt) -> list[int]:
-        """Indices of ``p``'s images that still have tokens to prefill and no features."""
-        if p.img_ord is None:
-            return []
-        first = int(p.img_ord[p.done - 1]) + 1 if p.done else 0  # ordinal of next image token
-        return [i for i in range(len(p.img_bounds) - 1)
-                if p.img_bounds[i + 1] > first and i not in p.vision]
+    def _images_to_encode(p: _Prompt, end: int) -> list[int]:
+        """Indices of ``p``'s images with tokens in this chunk (``[p.done, end)``) and no
+        features yet: later images wait for the steps that prefill them."""
+        return [i for i, (start, size) in enumerate(p.img_spans)
+                if start < end and start + size > p.done and i not in p.vision]
 
-    def _image_tokens_to_encode(self, p: _Prompt) -> int:
-        return sum(p.img_bounds[i + 1] - p.img_bounds[i] for i in self._images_to_encode(p))
+    def _image_tokens_to_encode(self, p: _Prompt, end: int) -> int:
+        return sum(p.img_spans[i][1] for i in self._images_to_encode(p, end))
 
-    def _encode(self, prompts: list[_Prompt]):
-        """Vision features of every image that still has tokens to prefill, in one encoder
-        call for the step (the encoder cache answers resent images)."""
-        want = [(p, i) for p in prompts for i in self._images_to_encode(p)]
+    def _encode(self, picked: list[tuple[_Prompt, int]]):
+        """Vision features of every image the step's chunks touch, in one encoder call
+        (the encoder cache answers resent images)."""
+        want = [(p, i) for p, n in picked for i in self._images_to_encode(p, p.done + n)]
         if not want:
             return
         pix, grids, keys = [], [], []

@@ -60,9 +60,10 @@ class StageTimers:
 
     def report(self) -> dict:
         """``{stage: {"calls", "host_s", "device_s" (CUDA only)}}`` since the last reset."""
-        if self.cuda:
-            torch.cuda.synchronize()
-        with self._lock:
+        with self._lock:  # (a stage still running appends its pair after this: not read)
+            for pairs in self.events.values():
+                for _, end in pairs:
+                    end.synchronize()
             out = {}
             for name in self.host:
                 row = {"calls": self.calls[name], "host_s": round(self.host[name], 4)}
