@@ -244,6 +244,8 @@ def completion_id() -> str:
 class PromptTokensDetails(_Open):
     # prompt tokens whose KV came from the prefix cache (OpenAI's field; 0 when none did)
     cached_tokens: int = 0
+    # prompt tokens that stand for the request's images (ours: what the photos cost)
+    image_tokens: int = 0
 
 
 class Usage(BaseModel):

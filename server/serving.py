@@ -58,6 +58,7 @@ class RequestStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0          # of prompt_tokens, served from the prefix cache
+    image_tokens: int = 0           # of prompt_tokens, standing for the images
     images: int = 0
     ttft: float | None = None
     t0: float = field(default_factory=time.perf_counter)
@@ -335,7 +336,7 @@ class ChatService:
             # kept current: a client that hangs up is still charged what it was sent
             stats.completion_tokens = sum(counts)
             stats.prompt_tokens = o.prompt_tokens
-            stats.cached_tokens = o.cached_tokens
+            stats.cached_tokens, stats.image_tokens = o.cached_tokens, o.image_tokens
             if o.logprobs:
                 logprobs[o.index] += o.logprobs
             if o.finish_reason:
@@ -376,7 +377,7 @@ class ChatService:
                 counts[o.index] = o.completion_tokens
                 stats.completion_tokens = sum(counts)  # current, as in collect()
                 stats.prompt_tokens = o.prompt_tokens
-                stats.cached_tokens = o.cached_tokens
+                stats.cached_tokens, stats.image_tokens = o.cached_tokens, o.image_tokens
                 parser = parsers[o.index]
                 events = parser.feed(o.text) if o.text else []
                 if o.finish_reason:
@@ -473,7 +474,8 @@ def _deltas(events: list[tuple]) -> list[p.Delta]:
 def _usage(stats: RequestStats) -> p.Usage:
     return p.Usage(prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
                    total_tokens=stats.prompt_tokens + stats.completion_tokens,
-                   prompt_tokens_details=p.PromptTokensDetails(cached_tokens=stats.cached_tokens))
+                   prompt_tokens_details=p.PromptTokensDetails(
+                       cached_tokens=stats.cached_tokens, image_tokens=stats.image_tokens))
 
 
 MAX_JSON_DEPTH = 64   # request nesting (tool schemas are the deep part); deeper → 400

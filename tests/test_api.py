@@ -70,6 +70,16 @@ def test_image_data_url_counts_image_tokens(client):
                                              data_url(png_bytes(200, 100, fmt="JPEG"), "image/jpeg")),
         max_tokens=2)
     assert text_only.usage.prompt_tokens < one.usage.prompt_tokens < two.usage.prompt_tokens
+    # usage.prompt_tokens_details.image_tokens: what the images cost, their markers aside
+    # (<|vision_start|> and <|vision_end|> per image)
+    details = [r.usage.prompt_tokens_details for r in (text_only, one, two)]
+    assert details[0].image_tokens == 0
+    assert details[1].image_tokens == one.usage.prompt_tokens - text_only.usage.prompt_tokens - 2
+    assert details[2].image_tokens == two.usage.prompt_tokens - text_only.usage.prompt_tokens - 4
+    streamed = list(client.chat.completions.create(
+        model="qwen3-vl", messages=image_msg(data_url(png_bytes(64, 64))), max_tokens=2,
+        stream=True, stream_options={"include_usage": True}))
+    assert streamed[-1].usage.prompt_tokens_details.image_tokens == details[1].image_tokens
 
 
 def test_detail_low_uses_fewer_tokens_than_high(client):

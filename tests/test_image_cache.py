@@ -357,9 +357,10 @@ async def test_cached_tokens_flow_from_output_to_usage():
         vocab_size = 100
 
     async def outputs():
-        yield Output(0, "Hel", [1], prompt_tokens=20, completion_tokens=1, cached_tokens=16)
+        yield Output(0, "Hel", [1], prompt_tokens=20, completion_tokens=1, cached_tokens=16,
+                     image_tokens=4)
         yield Output(0, "lo", [2], finish_reason="stop", prompt_tokens=20, completion_tokens=2,
-                     cached_tokens=16)
+                     cached_tokens=16, image_tokens=4)
 
     async with MediaFetcher(MediaPolicy()) as fetcher:
         svc = ChatService(FakeEngine(), Settings(), fetcher, Metrics(lambda: {}))
@@ -369,9 +370,10 @@ async def test_cached_tokens_flow_from_output_to_usage():
         sreq = p.ChatCompletionRequest(**body, stream=True, stream_options={"include_usage": True})
         lines = [x async for x in svc.stream(sreq, "x", outputs(), RequestStats())]
     assert got["usage"] == {"prompt_tokens": 20, "completion_tokens": 2, "total_tokens": 22,
-                            "prompt_tokens_details": {"cached_tokens": 16}}
+                            "prompt_tokens_details": {"cached_tokens": 16, "image_tokens": 4}}
     last = json.loads(lines[-2][len("data: "):])
-    assert last["choices"] == [] and last["usage"]["prompt_tokens_details"] == {"cached_tokens": 16}
+    assert last["choices"] == [] and last["usage"]["prompt_tokens_details"] == {
+        "cached_tokens": 16, "image_tokens": 4}
 
 
 def test_engine_stats_metrics_only_when_reported():

@@ -198,7 +198,8 @@ class _SchedulerBase:
         for i in range(p.n):
             s = Sequence(request_id=entry.request_id, index=i,
                          prompt_len=entry.prepared.num_tokens, params=p,
-                         tokenizer=self.engine.detok, eos_ids=self.eos_ids, sink=entry)
+                         tokenizer=self.engine.detok, eos_ids=self.eos_ids, sink=entry,
+                         image_tokens=entry.prepared.image_tokens)
             s.key = stream_key(p.seed, i, self.engine.generator)
             s.matcher = p.grammar.matcher() if p.grammar is not None else None
             entry.seqs.append(s)
@@ -813,7 +814,8 @@ class SequentialScheduler(_SchedulerBase):
                     entry.sink([Output(index=s.index, text=s.text[s.emitted:], token_ids=[],
                                        finish_reason=s.finish_reason,
                                        prompt_tokens=s.prompt_len,
-                                       completion_tokens=len(s.output_ids))])
+                                       completion_tokens=len(s.output_ids),
+                                       image_tokens=s.image_tokens)])
         except Exception as exc:
             self._fail([entry], exc, batch_step=False)
         finally:

@@ -104,6 +104,8 @@ class Output:
     # prompt tokens served from the prefix cache (the same on every Output of a choice);
     # reported as usage.prompt_tokens_details.cached_tokens
     cached_tokens: int = 0
+    # prompt tokens that stand for images: usage.prompt_tokens_details.image_tokens
+    image_tokens: int = 0
 
 
 class Reservation(Protocol):

@@ -82,7 +82,8 @@ def coalesce(outs: list[Output]) -> list[Output]:
             merged[o.index] = Output(o.index, o.text, list(o.token_ids), o.finish_reason,
                                      o.prompt_tokens, o.completion_tokens,
                                      list(o.logprobs) if o.logprobs else None,
-                                     cached_tokens=o.cached_tokens)
+                                     cached_tokens=o.cached_tokens,
+                                     image_tokens=o.image_tokens)
             continue
         m.text += o.text
         m.token_ids += o.token_ids

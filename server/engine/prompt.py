@@ -67,6 +67,11 @@ class Prepared:
     def num_tokens(self) -> int:
         return self.input_ids.shape[1]
 
+    @property
+    def image_tokens(self) -> int:
+        """Prompt tokens that stand for images (usage.prompt_tokens_details.image_tokens)."""
+        return int(self.mm_token_type_ids.sum())
+
 
 @dataclass
 class Plan:
