@@ -16,9 +16,11 @@ Two schedulers run on the worker:
   waiting requests within ``max_num_seqs`` and the free blocks: the longest cached
   prefix of the prompt (token ids, image tokens keyed by the image's content) is reused,
   blocks are allocated for the rest of the prompt and promised for ``max_tokens``;
-  (3) prefill up to ``--max-prefill-chunk`` prompt tokens, over the admitted prompts in
-  order (a long prompt takes several steps; its images are encoded once and their
-  features sliced per chunk); prompts that complete sample each choice's first token and
+  (3) prefill up to ``--max-num-batched-tokens`` tokens less one per decoding row
+  (``step_token_budget``), over the admitted prompts in order (a long prompt takes
+  several steps; the images a step's chunks touch are encoded in one call, once, and
+  their features sliced per chunk; M-RoPE positions come from the images' spans,
+  ``mrope_positions``); prompts that complete sample each choice's first token and
   join the running rows (n > 1 choices share the full prompt blocks); (4) one decode
   step for every running row (a static-buffer step, replayed from a CUDA graph on a
   GPU); (5) drop finished rows.  So a running stream waits at most one chunk.  Sampling
