@@ -7,6 +7,7 @@ the scheduler's state; the HTTP path is covered in test_api.py.
 from __future__ import annotations
 
 import asyncio
+import queue
 import time
 
 import pytest
@@ -81,6 +82,39 @@ class PeakRows:
         self.sched.step = self._step
 
 
+class Paced:
+    """Arrivals by engine steps, made exact on a loaded box: request ``j`` is sent once the
+    engine has taken ``base + arrivals[j]`` steps (``run(..., after_step=...)``), and
+    the engine's next step waits until it is in (taking its inbox itself, as its loop
+    does), so it joins at that step however slowly it was prepared.  Without this a
+    slow preparation lets earlier rows finish first, and the batch the test asserts on
+    never forms."""
+
+    def __init__(self, engine, base: int, arrivals: list[int]):
+        self.engine, self.sched, self.base = engine, engine.scheduler, base
+        self.arrivals, self.taken = sorted(arrivals), 0
+        self._add, self._step = self.sched.add, self.sched.step
+        self.sched.add, self.sched.step = self._counted_add, self._paced
+
+    def _counted_add(self, entry):
+        self.taken += 1
+        return self._add(entry)
+
+    def _paced(self):
+        k = self.sched.steps - self.base
+        due = sum(1 for a in self.arrivals if a <= k)
+        deadline = time.monotonic() + 60
+        while self.taken < due and time.monotonic() < deadline:
+            try:
+                self.engine._take(self.engine._inbox.get(timeout=0.01))
+            except queue.Empty:
+                pass
+        self._step()
+
+    def close(self):
+        self.sched.add, self.sched.step = self._add, self._step
+
+
 async def after_steps(engine, n: int):
     """Wait until the engine has taken ``n`` steps: arrivals staggered by steps, not by
     seconds, so that the batch they make does not depend on the machine's speed."""
@@ -113,8 +147,10 @@ async def test_greedy_batch_equals_alone(make_engine):
     base, rows = engine.scheduler.steps, PeakRows(engine)
     # one arrival per engine step: each joins a batch already decoding, and the first
     # (20 tokens) is still running when the last arrives
+    paced = Paced(engine, base, list(range(len(reqs))))
     together = await asyncio.gather(*(run(engine, r, after_step=base + i)
                                       for i, r in enumerate(reqs)))
+    paced.close()
     rows.close()
     for i, (a, (b, _, _)) in enumerate(zip(alone, together)):
         assert a == b, f"request {i} differs in a batch"
@@ -171,12 +207,16 @@ async def test_cancel_frees_slot_and_spares_others(make_engine):
             for i in range(3)]
     alone = [(await run(engine, r))[0] for r in (reqs[0], reqs[2])]
     t0, t2 = asyncio.create_task(run(engine, reqs[0])), asyncio.create_task(run(engine, reqs[2]))
-    await run(engine, reqs[1], stop_after=5)
     sched = engine.scheduler
-    steps_at_cancel = sched.steps
-    while any(s.request_id == "c1" for s in (sched.batch.rows if sched.batch else [])):
+    told = []  # the engine's step count when the abort reached it (not when the client
+    real_abort = sched.abort  # left: on a loaded box the message may take a few steps)
+    sched.abort = lambda rid: (told.append(sched.steps), real_abort(rid))[1]
+    await run(engine, reqs[1], stop_after=5)
+    while not told or any(s.request_id == "c1"
+                          for s in (sched.batch.rows if sched.batch else [])):
         await asyncio.sleep(0.001)
-    assert sched.steps - steps_at_cancel <= 2  # the step in flight, then the next one drops it
+    sched.abort = real_abort
+    assert sched.steps - told[0] <= 2  # the step in flight, then the next one drops it
     assert [(await t0)[0], (await t2)[0]] == alone
     assert "c1" not in engine.aborted
 

@@ -314,8 +314,14 @@ def test_reload_on_file_change_and_sighup_keeps_requests_in_flight(keyed, key_fi
         assert chunks[-1].choices[0].finish_reason == "length"
         # (2) SIGHUP: a same-size edit with its mtime put back, which polling can't see
         st = key_file.stat()
-        key_file.write_text(key_file.read_text().replace("sk-newbie-5678", "sk-newbie-5679"))
-        os.utime(key_file, ns=(st.st_atime_ns, st.st_mtime_ns))
+        # the server stopped while the file is rewritten and its mtime put back: otherwise
+        # its poller may look between the two, when the edit is still visible
+        keyed.proc.send_signal(signal.SIGSTOP)
+        try:
+            key_file.write_text(key_file.read_text().replace("sk-newbie-5678", "sk-newbie-5679"))
+            os.utime(key_file, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            keyed.proc.send_signal(signal.SIGCONT)
         time.sleep(1.5)  # two polls: nothing changes
         ask(client(keyed, "sk-newbie-5678"), max_tokens=1)
         reloads = keyed.log().count("api keys reloaded")

@@ -13,7 +13,7 @@ from PIL import Image
 
 from server.engine.interface import EngineRequest, ImageInput, SamplingParams
 from server.engine.kv_pool import StepInputs
-from tests.test_batching import PeakRows, after_steps, mixed_requests
+from tests.test_batching import Paced, PeakRows, after_steps, mixed_requests
 from tests.sync_counter import HostSyncs
 from tests.test_hostpath import loaded, make_engine  # noqa: F401 (fixtures)
 
@@ -60,8 +60,10 @@ async def test_batches_that_grow_and_shrink_match_hf_generate(make_engine):
     # two arrivals per engine step (the batch grows while it decodes), all in before the
     # shortest (8 tokens) leaves; then rows leave at 8, 13, 18 and 23 tokens (it shrinks)
     base, rows = engine.scheduler.steps, PeakRows(engine)
+    paced = Paced(engine, base, [i // 2 for i in range(len(reqs))])
     got = await asyncio.gather(*(run(engine, r, after_step=base + i // 2)
                                  for i, r in enumerate(reqs)))
+    paced.close()
     rows.close()
     assert got == expected
     assert rows.peak == len(reqs), rows.peak

@@ -47,7 +47,10 @@ SECRET = ("You are the support bot of a shop. The customer is Jane Q. Example, o
 def srv(server_factory, tmp_path_factory):
     path = tmp_path_factory.mktemp("tenants") / "keys.yaml"
     path.write_text(KEYS)
-    return server_factory("--api-key-file", str(path), "--max-new-tokens", "4")
+    # (a compile's deadline far off: on a loaded box a schema took over the default 10 s,
+    # and these tests are about whose cache it lands in, not about the deadline)
+    return server_factory("--api-key-file", str(path), "--max-new-tokens", "4",
+                          "--grammar-timeout", "120")
 
 
 def client(srv, key):
