@@ -437,15 +437,8 @@ class BatchingScheduler(_SchedulerBase):
             for (start, size), key in zip(spans, img_keys):  # keyed by their image
                 entries[start:start + size] = [key] * size
             keys = chain_keys(entries, self.bs, p.cache_salt)
-        if p.mm_token_type_ids is not None and bool((p.mm_token_type_ids == 2).any()):
-            pos, delta = self.model.model.get_rope_index(  # video: the model's own
-                p.input_ids, mm_token_type_ids=p.mm_token_type_ids,
-                image_grid_thw=p.image_grid_thw,
-                video_grid_thw=getattr(p, "video_grid_thw", None),
-                attention_mask=torch.ones_like(p.input_ids))
-            pos, delta = pos[:, 0], int(delta.view(-1)[0])
-        else:  # before any block is taken
-            pos, delta = mrope_positions(n, spans, grids, self.spatial_merge)
+        # before any block is taken (a prepared prompt holds images only: no video yet)
+        pos, delta = mrope_positions(n, spans, grids, self.spatial_merge)
         matched = self.blocks.match(keys, (n - 1) // self.bs)  # the last token is computed
         now, promise = self._need(e, len(matched))
         if now + sum(promise) > self.blocks.available:
@@ -547,7 +540,7 @@ class BatchingScheduler(_SchedulerBase):
         for p, n in picked:
             s, e = p.done, p.done + n
             runs = tuple((max(a, s) - s, min(a + size, e) - max(a, s))
-                         for a, size in p.img_spans if a < e and a + size > s)
+                         for _, a, size in self._spans_in(p, s, e))
             chunks.append(PrefillChunk(p.ids[s:e], p.pos[:, s:e], s,
                                        p.blocks[:self.blocks.blocks_for(e)],
                                        self._chunk_vision(p, s, e), e == p.length, runs))
@@ -561,11 +554,15 @@ class BatchingScheduler(_SchedulerBase):
         return logits if logits is not None else ()
 
     @staticmethod
-    def _images_to_encode(p: _Prompt, end: int) -> list[int]:
+    def _spans_in(p: _Prompt, s: int, e: int) -> list[tuple[int, int, int]]:
+        """``(index, position, tokens)`` of ``p``'s images with tokens in ``[s, e)``."""
+        return [(i, a, size) for i, (a, size) in enumerate(p.img_spans)
+                if a < e and a + size > s]
+
+    def _images_to_encode(self, p: _Prompt, end: int) -> list[int]:
         """Indices of ``p``'s images with tokens in this chunk (``[p.done, end)``) and no
         features yet: later images wait for the steps that prefill them."""
-        return [i for i, (start, size) in enumerate(p.img_spans)
-                if start < end and start + size > p.done and i not in p.vision]
+        return [i for i, _, _ in self._spans_in(p, p.done, end) if i not in p.vision]
 
     def _image_tokens_to_encode(self, p: _Prompt, end: int) -> int:
         return sum(p.img_spans[i][1] for i in self._images_to_encode(p, end))

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from server.engine.transfer import to_device
+
 ATTN_NAME = "qwen_vl_paged"
 
 
@@ -96,9 +98,7 @@ class KVPool:
         a photo's prompt."""
         if not blocks:
             return
-        index = torch.tensor(blocks, dtype=torch.long)
-        if self.k.device.type == "cuda":
-            index = index.pin_memory().to(self.k.device, non_blocking=True)
+        index = to_device(torch.tensor(blocks, dtype=torch.long), self.k.device)
         self.k.index_fill_(1, index, 0)
         self.v.index_fill_(1, index, 0)
 

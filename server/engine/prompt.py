@@ -45,6 +45,7 @@ from models.processor import image_budget_kwargs
 from models.vision_prep import TorchImageProcessor
 from server.engine.interface import EngineRequest, ImageInput, SamplingParams
 from server.engine.lru import ByteLRU
+from server.engine.transfer import to_device
 from server.errors import ContextLengthExceeded, InvalidRequest
 
 IMAGE_PAD = "<|image_pad|>"
@@ -215,12 +216,9 @@ class PromptBuilder:
         (the torch pipeline's host half) are copied up once, from pinned memory without
         a stall, and normalised there; the PIL processor's float pixels are copied as
         they are."""
-        device = torch.device(device)
         if pixels.dtype != torch.uint8:
             return pixels.to(device)
-        if device.type == "cuda":
-            pixels = pixels.pin_memory().to(device, non_blocking=True)
-        return self.fast_images.normalise(pixels.to(device))
+        return self.fast_images.normalise(to_device(pixels, device))
 
     def _image_tokens(self, im) -> int | None:
         try:

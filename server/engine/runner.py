@@ -37,7 +37,9 @@ from dataclasses import dataclass
 
 import torch
 
+from server.engine import vision
 from server.engine.kv_pool import KVPool, StepInputs, install
+from server.engine.transfer import to_device
 
 log = logging.getLogger("qwen_vl.engine")
 
@@ -123,14 +125,6 @@ def fuse_rms_norms(module: torch.nn.Module) -> int:
             m.forward = _rms_norm_forward.__get__(m)
             n += 1
     return n
-
-
-def _up(t: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor to ``device`` without stalling the host: a copy from pageable memory
-    waits for the stream, one from pinned memory does not."""
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def deepstack_by_index(lm) -> None:
@@ -544,17 +538,17 @@ class ModelRunner:
         if vis:  # where the image tokens are, from the host's spans: no mask read back
             where = torch.cat([torch.arange(i * q + o, i * q + o + n)
                                for i, c in enumerate(chunks) for o, n in c.image_runs])
-        ids, pos, tables = _up(ids, dev), _up(pos, dev), _up(tables, dev)
+        ids, pos, tables = to_device(ids, dev), to_device(pos, dev), to_device(tables, dev)
         emb = self.embed(ids)
         extra = {}
         if vis:
-            where = _up(where, dev)
+            where = to_device(where, dev)
             feats = torch.cat([v[0] for v in vis]).to(emb.dtype)
             emb = emb.view(b * q, -1).index_copy(0, where, feats).view(b, q, -1)
-            if vis[0][1]:  # an index, not a mask: see _deepstack_by_index
+            if vis[0][1]:  # an index, not a mask: see deepstack_by_index
                 extra = dict(visual_pos_masks=where, deepstack_visual_embeds=[
                     torch.cat([v[1][k] for v in vis]) for k in range(len(vis[0][1]))])
-        inp = StepInputs(tables, _up(starts, dev), _up(lens, dev))
+        inp = StepInputs(tables, to_device(starts, dev), to_device(lens, dev))
         fresh = b == 1 and chunks[0].start == 0
         with self.pool.step(inp, q, fresh=fresh) as ctx:
             h = self.lm(inputs_embeds=emb, attention_mask=ctx.mask, position_ids=pos,
@@ -606,7 +600,6 @@ class ModelRunner:
         encoder (server/engine/vision.py) or, where the startup check chose it, the
         model's own vision forward."""
         if self.encoder_path == "batched":
-            from server.engine import vision
             return vision.encode(self.visual, pixels, vision.plan(grids, self.visual,
                                                                   self.device))
         res = self.visual(pixels, grid_thw=torch.tensor(grids, device=self.device),

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from server.engine.transfer import to_device
+
 
 @dataclass
 class VisionPlan:
@@ -42,10 +44,6 @@ class VisionPlan:
     gather: torch.Tensor | None    # [segments, longest]: patch index, or `patches` (a pad)
     scatter: torch.Tensor | None   # [patches]: each patch's place in the padded layout
     key_mask: torch.Tensor | None  # [segments, 1, 1, longest]: True where a key is real
-
-    @property
-    def patches(self) -> int:
-        return sum(self.lengths)
 
 
 @functools.lru_cache(maxsize=512)
@@ -85,11 +83,7 @@ def plan(grids: list[tuple[int, int, int]], visual, device) -> VisionPlan:
             start += length
 
     def up(t):
-        if t is None:
-            return None
-        if torch.device(device).type == "cuda":
-            t = t.pin_memory()
-        return t.to(device, non_blocking=True)
+        return None if t is None else to_device(t, device)
     return VisionPlan(lengths, longest, up(position_ids), up(indices), up(weights),
                       up(gather), up(scatter), up(key_mask))
 
