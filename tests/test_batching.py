@@ -208,15 +208,20 @@ async def test_cancel_frees_slot_and_spares_others(make_engine):
     alone = [(await run(engine, r))[0] for r in (reqs[0], reqs[2])]
     t0, t2 = asyncio.create_task(run(engine, reqs[0])), asyncio.create_task(run(engine, reqs[2]))
     sched = engine.scheduler
-    told = []  # the engine's step count when the abort reached it (not when the client
-    real_abort = sched.abort  # left: on a loaded box the message may take a few steps)
+    # steps counted by the engine itself: when the abort reached it (not when the client
+    # left) and when the row's blocks went back (not when this loop next looked)
+    told, left = [], []
+    real_abort, real_release = sched.abort, sched._release_seq
     sched.abort = lambda rid: (told.append(sched.steps), real_abort(rid))[1]
+    sched._release_seq = lambda s: (s.request_id == "c1" and left.append(sched.steps),
+                                    real_release(s))[1]
     await run(engine, reqs[1], stop_after=5)
-    while not told or any(s.request_id == "c1"
-                          for s in (sched.batch.rows if sched.batch else [])):
+    deadline = time.monotonic() + 60
+    while not left:
+        assert time.monotonic() < deadline, "the cancelled row never left"
         await asyncio.sleep(0.001)
-    sched.abort = real_abort
-    assert sched.steps - told[0] <= 2  # the step in flight, then the next one drops it
+    sched.abort, sched._release_seq = real_abort, real_release
+    assert left[0] - told[0] <= 2  # the step in flight, then the next one drops it
     assert [(await t0)[0], (await t2)[0]] == alone
     assert "c1" not in engine.aborted
 
