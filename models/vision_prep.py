@@ -78,7 +78,7 @@ def as_uint8_hwc(image: Any) -> torch.Tensor:
     return t
 
 
-def _hf_smart_resize(image_processor: Any) -> Callable[..., tuple[int, int]]:
+def hf_smart_resize(image_processor: Any) -> Callable[..., tuple[int, int]]:
     """The ``smart_resize`` of the module that defines the HF processor's class (each
     Qwen-VL processor module carries its own copy), else the PIL processor's module."""
     for name in (type(image_processor).__module__,
@@ -140,7 +140,7 @@ class TorchImageProcessor:
         if unsupported:
             raise ValueError(f"the torch image pipeline needs {', '.join(unsupported)}")
         min_pixels, max_pixels = _budget(ip.size)
-        return cls(smart_resize=_hf_smart_resize(ip), patch_size=ip.patch_size,
+        return cls(smart_resize=hf_smart_resize(ip), patch_size=ip.patch_size,
                    temporal_patch_size=ip.temporal_patch_size, merge_size=ip.merge_size,
                    rescale_factor=ip.rescale_factor, image_mean=ip.image_mean,
                    image_std=ip.image_std, min_pixels=min_pixels, max_pixels=max_pixels,

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import protocol as p
-from server.body import chat_body_reader, document_chat_body
+from server.body import body_reader, chat_body_reader, document_bodies, tokenize_request
 from server.clients import BodyDeadline
 from server.docs import add_offline_docs
 from server.errors import (APIError, ClientClosedRequest, InternalError, InvalidRequest,
@@ -67,6 +67,10 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
     limiter = Limiter()
     closing = asyncio.Event()  # set when a SIGTERM's drain runs out of time (close_requests)
     read_chat_body = chat_body_reader(settings.max_json_elements, settings.max_content_parts)
+    read_tokenize_body = body_reader(settings.max_json_elements, settings.max_content_parts,
+                                     tokenize_request)
+    read_detokenize_body = body_reader(settings.max_json_elements, settings.max_content_parts,
+                                       p.DetokenizeRequest.model_validate)
 
     async def load():
         try:
@@ -169,6 +173,25 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
                                                    closing),
                         media_type="application/json")
 
+    # vLLM's token routes: a chat request (or a plain prompt) counted without generating,
+    # and ids back to text.  Each is one request for the key's request rate (no tokens
+    # charged, no sequence held); a chat request's images load as for a completion
+    @app.post("/tokenize", response_model=p.TokenizeResponse)
+    async def tokenize(request: Request, key: ApiKey = Depends(auth),
+                       body=Depends(read_tokenize_body)):
+        svc = service()
+        request.scope["state"]["key"] = key.name
+        request.scope["state"]["ticket"] = limiter.admit(key, 0, seqs=0)
+        return await _unless_disconnected(request, svc.tokenize(body), closing)
+
+    @app.post("/detokenize", response_model=p.DetokenizeResponse)
+    async def detokenize(request: Request, key: ApiKey = Depends(auth),
+                         body: p.DetokenizeRequest = Depends(read_detokenize_body)):
+        svc = service()
+        request.scope["state"]["key"] = key.name
+        request.scope["state"]["ticket"] = limiter.admit(key, 0, seqs=0)
+        return await _unless_disconnected(request, svc.detokenize(body), closing)
+
     # --- errors ----------------------------------------------------------------------------
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
@@ -216,7 +239,7 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
         log.warning("shutdown timeout near: %d open request(s) answered with a 503 "
                     "(streams: an error event and [DONE])", n)
     app.state.close_requests = close_requests
-    document_chat_body(app)
+    document_bodies(app)
     return app
 
 

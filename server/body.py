@@ -1,7 +1,8 @@
-"""Reading a chat request body without stalling the event loop.
+"""Reading a request body without stalling the event loop.
 
 ``chat_body_reader(max_elements, max_parts)`` returns a FastAPI dependency that reads the body and
-returns the validated ``ChatCompletionRequest``:
+returns the validated ``ChatCompletionRequest`` (``body_reader(..., validate)`` the same for
+another route's request model: ``/tokenize``, ``/detokenize``):
 
 * a client that cuts the upload short gets ``ClientClosedRequest`` (logged 499, not 400);
 * before parsing, the JSON values are counted cheaply (commas and opening brackets, one
@@ -35,7 +36,7 @@ from server.errors import ClientClosedRequest, InvalidRequest, PayloadTooLarge
 OFF_LOOP_BYTES = 256 * 1024
 
 
-def _parse(raw: bytes, max_parts: int) -> p.ChatCompletionRequest:
+def _parse(raw: bytes, max_parts: int, validate):
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError):
@@ -45,7 +46,7 @@ def _parse(raw: bytes, max_parts: int) -> p.ChatCompletionRequest:
         raise InvalidRequest(f"The messages hold {parts} content parts; at most {max_parts} "
                              "are allowed (--max-content-parts).", param="messages")
     try:
-        return p.ChatCompletionRequest.model_validate(data)
+        return validate(data)
     except ValidationError as e:
         raise RequestValidationError(e.errors(include_url=False)) from None
 
@@ -65,8 +66,18 @@ def count_parts(data) -> int:
                if isinstance(m, dict) and isinstance(m.get("content"), list))
 
 
+def tokenize_request(data):
+    """/tokenize takes a chat request (with ``messages``) or vLLM's prompt form."""
+    chat = isinstance(data, dict) and "messages" in data
+    return (p.TokenizeChatRequest if chat else p.TokenizeCompletionRequest).model_validate(data)
+
+
 def chat_body_reader(max_elements: int, max_parts: int):
-    async def read_chat_body(request: Request) -> p.ChatCompletionRequest:
+    return body_reader(max_elements, max_parts, p.ChatCompletionRequest.model_validate)
+
+
+def body_reader(max_elements: int, max_parts: int, validate):
+    async def read_body(request: Request):
         try:
             raw = await request.body()
         except ClientDisconnect:
@@ -77,23 +88,35 @@ def chat_body_reader(max_elements: int, max_parts: int):
             raise PayloadTooLarge(f"The request body holds more than {max_elements} JSON "
                                   "values (--max-json-elements).")
         if len(raw) > OFF_LOOP_BYTES:
-            return await asyncio.to_thread(_parse, raw, max_parts)
-        return _parse(raw, max_parts)
-    return read_chat_body
+            return await asyncio.to_thread(_parse, raw, max_parts, validate)
+        return _parse(raw, max_parts, validate)
+    return read_body
 
 
-def document_chat_body(app, path: str = "/v1/chat/completions") -> None:
-    """Put the chat request's schema back into ``/openapi.json``: the route reads its body
-    itself, so FastAPI no longer sees it.  The request body, responses and schemas are
-    taken from a shadow route with the typed body parameter, so the document is the one
-    FastAPI writes for it."""
+BODIES = {  # path: (request model, response model) of the routes that read their own body
+    "/v1/chat/completions": (p.ChatCompletionRequest, p.ChatCompletion),
+    "/tokenize": (p.TokenizeChatRequest | p.TokenizeCompletionRequest, p.TokenizeResponse),
+    "/detokenize": (p.DetokenizeRequest, p.DetokenizeResponse),
+}
+
+
+def _typed_route(request_model):
+    async def typed(body):  # pragma: no cover - never served
+        raise NotImplementedError
+    typed.__annotations__["body"] = request_model  # a type, not a string to look up
+    return typed
+
+
+def document_bodies(app) -> None:
+    """Put the request schemas back into ``/openapi.json``: these routes read their bodies
+    themselves, so FastAPI no longer sees them.  The request body, responses and schemas
+    are taken from shadow routes with typed body parameters, so the document is the one
+    FastAPI writes for them."""
     from fastapi import FastAPI
 
     shadow = FastAPI()
-
-    @shadow.post(path, response_model=p.ChatCompletion)
-    async def chat(body: p.ChatCompletionRequest):  # pragma: no cover - never served
-        raise NotImplementedError
+    for path, (request_model, response_model) in BODIES.items():
+        shadow.post(path, response_model=response_model)(_typed_route(request_model))
 
     base = app.openapi
 
@@ -101,8 +124,9 @@ def document_chat_body(app, path: str = "/v1/chat/completions") -> None:
         if app.openapi_schema:
             return app.openapi_schema
         doc, typed = base(), shadow.openapi()
-        op, typed_op = doc["paths"][path]["post"], typed["paths"][path]["post"]
-        op["requestBody"], op["responses"] = typed_op["requestBody"], typed_op["responses"]
+        for path in BODIES:
+            op, typed_op = doc["paths"][path]["post"], typed["paths"][path]["post"]
+            op["requestBody"], op["responses"] = typed_op["requestBody"], typed_op["responses"]
         doc.setdefault("components", {}).setdefault("schemas", {}).update(
             typed["components"]["schemas"])
         return doc

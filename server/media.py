@@ -15,6 +15,10 @@ errors from :mod:`server.errors`:
   non-image content, unsupported format, decompression bombs, corrupt or truncated data,
   zero-sized images and extreme aspect ratios.
 
+The image may be smaller than the photo sent (large ones are decoded at a reduced scale,
+below); ``original_size(image)`` is the photo's own (width, height) after EXIF orientation
+(what ``server.grounding`` maps coordinates to), kept in ``image.info``.
+
 ``MediaFetcher.load(url, param=...)`` returns ``(image, digest)``: the same image and
 ``image_digest`` of the bytes as received (the fetched body, the data URL's decoded bytes or
 the file's content), hashed on a thread while the image decodes.  Equal bytes give equal
@@ -264,6 +268,17 @@ def image_digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+EXIF_ORIENTATION = 0x0112
+ORIGINAL_SIZE = "qwen_vl_original_size"
+
+
+def original_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of the photo as sent, after EXIF orientation: the image's own size
+    unless it was decoded at a reduced scale (``decode_image_bytes``)."""
+    size = image.info.get(ORIGINAL_SIZE)
+    return tuple(size) if size is not None else image.size
+
+
 def _decode_job(data: bytes, policy: "MediaPolicy", param: str,
                 max_pixels: int | None) -> Image.Image:
     """What a decode worker process runs."""
@@ -324,12 +339,16 @@ def decode_image_bytes(data: bytes, policy: MediaPolicy, *, param: str,
             scale = math.sqrt(KEEP_BUDGET_FACTOR * max_pixels / (width * height))
             img.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
         img.load()
+        oriented = (width, height)
         try:
+            if img.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):  # a quarter turn
+                oriented = (height, width)
             img = ImageOps.exif_transpose(img)
         except Exception:
-            pass  # unreadable EXIF: keep the image as stored
+            oriented = (width, height)  # unreadable EXIF: keep the image as stored
         out = _shrink(_to_rgb(img), max_pixels)
         out.load()
+        out.info[ORIGINAL_SIZE] = oriented  # survives the pickle back from the worker
         return out
     except (InvalidRequest, PayloadTooLarge):
         raise

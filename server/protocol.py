@@ -1,4 +1,5 @@
-"""OpenAI wire types for /v1/chat/completions and /v1/models: the one place they live.
+"""OpenAI wire types for /v1/chat/completions and /v1/models, and vLLM's for /tokenize and
+/detokenize: the one place they live.
 
 Requests are validated here (types, ranges); semantic checks that need settings (limits,
 model names) live in ``serving``.  Unknown request fields are kept in ``model_extra``
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, field_validator, model_serializer,
+                      model_validator)
 
 
 class _Open(BaseModel):
@@ -193,6 +195,9 @@ class ChatCompletionRequest(_Open):
     # vLLM's field: requests hit only cache entries made with the same salt (on top of the
     # key's own isolation), for clients that want finer isolation than per key
     cache_salt: str | None = Field(None, min_length=1, max_length=256)
+    # ours (server.grounding): each message gets a ``grounding`` field with the boxes and
+    # points of its content mapped to the original photo's pixels
+    grounding: bool = False
 
     @field_validator("stop")
     @classmethod
@@ -270,11 +275,49 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+class GroundingImage(BaseModel):
+    index: int                   # among the request's images, in order of appearance
+    width: int                   # the photo as sent, after EXIF orientation
+    height: int
+    model_width: int             # the size the model saw it at (its 0-1000 frame)
+    model_height: int
+    image_tokens: int
+
+
+class GroundingBox(BaseModel):
+    image: int | None            # GroundingImage.index; null when the request had none
+    label: str | None = None
+    bbox_2d: list[int | float]   # x1, y1, x2, y2 as the model wrote them (0-1000)
+    bbox_px: list[int] | None    # the same in the original photo's pixels
+
+
+class GroundingPoint(BaseModel):
+    image: int | None
+    label: str | None = None
+    point_2d: list[int | float]
+    point_px: list[int] | None
+
+
+class Grounding(BaseModel):
+    """``message.grounding`` / the final chunk's ``delta.grounding`` (``server.grounding``)."""
+    images: list[GroundingImage]
+    boxes: list[GroundingBox]
+    points: list[GroundingPoint]
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     reasoning_content: str | None = None
     tool_calls: list[ToolCall] | None = None
+    grounding: Grounding | None = None   # only with "grounding": true (left out otherwise)
+
+    @model_serializer(mode="wrap")
+    def _without_unasked_grounding(self, handler):
+        out = handler(self)
+        if out.get("grounding", ...) is None:
+            del out["grounding"]
+        return out
 
 
 FinishReason = Literal["stop", "length", "tool_calls"]
@@ -309,6 +352,7 @@ class Delta(BaseModel):
     content: str | None = None
     reasoning_content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
+    grounding: Grounding | None = None   # on a choice's final chunk, when asked for
 
 
 class ChunkChoice(BaseModel):
@@ -326,6 +370,38 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChunkChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+
+
+# --- /tokenize and /detokenize (vLLM's shapes) -------------------------------------------
+
+class TokenizeChatRequest(ChatCompletionRequest):
+    """A chat request to count: any chat-completion body (``model`` optional, as in vLLM).
+    It is checked as a chat request is, and counted as ``generate`` would build it."""
+    model: str | None = None
+
+
+class TokenizeCompletionRequest(_Open):
+    """vLLM's other form: a plain prompt, tokenised as it is (no chat template)."""
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True      # accepted; Qwen's tokenizer adds none either way
+
+
+class TokenizeResponse(BaseModel):
+    count: int                           # prompt tokens, images' tokens included
+    max_model_len: int                   # the context window
+    tokens: list[int]
+    image_tokens: int = 0                # ours: of ``count``, standing for the images
+    max_tokens_room: int                 # ours: the most max_tokens this prompt leaves room for
+
+
+class DetokenizeRequest(_Open):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelCard(BaseModel):

@@ -20,12 +20,13 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+from server import grounding
 from server import protocol as p
 from server import tools as toolparse
 from server.engine.interface import Engine, EngineRequest, ImageInput, Output, SamplingParams
 from server.engine.structured import GrammarSpec, check_cost
 from server.errors import APIError, InvalidRequest, ModelNotFound
-from server.media import MediaFetcher, PixelBudget
+from server.media import MediaFetcher, PixelBudget, original_size
 from server.metrics import Metrics
 from server.settings import HUB_ID, Settings
 
@@ -60,6 +61,8 @@ class RequestStats:
     cached_tokens: int = 0          # of prompt_tokens, served from the prefix cache
     image_tokens: int = 0           # of prompt_tokens, standing for the images
     images: int = 0
+    # the images as sent and as the model saw them, for "grounding": true
+    grounding_images: list = field(default_factory=list)
     ttft: float | None = None
     t0: float = field(default_factory=time.perf_counter)
 
@@ -91,7 +94,7 @@ class ChatService:
         return p.ModelCard(id=name, created=int(time.time()))
 
     # --- request → engine ------------------------------------------------------------
-    def _check(self, req: p.ChatCompletionRequest):
+    def _check(self, req: p.ChatCompletionRequest, *, generating: bool = True):
         s = self.settings
         problem = _scan(req.model_dump(by_alias=True, exclude_none=True))
         if problem is not None and problem[0] == "unicode":
@@ -101,7 +104,8 @@ class ChatService:
         if problem is not None:
             raise InvalidRequest(f"The request is nested more than {MAX_JSON_DEPTH} levels "
                                  "deep.", param=_short_path(problem[1]) or None)
-        self.model(req.model)  # 404 for a name this server does not serve
+        if req.model is not None:  # optional for /tokenize only
+            self.model(req.model)  # 404 for a name this server does not serve
         extra = sorted((req.model_extra or {}).keys())
         if extra:  # client-chosen names: quoted (no forged lines), short, a few
             shown = ", ".join(json.dumps(k[:64]) for k in extra[:8])
@@ -144,7 +148,7 @@ class ChatService:
         spec = self._grammar(req)
         if spec is not None:  # refuse a compile bomb before it is queued
             check_cost(spec, s.max_grammar_repeat)
-        if s.scheduler == "sequential":
+        if generating and s.scheduler == "sequential":
             self._check_sequential(req)
 
     def _check_structured(self, req: p.ChatCompletionRequest):
@@ -311,16 +315,63 @@ class ChatService:
             reservation.release()
             raise
         stats.images = len(images)
-        tools = [t.model_dump(exclude_none=True) for t in req.tools] if (
-            req.tools and req.tool_choice != "none") else None
+        if req.grounding:
+            stats.grounding_images = self._geometry(images)
         stream = self.engine.generate(
-            EngineRequest(request_id, messages, images, params, tools, key=key,
+            EngineRequest(request_id, messages, images, params, _tools(req), key=key,
                           stream=bool(req.stream), cache_salt=_salt(salt, req.cache_salt),
                           on_prefill=stats.prefilled),
             reservation)
         first = await anext(stream)  # raises context/engine errors before any byte is sent
         stats.ttft = time.perf_counter() - stats.t0
         return _prepend(first, stream)
+
+    def _geometry(self, images: list[ImageInput]) -> list[p.GroundingImage]:
+        out = []
+        for i, (im, g) in enumerate(zip(images, self.engine.image_geometry(images))):
+            w, h = original_size(im.image)
+            out.append(p.GroundingImage(
+                index=i, width=w, height=h,
+                model_width=g.width if g else im.image.width,
+                model_height=g.height if g else im.image.height,
+                image_tokens=g.tokens if g else 0))
+        return out
+
+    # --- /tokenize and /detokenize -------------------------------------------------------
+    async def tokenize(self, req: p.TokenizeChatRequest | p.TokenizeCompletionRequest
+                       ) -> p.TokenizeResponse:
+        """The prompt a chat request (or a plain prompt) would run, counted: the same
+        checks, image fetching and media policy as ``start``, a queue place while its
+        images load, nothing generated.  The context length is reported, not enforced."""
+        if isinstance(req, p.TokenizeChatRequest):
+            self._check(req, generating=False)
+            reservation = self.engine.reserve()
+            try:
+                messages, images = await self._convert(req)
+                count = await self.engine.count(EngineRequest(
+                    "tokenize", messages, images, SamplingParams(), _tools(req)))
+            finally:
+                reservation.release()
+        else:
+            if req.model is not None:
+                self.model(req.model)
+            if len(req.prompt) > self.settings.max_text_chars:
+                raise InvalidRequest(f"The prompt holds more than {self.settings.max_text_chars}"
+                                     " characters (--max-text-chars).", param="prompt")
+            count = await self.engine.count(EngineRequest(
+                "tokenize", [], [], SamplingParams(), prompt=req.prompt))
+        n, window = len(count.token_ids), self.engine.max_model_len
+        return p.TokenizeResponse(count=n, max_model_len=window, tokens=count.token_ids,
+                                  image_tokens=count.image_tokens,
+                                  max_tokens_room=max(0, window - n))
+
+    async def detokenize(self, req: p.DetokenizeRequest) -> p.DetokenizeResponse:
+        if req.model is not None:
+            self.model(req.model)
+        if len(req.tokens) > self.engine.max_model_len:
+            raise InvalidRequest(f"At most {self.engine.max_model_len} tokens (the context "
+                                 "window) may be detokenized at once.", param="tokens")
+        return p.DetokenizeResponse(prompt=await self.engine.detokenize(req.tokens))
 
     # --- engine → response -----------------------------------------------------------
     async def collect(self, req, request_id, outputs: AsyncIterator[Output],
@@ -347,6 +398,9 @@ class ChatService:
             parser = self._parser(req)
             events = parser.feed(texts[i]) + parser.finish()
             message = _message(events, parser)
+            if req.grounding:
+                message.grounding = grounding.ground(message.content or "",
+                                                     stats.grounding_images)
             choices.append(p.Choice(
                 index=i, message=message, finish_reason=_finish(finish[i], parser),
                 # filled with the written array by completion_json
@@ -370,6 +424,7 @@ class ChatService:
 
         counts = [0] * req.n
         parsers = [self._parser(req) for _ in range(req.n)]
+        contents = [""] * req.n  # what each choice's deltas said, for its grounding
         for i in range(req.n):
             yield chunk([p.ChunkChoice(index=i, delta=p.Delta(role="assistant", content=""))])
         try:
@@ -384,6 +439,8 @@ class ChatService:
                     events += parser.finish()
                 lp = self.logprob_json.array(o.logprobs) if o.logprobs else None
                 for delta in _deltas(events):  # tokens' logprobs ride on their first chunk
+                    if req.grounding and delta.content:
+                        contents[o.index] += delta.content
                     if delta.content is not None and delta.tool_calls is None and \
                             delta.reasoning_content is None and delta.role is None:
                         yield "data: " + fast.content(o.index, delta.content, lp) + "\n\n"
@@ -395,7 +452,9 @@ class ChatService:
                 if lp is not None:  # text held back (marker or stop-string prefix)
                     yield "data: " + fast.content(o.index, "", lp) + "\n\n"
                 if o.finish_reason:
-                    yield chunk([p.ChunkChoice(index=o.index, delta=p.Delta(),
+                    last = p.Delta(grounding=grounding.ground(
+                        contents[o.index], stats.grounding_images) if req.grounding else None)
+                    yield chunk([p.ChunkChoice(index=o.index, delta=last,
                                                finish_reason=_finish(o.finish_reason, parser))])
         except APIError as e:  # mid-stream failure: OpenAI's error event, then end
             # ...cleanly: re-raising here would cut the chunked body short (the client sees
@@ -409,6 +468,13 @@ class ChatService:
         if req.stream_options and req.stream_options.include_usage:
             yield chunk([], usage=_usage(stats))
         yield "data: [DONE]\n\n"
+
+
+def _tools(req: p.ChatCompletionRequest) -> list[dict] | None:
+    """The tools the template renders (none with ``tool_choice: "none"``)."""
+    if not req.tools or req.tool_choice == "none":
+        return None
+    return [t.model_dump(exclude_none=True) for t in req.tools]
 
 
 def _salt(key_salt: str, request_salt: str | None) -> str:

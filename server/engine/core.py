@@ -58,6 +58,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from tokenizers import Tokenizer
@@ -65,7 +66,8 @@ from tokenizers import Tokenizer
 from server.engine.kv_pool import BlockManager, KVPool, chain_keys
 from server.engine.runner import ModelRunner, PrefillChunk, prefill_bucket
 from server.engine.fairqueue import FairQueue
-from server.engine.interface import EngineRequest, Output
+from server.engine.interface import (EngineRequest, ImageGeometry, ImageInput, Output,
+                                     PromptCount)
 from server.engine.kv_budget import KVBudget
 from server.engine.output import OutputStage, Sink, coalesce
 from server.engine.prompt import Prepared, PromptBuilder
@@ -978,6 +980,23 @@ class AsyncEngine:
                 request, params=request.params.replace(grammar=compiled))
         return await loop.run_in_executor(self._prep, self._timed_prep, self.builder.finish,
                                           request, plan)
+
+    def image_geometry(self, images: list[ImageInput]) -> list[ImageGeometry | None]:
+        return [self.builder.geometry(im) for im in images]
+
+    async def count(self, request: EngineRequest) -> PromptCount:
+        """``PromptBuilder.count`` on the preparation thread (``/tokenize``)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._prep, self._timed_prep, self.builder.count, request)
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        size = self.detok.get_vocab_size(with_added_tokens=True)
+        for i, t in enumerate(token_ids):
+            if not 0 <= t < size:
+                raise InvalidRequest(f"tokens[{i}] is {t}; token ids run from 0 to "
+                                     f"{size - 1}.", param="tokens")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._prep, partial(self.detok.decode, token_ids, skip_special_tokens=False))
 
     def _timed_prep(self, fn, *args):
         with self.timers.stage("preparation"):

@@ -75,6 +75,9 @@ class EngineRequest:
     # False: the caller reads the whole result only (a non-streamed completion): after the
     # first, events may arrive merged, a few per request rather than one per step
     stream: bool = True
+    # a plain prompt (/tokenize's prompt form): tokenised as it is, no chat template;
+    # ``messages`` and ``images`` are then empty
+    prompt: str | None = None
 
 
 @dataclass
@@ -108,6 +111,22 @@ class Output:
     image_tokens: int = 0
 
 
+@dataclass
+class ImageGeometry:
+    """An image as the model sees it: resized to ``width`` x ``height`` pixels (multiples
+    of the patch grid) and standing for ``tokens`` prompt tokens."""
+    width: int
+    height: int
+    tokens: int
+
+
+@dataclass
+class PromptCount:
+    """A request's prompt as ``generate`` would build it, without running it (``/tokenize``)."""
+    token_ids: list[int]
+    image_tokens: int                    # of the token ids, standing for the images
+
+
 class Reservation(Protocol):
     def release(self) -> None: ...
 
@@ -126,6 +145,18 @@ class Engine(Protocol):
 
     def generate(self, request: EngineRequest, reservation: Reservation) -> AsyncIterator[Output]:
         ...
+
+    def image_geometry(self, images: list[ImageInput]) -> list[ImageGeometry]:
+        """Each image's size and token count as the model will see it (no pixel work)."""
+
+    async def count(self, request: EngineRequest) -> PromptCount:
+        """The prompt ``generate(request)`` would run, tokenised with its images counted
+        (the same template and image budgets), without a context-length check and without
+        touching any cache.  Raises ``InvalidRequest`` as ``generate`` would."""
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        """The text of ``token_ids`` (special tokens kept); ``InvalidRequest`` for an id
+        the tokenizer does not have."""
 
     def stats(self) -> dict[str, float]:
         """Figures read on each /metrics scrape (``server.metrics``): ``queue_depth``,

@@ -10,10 +10,11 @@ processor does.  The context check (prompt + max_tokens <= max_model_len) happen
 here, before any model work.
 
 Two steps, so that the cheap checks come before the expensive work: ``plan`` renders the
-template and counts each image's tokens from its size and budget alone (the processor's
-``get_number_of_image_patches``), then checks the context length; ``finish`` preprocesses
+template and counts each image's tokens from its size and budget alone (``geometry``: the
+processor's own ``smart_resize``), then checks the context length; ``finish`` preprocesses
 the pixels (and re-counts, should the processor disagree).  ``build`` does both.  The
-engine compiles a request's grammar between the two.
+engine compiles a request's grammar between the two.  ``count`` is ``plan`` without the
+context check, for ``/tokenize``: the same ids ``finish`` would run, no cache touched.
 
 Image identity: ``Prepared.image_keys`` holds one key per image, in order:
 ``"<digest>:<min_pixels>:<max_pixels>"``, where the digest is the hash of the image's bytes
@@ -42,8 +43,9 @@ import numpy as np
 import torch
 
 from models.processor import image_budget_kwargs
-from models.vision_prep import TorchImageProcessor
-from server.engine.interface import EngineRequest, ImageInput, SamplingParams
+from models.vision_prep import TorchImageProcessor, hf_smart_resize
+from server.engine.interface import (EngineRequest, ImageGeometry, ImageInput, PromptCount,
+                                     SamplingParams)
 from server.engine.lru import ByteLRU
 from server.engine.transfer import to_device
 from server.errors import ContextLengthExceeded, InvalidRequest
@@ -92,6 +94,11 @@ class PromptBuilder:
         self.tokenizer = processor.tokenizer
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         self.merge = processor.image_processor.merge_size
+        self.patch = processor.image_processor.patch_size
+        try:
+            self._smart_resize = hf_smart_resize(processor.image_processor)
+        except ValueError:  # a processor we cannot count ahead for: finish() counts
+            self._smart_resize = None
         self.max_model_len = max_model_len
         self.default_max_tokens = default_max_tokens
         self.opens_think = self._template_opens_think()
@@ -139,19 +146,35 @@ class PromptBuilder:
 
     def plan(self, req: EngineRequest) -> Plan:
         """Template, token count and context check: no pixel is touched."""
-        with self._renders_lock:
-            self.renders += 1
-        text = self.processor.apply_chat_template(req.messages, tokenize=False,
-                                                  add_generation_prompt=True, tools=req.tools)
-        pieces = text.split(IMAGE_PAD)
-        if len(pieces) - 1 != len(req.images):
-            raise InvalidRequest("Message text may not contain the image placeholder token.",
-                                 param="messages")
+        pieces = self._render(req)
         counts = [self._image_tokens(im) for im in req.images]
         if None in counts:  # the processor cannot count ahead: finish() checks
             return Plan(pieces, None, None, req.params)
         ids = self._tokenize(pieces, counts)
         return Plan(pieces, counts, ids, self._fill_max_tokens(req.params, ids.shape[1]))
+
+    def count(self, req: EngineRequest) -> PromptCount:
+        """The token ids ``finish`` would run for ``req`` (images counted as ``plan`` does,
+        or from their preprocessed grids where it cannot), with no context check and no
+        cache read or written: a count of one tenant's images is no hit for another."""
+        pieces = self._render(req)
+        counts = [self._image_tokens(im) for im in req.images]
+        if None in counts:
+            counts = [int(g.prod()) // self.merge ** 2 for g in self._images(req.images)[1]]
+        ids = self._tokenize(pieces, counts)
+        return PromptCount(ids[0].tolist(), sum(counts))
+
+    def _render(self, req: EngineRequest) -> list[str]:
+        """The chat template's text (or the plain prompt), split at the image placeholders."""
+        with self._renders_lock:
+            self.renders += 1
+        text = req.prompt if req.prompt is not None else self.processor.apply_chat_template(
+            req.messages, tokenize=False, add_generation_prompt=True, tools=req.tools)
+        pieces = text.split(IMAGE_PAD)
+        if len(pieces) - 1 != len(req.images):
+            raise InvalidRequest("Message text may not contain the image placeholder token.",
+                                 param="prompt" if req.prompt is not None else "messages")
+        return pieces
 
     def finish(self, req: EngineRequest, plan: Plan) -> Prepared:
         """Preprocess the images; ``req.params`` may carry the compiled grammar by now."""
@@ -220,14 +243,23 @@ class PromptBuilder:
             return pixels.to(device)
         return self.fast_images.normalise(to_device(pixels, device))
 
-    def _image_tokens(self, im) -> int | None:
+    def geometry(self, im: ImageInput) -> ImageGeometry | None:
+        """The size ``im`` is resized to within its pixel budget and its token count: the
+        processor's own ``smart_resize`` arithmetic (None where it has none)."""
+        if self._smart_resize is None:
+            return None
         try:
-            patches = self.processor.image_processor.get_number_of_image_patches(
-                im.image.height, im.image.width,
-                {"min_pixels": im.min_pixels, "max_pixels": im.max_pixels})
+            h, w = self._smart_resize(im.image.height, im.image.width,
+                                      factor=self.patch * self.merge,
+                                      min_pixels=im.min_pixels, max_pixels=im.max_pixels)
         except Exception:
             return None
-        return int(patches) // self.merge ** 2
+        return ImageGeometry(width=int(w), height=int(h),
+                             tokens=int(h * w) // (self.patch * self.merge) ** 2)
+
+    def _image_tokens(self, im) -> int | None:
+        g = self.geometry(im)
+        return None if g is None else g.tokens
 
     def _tokenize(self, pieces: list[str], counts: list[int]) -> torch.Tensor:
         expanded = [pieces[0]]
