@@ -36,6 +36,8 @@ from server.media import MediaFetcher, MediaPolicy
 from server.metrics import CONTENT_TYPE, Metrics
 from server.middleware import BodyLimit, RequestLog
 from server.ratelimit import Limiter, estimate_tokens
+from server.completions import CompletionService
+from server.responses import STATELESS, ResponsesService, to_chat
 from server.serving import ChatService, RequestStats
 from server.settings import Settings
 
@@ -44,6 +46,8 @@ log = logging.getLogger("qwen_vl.app")
 
 class _State:
     service: ChatService | None = None
+    completions: CompletionService | None = None
+    responses: ResponsesService | None = None
     engine = None
     load_error: str | None = None
 
@@ -67,6 +71,10 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
     limiter = Limiter()
     closing = asyncio.Event()  # set when a SIGTERM's drain runs out of time (close_requests)
     read_chat_body = chat_body_reader(settings.max_json_elements, settings.max_content_parts)
+    read_completion_body = body_reader(settings.max_json_elements, settings.max_content_parts,
+                                       p.CompletionRequest.model_validate)
+    read_responses_body = body_reader(settings.max_json_elements, settings.max_content_parts,
+                                      p.ResponsesRequest.model_validate)
     read_tokenize_body = body_reader(settings.max_json_elements, settings.max_content_parts,
                                      tokenize_request)
     read_detokenize_body = body_reader(settings.max_json_elements, settings.max_content_parts,
@@ -85,6 +93,8 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
             return
         state.engine = engine
         state.service = ChatService(engine, settings, fetcher, metrics)
+        state.completions = CompletionService(state.service)
+        state.responses = ResponsesService(state.service)
         log.info("ready: serving %s as '%s'", engine.model_id, settings.served_model_name)
 
     @asynccontextmanager
@@ -123,6 +133,24 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
             raise Unauthorized("Incorrect or missing API key.")
         return key
 
+    def _admit(request: Request, key: ApiKey, body) -> RequestStats:
+        """The key's limits (429) before any work for a generating request; the access
+        log's end releases the ticket and reads the stats."""
+        stats = request.scope["state"]["stats"] = RequestStats()
+        request.scope["state"]["key"] = key.name
+        request.scope["state"]["ticket"] = limiter.admit(key, estimate_tokens(
+            body, settings.max_new_tokens, settings.max_pixels), seqs=body.n)
+        return stats
+
+    async def _answer(request: Request, streaming: bool, events, collect) -> Response:
+        """A generating route's answer: the SSE stream ``events()`` yields, or the JSON
+        ``collect()`` writes (abandoned if the client leaves or the drain ends)."""
+        if streaming:
+            return StreamingResponse(events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return Response(await _unless_disconnected(request, collect(), closing),
+                        media_type="application/json")
+
     # --- routes ------------------------------------------------------------------------
     @app.get("/health")
     async def health():
@@ -152,26 +180,48 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
     async def chat(request: Request, key: ApiKey = Depends(auth),
                    body: p.ChatCompletionRequest = Depends(read_chat_body)):
         svc = service()
-        stats = request.scope["state"]["stats"] = RequestStats()
-        request.scope["state"]["key"] = key.name
-        # the key's limits (429) before any work; the access log's end releases the ticket
-        request.scope["state"]["ticket"] = limiter.admit(key, estimate_tokens(
-            body, settings.max_new_tokens, settings.max_pixels), seqs=body.n)
+        stats = _admit(request, key, body)
         cid = p.completion_id()
         # a client that leaves while its images are fetched or its grammar compiles
         # cancels that work and frees its queue place at once
         outputs = await _unless_disconnected(request, svc.start(body, cid, stats, key=key.name,
                                                                 salt=key.cache_salt),
                                              closing)
-        if body.stream:
-            return StreamingResponse(svc.stream(body, cid, outputs, stats),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
         # JSON written by ChatService (the models' JSON, logprobs without per-token models)
-        return Response(await _unless_disconnected(request, svc.collect(body, cid, outputs,
-                                                                        stats),
-                                                   closing),
-                        media_type="application/json")
+        return await _answer(request, body.stream, lambda: svc.stream(body, cid, outputs, stats),
+                             lambda: svc.collect(body, cid, outputs, stats))
+
+    @app.post("/v1/completions", response_model=p.Completion)
+    async def completions(request: Request, key: ApiKey = Depends(auth),
+                          body: p.CompletionRequest = Depends(read_completion_body)):
+        service()
+        svc = state.completions
+        stats = _admit(request, key, body)
+        cid = p.legacy_completion_id()
+        outputs, echo = await _unless_disconnected(
+            request, svc.start(body, cid, stats, key=key.name, salt=key.cache_salt), closing)
+        return await _answer(request, body.stream,
+                             lambda: svc.stream(body, cid, outputs, echo, stats),
+                             lambda: svc.collect(body, cid, outputs, echo, stats))
+
+    @app.post("/v1/responses", response_model=p.ResponseObject)
+    async def responses(request: Request, key: ApiKey = Depends(auth),
+                        body: p.ResponsesRequest = Depends(read_responses_body)):
+        service()
+        svc = state.responses
+        rid = "resp_" + p.completion_id().removeprefix("chatcmpl-")
+        chat_req, where = to_chat(body)  # the Responses-only checks; then it is a chat request
+        stats = _admit(request, key, chat_req)
+        outputs = await _unless_disconnected(request, svc.start(
+            chat_req, where, rid, stats, key=key.name, salt=key.cache_salt), closing)
+        return await _answer(request, body.stream,
+                             lambda: svc.stream(body, rid, chat_req, outputs, stats),
+                             lambda: svc.collect(body, rid, chat_req, outputs, stats))
+
+    @app.api_route("/v1/responses/{rest:path}", methods=["GET", "DELETE", "POST"],
+                   dependencies=[Depends(auth)], include_in_schema=False)
+    async def stored_response(rest: str):
+        raise NotFound(STATELESS)
 
     # vLLM's token routes: a chat request (or a plain prompt) counted without generating,
     # and ids back to text.  Each is one request for the key's request rate (no tokens
@@ -281,7 +331,12 @@ async def _unless_disconnected(request: Request, work, closing: asyncio.Event):
             task.cancel()
 
 
-_PART_TAGS = {"text", "image_url", "video_url", "video", "input_video"}
+# the discriminator tags pydantic puts in a location right after a list index: chat's
+# content parts, the Responses API's input items and their content parts
+_PART_TAGS = {"text", "image_url", "video_url", "video", "input_video",
+              "message", "function_call", "function_call_output", "reasoning",
+              "input_text", "input_image", "output_text", "refusal", "summary_text",
+              "reasoning_text"}
 
 
 def _validation_to_400(exc: RequestValidationError) -> InvalidRequest:

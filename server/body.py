@@ -95,6 +95,8 @@ def body_reader(max_elements: int, max_parts: int, validate):
 
 BODIES = {  # path: (request model, response model) of the routes that read their own body
     "/v1/chat/completions": (p.ChatCompletionRequest, p.ChatCompletion),
+    "/v1/completions": (p.CompletionRequest, p.Completion),
+    "/v1/responses": (p.ResponsesRequest, p.ResponseObject),
     "/tokenize": (p.TokenizeChatRequest | p.TokenizeCompletionRequest, p.TokenizeResponse),
     "/detokenize": (p.DetokenizeRequest, p.DetokenizeResponse),
 }

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, field_validator, model_serializer,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator,
+                      model_serializer, model_validator)
 
 
 class _Open(BaseModel):
@@ -165,11 +165,11 @@ def _walk_text(obj, acc: list[int]) -> None:
         acc[1] += 32  # a number, true/false/null
 
 
-class ChatCompletionRequest(_Open):
+class SamplingRequest(_Open):
+    """The fields chat and legacy completions share, with the same meaning (the serving
+    layer's ``sampling_params`` reads them for both)."""
     model: str
-    messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)
@@ -183,21 +183,12 @@ class ChatCompletionRequest(_Open):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
     logit_bias: dict[str, float] | None = None
-    response_format: ResponseFormat | None = None
-    tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool = True
     # benchmark knob (vLLM spells it the same): keep generating past end-of-sequence
     ignore_eos: bool = False
     # vLLM's field: requests hit only cache entries made with the same salt (on top of the
     # key's own isolation), for clients that want finer isolation than per key
     cache_salt: str | None = Field(None, min_length=1, max_length=256)
-    # ours (server.grounding): each message gets a ``grounding`` field with the boxes and
-    # points of its content mapped to the original photo's pixels
-    grounding: bool = False
 
     @field_validator("stop")
     @classmethod
@@ -210,7 +201,34 @@ class ChatCompletionRequest(_Open):
 
     @property
     def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def image_count(self) -> int:
+        return 0
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    # ours (server.grounding): each message gets a ``grounding`` field with the boxes and
+    # points of its content mapped to the original photo's pixels
+    grounding: bool = False
+
+    @property
+    def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def image_count(self) -> int:
+        return sum(1 for m in self.messages if isinstance(m.content, list)
+                   for part in m.content if getattr(part, "text", None) is None)
 
     @cached_property
     def text_size(self) -> TextSize:
@@ -238,6 +256,33 @@ class ChatCompletionRequest(_Open):
         bound = msg[1] + tools[1] + TEMPLATE_TOKENS_PER_MESSAGE * (len(self.messages) + 1) \
             + TEMPLATE_TOKENS_PER_TOOL_CALL * calls + (TEMPLATE_TOKENS_FOR_TOOLS if self.tools else 0)
         return TextSize(msg[0] + tools[0], tools[0], bound)
+
+
+class CompletionRequest(SamplingRequest):
+    """``POST /v1/completions``: one plain prompt (text or token ids), no chat template."""
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=1)    # left out: 16, OpenAI's default here
+    logprobs: int | None = Field(None, ge=0, le=20)  # the legacy form: top-k per token
+    echo: bool = False
+    suffix: str | None = None                     # refused (Qwen has no fill-in-the-middle)
+    best_of: int | None = Field(None, ge=1)       # accepted only as n
+
+    @property
+    def single_prompt(self) -> str | list[int] | None:
+        """The one prompt (a list of one is unwrapped); None for several or none."""
+        p = self.prompt
+        if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)):
+            return p
+        return p[0] if len(p) == 1 else None
+
+    @cached_property
+    def text_size(self) -> TextSize:
+        p = self.single_prompt
+        if isinstance(p, str):
+            acc = [0, 0]
+            _walk_text(p, acc)
+            return TextSize(acc[0], 0, acc[1])
+        return TextSize(0, 0, len(p or ()))
 
 
 # --- response --------------------------------------------------------------------------
@@ -372,6 +417,148 @@ class ChatCompletionChunk(BaseModel):
     system_fingerprint: str | None = None
 
 
+# --- the Responses API (POST /v1/responses) ------------------------------------------------
+# The request's items as the SDK sends them; ``server.responses`` turns them into a chat
+# request (the semantics are chat's) and the chat outputs into ``output`` items and events.
+
+class InputText(_Open):
+    type: Literal["input_text"]
+    text: str
+
+
+class InputImage(_Open):
+    type: Literal["input_image"]
+    image_url: str | None = Field(None, max_length=64 * 1024 * 1024)
+    file_id: str | None = None           # refused: this server keeps no files
+    detail: Literal["auto", "low", "high"] | None = "auto"
+
+
+class OutputTextPart(_Open):
+    """An earlier assistant turn's text, sent back as history."""
+    type: Literal["output_text", "refusal", "summary_text", "reasoning_text"]
+    text: str | None = None
+    refusal: str | None = None
+
+
+InputContentPart = Annotated[InputText | InputImage | OutputTextPart, Field(discriminator="type")]
+
+
+class InputMessage(_Open):
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: str | list[InputContentPart]
+
+
+class FunctionCallItem(_Open):
+    type: Literal["function_call"]
+    call_id: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = "{}"
+
+
+class FunctionCallOutputItem(_Open):
+    type: Literal["function_call_output"]
+    call_id: str = Field(min_length=1)
+    output: str
+
+
+class ReasoningInputItem(_Open):
+    """An earlier turn's reasoning, sent back as history: dropped (the template keeps
+    no reasoning of earlier turns either)."""
+    type: Literal["reasoning"]
+
+
+def _item_kind(v) -> str:
+    if isinstance(v, dict):
+        return v.get("type", "message")  # {"role", "content"} alone is a message
+    return getattr(v, "type", "message")
+
+
+InputItem = Annotated[
+    Annotated[InputMessage, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[ReasoningInputItem, Tag("reasoning")],
+    Discriminator(_item_kind, custom_error_type="invalid_item", custom_error_message=(
+        "an input item is a message, function_call, function_call_output or reasoning"))]
+
+
+class FunctionTool(FunctionDef):
+    """The Responses API's flat form of chat's ``Tool``."""
+    type: Literal["function"]
+
+
+class FunctionToolChoice(_Open):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(_Open):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str = "response"
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class TextConfig(_Open):
+    format: TextFormat | None = None
+
+
+class ResponsesRequest(_Open):
+    model: str
+    input: str | list[InputItem]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    text: TextConfig | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | FunctionToolChoice | None = None
+    parallel_tool_calls: bool = True
+    stream: bool = False
+    # OpenAI's default is true; nothing is ever stored here (the response says false)
+    store: bool = True
+    previous_response_id: str | None = None   # refused: stateless
+    background: bool = False                  # refused: answers come on this connection
+    reasoning: dict[str, Any] | None = None   # accepted; effort is the model's own
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    cache_salt: str | None = Field(None, min_length=1, max_length=256)
+
+
+class ResponsesUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: dict[str, int]
+    output_tokens: int
+    output_tokens_details: dict[str, int]
+    total_tokens: int
+
+
+class ResponseObject(BaseModel):
+    """``POST /v1/responses``' answer, and the object in its ``response.*`` events."""
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    error: dict[str, Any] | None = None
+    incomplete_details: dict[str, str] | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    model: str
+    output: list[dict[str, Any]] = Field(default_factory=list)
+    parallel_tool_calls: bool = True
+    temperature: float | None = None
+    top_p: float | None = None
+    tool_choice: Any = "auto"
+    tools: list[dict[str, Any]] = Field(default_factory=list)
+    text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
+    reasoning: dict[str, Any] | None = None
+    store: bool = False
+    metadata: dict[str, str] = Field(default_factory=dict)
+    user: str | None = None
+    usage: ResponsesUsage | None = None
+
+
 # --- /tokenize and /detokenize (vLLM's shapes) -------------------------------------------
 
 class TokenizeChatRequest(ChatCompletionRequest):
@@ -402,6 +589,37 @@ class DetokenizeRequest(_Open):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+# --- legacy completions -------------------------------------------------------------------
+
+def legacy_completion_id() -> str:
+    return "cmpl-" + uuid.uuid4().hex
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class Completion(BaseModel):
+    """The answer, and each streamed chunk (``usage`` on the last one only)."""
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
 
 
 class ModelCard(BaseModel):

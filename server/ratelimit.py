@@ -170,13 +170,12 @@ TOKENS_PX = 32 * 32
 
 
 def estimate_tokens(req, default_max_tokens: int, max_pixels: int) -> int:
-    """What a chat request may cost at most, before its prompt is tokenized: an upper
-    bound for any text (``ChatCompletionRequest.text_size``: the UTF-8 bytes of every text
+    """What a chat (or legacy completion) request may cost at most, before its prompt is
+    tokenized: an upper bound for any text (``text_size``: the UTF-8 bytes of every text
     the template renders, tools and tool-call arguments included, plus the template's own
-    tokens), each image at its full pixel budget, plus ``n`` x max_tokens.  The charge is
-    corrected to the tokens really used when the response ends."""
-    images = sum(1 for m in req.messages if isinstance(m.content, list)
-                 for part in m.content if getattr(part, "text", None) is None)
-    prompt = req.text_size.token_bound + images * (max_pixels // TOKENS_PX)
+    tokens; a token-id prompt's length), each image at its full pixel budget, plus ``n``
+    x max_tokens.  The charge is corrected to the tokens really used when the response
+    ends."""
+    prompt = req.text_size.token_bound + req.image_count * (max_pixels // TOKENS_PX)
     max_tokens = req.requested_max_tokens or default_max_tokens
     return prompt + req.n * max_tokens

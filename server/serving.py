@@ -66,6 +66,13 @@ class RequestStats:
     ttft: float | None = None
     t0: float = field(default_factory=time.perf_counter)
 
+    def tally(self, o: Output, counts: list[int]) -> None:
+        """Kept current from each output (``counts``: each choice's completion tokens so
+        far): a client that hangs up is still charged what it was sent."""
+        self.completion_tokens = sum(counts)
+        self.prompt_tokens = o.prompt_tokens
+        self.cached_tokens, self.image_tokens = o.cached_tokens, o.image_tokens
+
     def prefilled(self, prompt_tokens: int) -> None:
         """The engine scheduled this prompt's prefill: charged even if the client leaves
         before its first token (called from the model thread: one attribute write)."""
@@ -94,7 +101,9 @@ class ChatService:
         return p.ModelCard(id=name, created=int(time.time()))
 
     # --- request → engine ------------------------------------------------------------
-    def _check(self, req: p.ChatCompletionRequest, *, generating: bool = True):
+    def check_common(self, req: p.SamplingRequest, *, generating: bool = True):
+        """The checks every generating route shares (chat, legacy completions): valid
+        Unicode and sane nesting, the model's name, ``n``, ``max_tokens``."""
         s = self.settings
         problem = _scan(req.model_dump(by_alias=True, exclude_none=True))
         if problem is not None and problem[0] == "unicode":
@@ -116,8 +125,14 @@ class ChatService:
         mt = req.requested_max_tokens
         if mt is not None and mt > s.max_tokens_limit:
             raise InvalidRequest(f"max_tokens must be at most {s.max_tokens_limit}.",
-                                 param="max_completion_tokens" if req.max_completion_tokens
-                                 else "max_tokens")
+                                 param="max_completion_tokens" if getattr(
+                                     req, "max_completion_tokens", None) else "max_tokens")
+        if generating and s.scheduler == "sequential":
+            self._check_sequential(req)
+
+    def _check(self, req: p.ChatCompletionRequest, *, generating: bool = True):
+        s = self.settings
+        self.check_common(req, generating=generating)
         if len(req.messages) > s.max_messages:
             raise InvalidRequest(f"At most {s.max_messages} messages are allowed.", param="messages")
         images = 0
@@ -148,8 +163,6 @@ class ChatService:
         spec = self._grammar(req)
         if spec is not None:  # refuse a compile bomb before it is queued
             check_cost(spec, s.max_grammar_repeat)
-        if generating and s.scheduler == "sequential":
-            self._check_sequential(req)
 
     def _check_structured(self, req: p.ChatCompletionRequest):
         rf, tc = req.response_format, req.tool_choice
@@ -168,14 +181,16 @@ class ChatService:
             raise InvalidRequest("top_logprobs requires logprobs to be true.",
                                  param="top_logprobs")
 
-    def _check_sequential(self, req: p.ChatCompletionRequest):
+    def _check_sequential(self, req: p.SamplingRequest):
         """The sequential baseline runs ``model.generate()``, which has no logprobs,
         logit_bias or OpenAI penalties, and whose ``min_new_tokens`` (ignore_eos) fights a
         grammar that must end (all-NaN probabilities): refuse rather than ignore."""
-        unsupported = {"logprobs": req.logprobs, "logit_bias": bool(req.logit_bias),
+        chat = isinstance(req, p.ChatCompletionRequest)
+        unsupported = {"logprobs": req.logprobs not in (None, False),
+                       "logit_bias": bool(req.logit_bias),
                        "presence_penalty": bool(req.presence_penalty),
                        "frequency_penalty": bool(req.frequency_penalty),
-                       "ignore_eos": req.ignore_eos and self._grammar(req) is not None}
+                       "ignore_eos": chat and req.ignore_eos and self._grammar(req) is not None}
         for name, used in unsupported.items():
             if used:
                 what = "ignore_eos with structured output" if name == "ignore_eos" else name
@@ -200,7 +215,7 @@ class ChatService:
             return GrammarSpec.json_schema(rf.json_schema.schema_)
         return GrammarSpec.json_object()
 
-    def _parser(self, req: p.ChatCompletionRequest) -> toolparse.OutputParser:
+    def output_parser(self, req: p.ChatCompletionRequest) -> toolparse.OutputParser:
         """Splits a choice's text into content / reasoning / tool calls.  A grammar-bound
         output holds no reasoning, even when the template opened a <think> block."""
         return toolparse.OutputParser(
@@ -270,6 +285,14 @@ class ChatService:
         return messages, images
 
     def _params(self, req: p.ChatCompletionRequest) -> SamplingParams:
+        return self.sampling_params(req, logprobs=req.logprobs,
+                                    top_logprobs=req.top_logprobs or 0,
+                                    grammar=self._grammar(req))
+
+    def sampling_params(self, req: p.SamplingRequest, *, logprobs: bool, top_logprobs: int,
+                        grammar: GrammarSpec | None) -> SamplingParams:
+        """The shared sampling fields as the engine takes them (server defaults filled
+        in, ``logit_bias`` checked against the vocabulary)."""
         s = self.settings
         temperature = s.temperature if req.temperature is None else req.temperature
         bias = {}
@@ -287,7 +310,6 @@ class ChatService:
                 raise InvalidRequest("logit_bias values must be finite numbers.",
                                      param="logit_bias")
             bias[int(k)] = max(-100.0, min(100.0, v))
-        grammar = self._grammar(req)
         return SamplingParams(
             max_tokens=req.requested_max_tokens, temperature=temperature,
             top_p=s.top_p if req.top_p is None else req.top_p,
@@ -297,8 +319,8 @@ class ChatService:
             # stop strings could cut a constrained output short of its grammar
             # ("" would match at once: dropped)
             stop=[] if grammar else [x for x in req.stop or [] if x], seed=req.seed, n=req.n,
-            ignore_eos=req.ignore_eos, logprobs=req.logprobs,
-            top_logprobs=req.top_logprobs or 0, logit_bias=bias, grammar=grammar)
+            ignore_eos=req.ignore_eos, logprobs=logprobs,
+            top_logprobs=top_logprobs, logit_bias=bias, grammar=grammar)
 
     async def start(self, req: p.ChatCompletionRequest, request_id: str,
                     stats: RequestStats, key: str = "", salt: str = "") -> AsyncIterator[Output]:
@@ -308,19 +330,32 @@ class ChatService:
         narrows it further."""
         self._check(req)
         params = self._params(req)
+
+        async def load() -> dict:
+            messages, images = await self._convert(req)
+            if req.grounding:
+                stats.grounding_images = self._geometry(images)
+            return {"messages": messages, "images": images, "tools": _tools(req)}
+        return await self.launch(req, request_id, stats, params, load, key=key, salt=salt)
+
+    async def launch(self, req: p.SamplingRequest, request_id: str, stats: RequestStats,
+                     params: SamplingParams, load, *, key: str = "",
+                     salt: str = "") -> AsyncIterator[Output]:
+        """A queue place (429 before any work), then ``load()`` (the ``EngineRequest``'s
+        prompt fields: messages, images, tools or a plain prompt; fetching the images),
+        then the engine; returns its output stream, its first event already in."""
         reservation = self.engine.reserve()
         try:
-            messages, images = await self._convert(req)
+            fields = await load()
         except BaseException:
             reservation.release()
             raise
-        stats.images = len(images)
-        if req.grounding:
-            stats.grounding_images = self._geometry(images)
+        stats.images = len(fields.get("images", ()))
         stream = self.engine.generate(
-            EngineRequest(request_id, messages, images, params, _tools(req), key=key,
-                          stream=bool(req.stream), cache_salt=_salt(salt, req.cache_salt),
-                          on_prefill=stats.prefilled),
+            EngineRequest(request_id, fields.pop("messages", []), fields.pop("images", []),
+                          params, key=key, stream=bool(req.stream),
+                          cache_salt=_salt(salt, req.cache_salt), on_prefill=stats.prefilled,
+                          **fields),
             reservation)
         first = await anext(stream)  # raises context/engine errors before any byte is sent
         stats.ttft = time.perf_counter() - stats.t0
@@ -384,10 +419,7 @@ class ChatService:
         async for o in outputs:
             texts[o.index] += o.text
             counts[o.index] = o.completion_tokens
-            # kept current: a client that hangs up is still charged what it was sent
-            stats.completion_tokens = sum(counts)
-            stats.prompt_tokens = o.prompt_tokens
-            stats.cached_tokens, stats.image_tokens = o.cached_tokens, o.image_tokens
+            stats.tally(o, counts)
             if o.logprobs:
                 logprobs[o.index] += o.logprobs
             if o.finish_reason:
@@ -395,7 +427,7 @@ class ChatService:
         stats.completion_tokens = sum(counts)
         choices = []
         for i in range(req.n):
-            parser = self._parser(req)
+            parser = self.output_parser(req)
             events = parser.feed(texts[i]) + parser.finish()
             message = _message(events, parser)
             if req.grounding:
@@ -407,7 +439,7 @@ class ChatService:
                 logprobs=p.ChoiceLogprobs(content=[]) if req.logprobs else None))
         return p.completion_json(
             p.ChatCompletion(id=request_id, model=req.model, choices=choices,
-                             usage=_usage(stats)),
+                             usage=usage(stats)),
             [self.logprob_json.array(x) for x in logprobs] if req.logprobs else [])
 
     async def stream(self, req, request_id, outputs: AsyncIterator[Output],
@@ -423,22 +455,20 @@ class ChatService:
         fast = p.ChunkWriter(request_id, created, req.model)  # content deltas
 
         counts = [0] * req.n
-        parsers = [self._parser(req) for _ in range(req.n)]
+        parsers = [self.output_parser(req) for _ in range(req.n)]
         contents = [""] * req.n  # what each choice's deltas said, for its grounding
         for i in range(req.n):
             yield chunk([p.ChunkChoice(index=i, delta=p.Delta(role="assistant", content=""))])
         try:
             async for o in outputs:
                 counts[o.index] = o.completion_tokens
-                stats.completion_tokens = sum(counts)  # current, as in collect()
-                stats.prompt_tokens = o.prompt_tokens
-                stats.cached_tokens, stats.image_tokens = o.cached_tokens, o.image_tokens
+                stats.tally(o, counts)
                 parser = parsers[o.index]
                 events = parser.feed(o.text) if o.text else []
                 if o.finish_reason:
                     events += parser.finish()
                 lp = self.logprob_json.array(o.logprobs) if o.logprobs else None
-                for delta in _deltas(events):  # tokens' logprobs ride on their first chunk
+                for delta in deltas(events):  # tokens' logprobs ride on their first chunk
                     if req.grounding and delta.content:
                         contents[o.index] += delta.content
                     if delta.content is not None and delta.tool_calls is None and \
@@ -466,7 +496,7 @@ class ChatService:
             return
         stats.completion_tokens = sum(counts)
         if req.stream_options and req.stream_options.include_usage:
-            yield chunk([], usage=_usage(stats))
+            yield chunk([], usage=usage(stats))
         yield "data: [DONE]\n\n"
 
 
@@ -507,7 +537,7 @@ def _message(events: list[tuple], parser: toolparse.OutputParser) -> p.ResponseM
                              tool_calls=calls or None)
 
 
-def _deltas(events: list[tuple]) -> list[p.Delta]:
+def deltas(events: list[tuple]) -> list[p.Delta]:
     """Parser events → stream deltas, in order: content and reasoning runs merged, a tool
     call's first fragment (id, type, name, arguments "") on its own, then its arguments."""
     out: list[p.Delta] = []
@@ -537,7 +567,7 @@ def _deltas(events: list[tuple]) -> list[p.Delta]:
     return out
 
 
-def _usage(stats: RequestStats) -> p.Usage:
+def usage(stats: RequestStats) -> p.Usage:
     return p.Usage(prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
                    total_tokens=stats.prompt_tokens + stats.completion_tokens,
                    prompt_tokens_details=p.PromptTokensDetails(

@@ -18,7 +18,7 @@ from server import protocol as p
 from server.engine.interface import Output, TokenLogprob
 from server.media import MediaFetcher, MediaPolicy
 from server.metrics import Metrics
-from server.serving import ChatService, RequestStats, _deltas, _finish, _message
+from server.serving import ChatService, RequestStats, deltas, _finish, _message
 from server.settings import Settings
 
 TOKENS = ["Hello", " world", '"', "\\", "\n", "\x01\x1f", "é", "\ufffd", "😀", "<|im_end|>",
@@ -72,7 +72,7 @@ def old_collect_json(svc, req, request_id, outs: list[Output], created: int) -> 
             finish[o.index] = o.finish_reason
     choices = []
     for i in range(req.n):
-        parser = svc._parser(req)
+        parser = svc.output_parser(req)
         events = parser.feed(texts[i]) + parser.finish()
         choices.append(p.Choice(
             index=i, message=_message(events, parser), finish_reason=_finish(finish[i], parser),
@@ -94,7 +94,7 @@ def old_stream(svc, req, request_id, outs: list[Output], created: int) -> list[s
                                   choices=choices, usage=usage)
         return "data: " + c.model_dump_json(exclude_none=True) + "\n\n"
     lines = []
-    parsers = [svc._parser(req) for _ in range(req.n)]
+    parsers = [svc.output_parser(req) for _ in range(req.n)]
     for i in range(req.n):
         lines.append(chunk([p.ChunkChoice(index=i, delta=p.Delta(role="assistant", content=""))]))
     for o in outs:
@@ -104,7 +104,7 @@ def old_stream(svc, req, request_id, outs: list[Output], created: int) -> list[s
             events += parser.finish()
         lp = p.ChoiceLogprobs(content=[old_wire_logprob(x) for x in o.logprobs]) \
             if o.logprobs else None
-        for delta in _deltas(events):
+        for delta in deltas(events):
             lines.append(chunk([p.ChunkChoice(index=o.index, delta=delta, logprobs=lp)]))
             lp = None
         if lp is not None:

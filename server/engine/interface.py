@@ -75,9 +75,10 @@ class EngineRequest:
     # False: the caller reads the whole result only (a non-streamed completion): after the
     # first, events may arrive merged, a few per request rather than one per step
     stream: bool = True
-    # a plain prompt (/tokenize's prompt form): tokenised as it is, no chat template;
-    # ``messages`` and ``images`` are then empty
+    # a plain prompt (legacy completions, /tokenize's prompt form): tokenised as it is, no
+    # chat template, or given as token ids; ``messages`` and ``images`` are then empty
     prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
 
 
 @dataclass

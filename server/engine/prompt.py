@@ -146,6 +146,9 @@ class PromptBuilder:
 
     def plan(self, req: EngineRequest) -> Plan:
         """Template, token count and context check: no pixel is touched."""
+        if req.prompt_token_ids is not None:
+            ids = self._given_ids(req.prompt_token_ids)
+            return Plan([], [], ids, self._fill_max_tokens(req.params, ids.shape[1]))
         pieces = self._render(req)
         counts = [self._image_tokens(im) for im in req.images]
         if None in counts:  # the processor cannot count ahead: finish() checks
@@ -157,12 +160,23 @@ class PromptBuilder:
         """The token ids ``finish`` would run for ``req`` (images counted as ``plan`` does,
         or from their preprocessed grids where it cannot), with no context check and no
         cache read or written: a count of one tenant's images is no hit for another."""
+        if req.prompt_token_ids is not None:
+            return PromptCount(self._given_ids(req.prompt_token_ids)[0].tolist(), 0)
         pieces = self._render(req)
         counts = [self._image_tokens(im) for im in req.images]
         if None in counts:
             counts = [int(g.prod()) // self.merge ** 2 for g in self._images(req.images)[1]]
         ids = self._tokenize(pieces, counts)
         return PromptCount(ids[0].tolist(), sum(counts))
+
+    def _given_ids(self, ids: list[int]) -> torch.Tensor:
+        """A prompt given as token ids: (1, L).  Image placeholders are refused: they
+        would stand for pixels the request does not have."""
+        t = torch.tensor([ids], dtype=torch.long)
+        if bool((t == self.image_token_id).any()):
+            raise InvalidRequest("The prompt may not contain the image placeholder token.",
+                                 param="prompt")
+        return t
 
     def _render(self, req: EngineRequest) -> list[str]:
         """The chat template's text (or the plain prompt), split at the image placeholders."""
