@@ -36,7 +36,7 @@ from server.media import MediaFetcher, MediaPolicy
 from server.metrics import CONTENT_TYPE, Metrics
 from server.middleware import BodyLimit, RequestLog
 from server.ratelimit import Limiter, estimate_tokens
-from server.completions import CompletionService
+from server.completions import DEFAULT_MAX_TOKENS, CompletionService
 from server.responses import STATELESS, ResponsesService, to_chat
 from server.serving import ChatService, RequestStats
 from server.settings import Settings
@@ -133,14 +133,18 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
             raise Unauthorized("Incorrect or missing API key.")
         return key
 
-    def _admit(request: Request, key: ApiKey, body) -> RequestStats:
+    def _admit(request: Request, key: ApiKey, body,
+                default_max_tokens: int = settings.max_new_tokens) -> RequestStats:
         """The key's limits (429) before any work for a generating request; the access
         log's end releases the ticket and reads the stats."""
         stats = request.scope["state"]["stats"] = RequestStats()
-        request.scope["state"]["key"] = key.name
-        request.scope["state"]["ticket"] = limiter.admit(key, estimate_tokens(
-            body, settings.max_new_tokens, settings.max_pixels), seqs=body.n)
+        _ticket(request, key, estimate_tokens(body, default_max_tokens, settings.max_pixels),
+                body.n)
         return stats
+
+    def _ticket(request: Request, key: ApiKey, cost: int, seqs: int) -> None:
+        request.scope["state"]["key"] = key.name
+        request.scope["state"]["ticket"] = limiter.admit(key, cost, seqs=seqs)
 
     async def _answer(request: Request, streaming: bool, events, collect) -> Response:
         """A generating route's answer: the SSE stream ``events()`` yields, or the JSON
@@ -196,7 +200,7 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
                           body: p.CompletionRequest = Depends(read_completion_body)):
         service()
         svc = state.completions
-        stats = _admit(request, key, body)
+        stats = _admit(request, key, body, default_max_tokens=DEFAULT_MAX_TOKENS)
         cid = p.legacy_completion_id()
         outputs, echo = await _unless_disconnected(
             request, svc.start(body, cid, stats, key=key.name, salt=key.cache_salt), closing)
@@ -225,21 +229,20 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
 
     # vLLM's token routes: a chat request (or a plain prompt) counted without generating,
     # and ids back to text.  Each is one request for the key's request rate (no tokens
-    # charged, no sequence held); a chat request's images load as for a completion
+    # charged); a chat request's images load as for a completion, and while they do the
+    # count holds one of the key's concurrent places (images are the costly part)
     @app.post("/tokenize", response_model=p.TokenizeResponse)
     async def tokenize(request: Request, key: ApiKey = Depends(auth),
                        body=Depends(read_tokenize_body)):
         svc = service()
-        request.scope["state"]["key"] = key.name
-        request.scope["state"]["ticket"] = limiter.admit(key, 0, seqs=0)
+        _ticket(request, key, 0, seqs=1 if getattr(body, "image_count", 0) else 0)
         return await _unless_disconnected(request, svc.tokenize(body), closing)
 
     @app.post("/detokenize", response_model=p.DetokenizeResponse)
     async def detokenize(request: Request, key: ApiKey = Depends(auth),
                          body: p.DetokenizeRequest = Depends(read_detokenize_body)):
         svc = service()
-        request.scope["state"]["key"] = key.name
-        request.scope["state"]["ticket"] = limiter.admit(key, 0, seqs=0)
+        _ticket(request, key, 0, seqs=0)
         return await _unless_disconnected(request, svc.detokenize(body), closing)
 
     # --- errors ----------------------------------------------------------------------------

@@ -43,8 +43,9 @@ def _parse(raw: bytes, max_parts: int, validate):
         raise InvalidRequest("The request body is not valid JSON.") from None
     parts = count_parts(data)
     if parts > max_parts:
-        raise InvalidRequest(f"The messages hold {parts} content parts; at most {max_parts} "
-                             "are allowed (--max-content-parts).", param="messages")
+        where = "input" if isinstance(data, dict) and "input" in data else "messages"
+        raise InvalidRequest(f"The {where} hold {parts} content parts; at most {max_parts} "
+                             "are allowed (--max-content-parts).", param=where)
     try:
         return validate(data)
     except ValidationError as e:
@@ -58,12 +59,19 @@ def count_values(raw: bytes) -> int:
 
 
 def count_parts(data) -> int:
-    """Content parts over all messages (0 for a shape validation will refuse anyway)."""
-    messages = data.get("messages") if isinstance(data, dict) else None
-    if not isinstance(messages, list):
+    """Content parts over all messages (0 for a shape validation will refuse anyway); for
+    the Responses API, its ``input`` items and their content parts."""
+    if not isinstance(data, dict):
         return 0
-    return sum(len(m["content"]) for m in messages
-               if isinstance(m, dict) and isinstance(m.get("content"), list))
+    n = 0
+    for field in ("messages", "input"):
+        items = data.get(field)
+        if not isinstance(items, list):
+            continue
+        n += len(items) if field == "input" else 0
+        n += sum(len(m["content"]) for m in items
+                 if isinstance(m, dict) and isinstance(m.get("content"), list))
+    return n
 
 
 def tokenize_request(data):

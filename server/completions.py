@@ -32,7 +32,6 @@ class CompletionService:
         self.chat = chat
 
     def _check(self, req: p.CompletionRequest) -> str | list[int]:
-        s = self.chat.settings
         self.chat.check_common(req)
         prompt = req.single_prompt
         if prompt is None:
@@ -41,9 +40,8 @@ class CompletionService:
                                  param="prompt")
         if not prompt:
             raise InvalidRequest("The prompt is empty.", param="prompt")
-        if isinstance(prompt, str) and len(prompt) > s.max_text_chars:
-            raise InvalidRequest(f"The prompt holds more than {s.max_text_chars} characters "
-                                 "(--max-text-chars).", param="prompt")
+        if isinstance(prompt, str):
+            self.chat.check_prompt_text(prompt)
         if isinstance(prompt, list):
             vocab = self.chat.vocab_size
             bad = next((i for i, t in enumerate(prompt) if not 0 <= t < vocab), None)
@@ -70,14 +68,18 @@ class CompletionService:
             params = params.replace(max_tokens=min(DEFAULT_MAX_TOKENS,
                                                    self.chat.settings.max_tokens_limit))
         ids = prompt if isinstance(prompt, list) else None
+        echo = ""
+        if req.echo:  # before any work: an id the tokenizer cannot spell is a 400 now
+            try:
+                echo = prompt if ids is None else await self.chat.engine.detokenize(ids)
+            except InvalidRequest as e:
+                e.param = "prompt"
+                raise
 
         async def load() -> dict:
             return {"prompt_token_ids": ids} if ids is not None else {"prompt": prompt}
         outputs = await self.chat.launch(req, request_id, stats, params, load, key=key,
                                          salt=salt)
-        echo = ""
-        if req.echo:
-            echo = prompt if ids is None else await self.chat.engine.detokenize(ids)
         return outputs, echo
 
     async def collect(self, req: p.CompletionRequest, request_id: str,

@@ -35,6 +35,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 
 from server import protocol as p
 
@@ -122,11 +123,12 @@ def find(text: str) -> list[Found]:
 
 
 def to_pixel(v: int | float, size: int) -> int:
-    """A 0-1000 coordinate in pixels of a side of ``size``, clamped to ``0..size``."""
-    x = v / 1000 * size
-    if not math.isfinite(x):
-        return size if x > 0 else 0
-    return min(max(round(x), 0), size)
+    """A 0-1000 coordinate in pixels of a side of ``size``, clamped to ``0..size``: the
+    product in exact arithmetic (a float one would round 700 / 1000 * 85 = 59.49999...
+    down, where the exact 59.5 goes to the even 60)."""
+    if not math.isfinite(v):
+        return size if v > 0 else 0
+    return min(max(round(Fraction(v) * size / 1000), 0), size)
 
 
 def ground(text: str, images: list[p.GroundingImage]) -> p.Grounding:

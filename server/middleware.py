@@ -114,5 +114,5 @@ class _NoStats:
 
 
 _NO_STATS = _NoStats()
-_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize",
-           "/detokenize"}
+_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models",
+           "/health", "/metrics", "/tokenize", "/detokenize"}

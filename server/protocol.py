@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator,
-                      model_serializer, model_validator)
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, field_serializer,
+                      field_validator, model_serializer, model_validator)
 
 
 class _Open(BaseModel):
@@ -399,6 +399,12 @@ class Delta(BaseModel):
     tool_calls: list[ToolCallDelta] | None = None
     grounding: Grounding | None = None   # on a choice's final chunk, when asked for
 
+    @field_serializer("grounding")
+    def _grounding_with_nulls(self, g: Grounding | None):
+        # a chunk is written with exclude_none; the grounding keeps its nulls (a label or
+        # pixels that are null), as in the non-streamed message
+        return None if g is None else g.model_dump()
+
 
 class ChunkChoice(BaseModel):
     index: int
@@ -483,8 +489,18 @@ InputItem = Annotated[
 
 
 class FunctionTool(FunctionDef):
-    """The Responses API's flat form of chat's ``Tool``."""
+    """The Responses API's flat form of chat's ``Tool``; hosted tools (web_search, ...)
+    are refused by their type before their other fields are looked at."""
     type: Literal["function"]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _functions_only(cls, v):
+        if isinstance(v, dict) and v.get("type") != "function":
+            kind = v.get("type")
+            raise ValueError("only function tools are supported, not "
+                             + (json.dumps(kind[:32]) if isinstance(kind, str) else "this"))
+        return v
 
 
 class FunctionToolChoice(_Open):

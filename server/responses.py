@@ -67,7 +67,7 @@ def to_chat(req: p.ResponsesRequest) -> tuple[p.ChatCompletionRequest, dict[str,
     items = [req.input] if isinstance(req.input, str) else req.input
     for k, item in enumerate(items):
         origin = "input" if isinstance(req.input, str) else f"input[{k}]"
-        if isinstance(item, str):
+        if isinstance(item, str):  # the whole input as one string
             add({"role": "user", "content": item}, origin)
         elif isinstance(item, p.InputMessage):
             add({"role": item.role, "content": _content(item, origin)}, origin)
@@ -104,7 +104,8 @@ def to_chat(req: p.ResponsesRequest) -> tuple[p.ChatCompletionRequest, dict[str,
     except ValidationError as e:  # rare: the item models already hold chat's rules
         first = e.errors()[0]
         loc = ".".join(str(x) for x in first.get("loc", ()))
-        raise InvalidRequest(f"{loc}: {first.get('msg', 'invalid value')}") from None
+        raise InvalidRequest(f"{loc}: {first.get('msg', 'invalid value')}",
+                             param=_param(loc, where) or None) from None
 
 
 def _content(item: p.InputMessage, origin: str):
@@ -125,16 +126,30 @@ def _content(item: p.InputMessage, origin: str):
     return parts
 
 
+# chat's names for the fields the Responses request names otherwise (the longest first)
+_RENAMED = (("response_format.json_schema.schema", "text.format.schema"),
+            ("response_format.json_schema", "text.format"), ("response_format", "text.format"),
+            ("max_completion_tokens", "max_output_tokens"), ("max_tokens", "max_output_tokens"),
+            ("messages", "input"))
+
+
 def _param(param: str | None, where: dict[str, str]) -> str | None:
     """A chat error's ``param`` in the Responses request's terms."""
-    if not param or not param.startswith("messages["):
+    if not param:
         return param
-    head, _, rest = param.partition("]")
-    origin = where.get(head + "]")
-    if origin is None:
-        return "input"
-    rest = rest.replace(".image_url.url", ".image_url")
-    return origin + rest if origin != "instructions" else origin
+    if param.startswith("messages["):
+        head, _, rest = param.partition("]")
+        origin = where.get(head + "]")
+        if origin is None:
+            return "input"
+        rest = rest.replace(".image_url.url", ".image_url")
+        return origin + rest if origin != "instructions" else origin
+    if param.startswith("tools[") and ".function" in param:  # flat tools: no "function"
+        return param.replace(".function", "", 1)
+    for chat, ours in _RENAMED:
+        if param == chat or param.startswith(chat + "."):
+            return ours + param[len(chat):]
+    return param
 
 
 # --------------------------------------------------------------------------- response
@@ -191,7 +206,8 @@ class _Builder:
         at = {"output_index": self.items.index(item), "item_id": item["id"]}
         if item["type"] == "message":
             part = item["content"][0]
-            self.event("response.output_text.done", **at, content_index=0, text=part["text"])
+            self.event("response.output_text.done", **at, content_index=0, text=part["text"],
+                       logprobs=[])
             self.event("response.content_part.done", **at, content_index=0, part=dict(part))
         elif item["type"] == "reasoning":
             part = item["summary"][0]

@@ -102,9 +102,23 @@ class ChatService:
 
     # --- request → engine ------------------------------------------------------------
     def check_common(self, req: p.SamplingRequest, *, generating: bool = True):
-        """The checks every generating route shares (chat, legacy completions): valid
-        Unicode and sane nesting, the model's name, ``n``, ``max_tokens``."""
+        """The checks every generating route shares (chat, legacy completions): those of
+        ``check_basic``, ``n``, ``max_tokens``."""
         s = self.settings
+        self.check_basic(req)
+        if req.n > s.max_n:
+            raise InvalidRequest(f"n must be at most {s.max_n}.", param="n")
+        mt = req.requested_max_tokens
+        if mt is not None and mt > s.max_tokens_limit:
+            raise InvalidRequest(f"max_tokens must be at most {s.max_tokens_limit}.",
+                                 param="max_completion_tokens" if getattr(
+                                     req, "max_completion_tokens", None) else "max_tokens")
+        if generating and s.scheduler == "sequential":
+            self._check_sequential(req)
+
+    def check_basic(self, req) -> None:
+        """Every route's first checks: valid Unicode (lone surrogates break the tokenizer)
+        and sane nesting, the model's name (when given), unknown fields logged."""
         problem = _scan(req.model_dump(by_alias=True, exclude_none=True))
         if problem is not None and problem[0] == "unicode":
             # lone surrogates ("\ud800") break the tokenizer and the utf-8 response
@@ -120,15 +134,13 @@ class ChatService:
             shown = ", ".join(json.dumps(k[:64]) for k in extra[:8])
             log.info("ignoring unknown request fields: %s%s", shown,
                      f" (+{len(extra) - 8} more)" if len(extra) > 8 else "")
-        if req.n > s.max_n:
-            raise InvalidRequest(f"n must be at most {s.max_n}.", param="n")
-        mt = req.requested_max_tokens
-        if mt is not None and mt > s.max_tokens_limit:
-            raise InvalidRequest(f"max_tokens must be at most {s.max_tokens_limit}.",
-                                 param="max_completion_tokens" if getattr(
-                                     req, "max_completion_tokens", None) else "max_tokens")
-        if generating and s.scheduler == "sequential":
-            self._check_sequential(req)
+
+    def check_prompt_text(self, prompt: str) -> None:
+        """A plain prompt's text limit (--max-text-chars), before it is tokenised."""
+        limit = self.settings.max_text_chars
+        if len(prompt) > limit:
+            raise InvalidRequest(f"The prompt holds more than {limit} characters "
+                                 "(--max-text-chars).", param="prompt")
 
     def _check(self, req: p.ChatCompletionRequest, *, generating: bool = True):
         s = self.settings
@@ -186,7 +198,8 @@ class ChatService:
         logit_bias or OpenAI penalties, and whose ``min_new_tokens`` (ignore_eos) fights a
         grammar that must end (all-NaN probabilities): refuse rather than ignore."""
         chat = isinstance(req, p.ChatCompletionRequest)
-        unsupported = {"logprobs": req.logprobs not in (None, False),
+        # chat's logprobs is a bool, legacy completions' a count (0 asks for them too)
+        unsupported = {"logprobs": req.logprobs is not None and req.logprobs is not False,
                        "logit_bias": bool(req.logit_bias),
                        "presence_penalty": bool(req.presence_penalty),
                        "frequency_penalty": bool(req.frequency_penalty),
@@ -388,11 +401,8 @@ class ChatService:
             finally:
                 reservation.release()
         else:
-            if req.model is not None:
-                self.model(req.model)
-            if len(req.prompt) > self.settings.max_text_chars:
-                raise InvalidRequest(f"The prompt holds more than {self.settings.max_text_chars}"
-                                     " characters (--max-text-chars).", param="prompt")
+            self.check_basic(req)
+            self.check_prompt_text(req.prompt)
             count = await self.engine.count(EngineRequest(
                 "tokenize", [], [], SamplingParams(), prompt=req.prompt))
         n, window = len(count.token_ids), self.engine.max_model_len
@@ -401,8 +411,7 @@ class ChatService:
                                   max_tokens_room=max(0, window - n))
 
     async def detokenize(self, req: p.DetokenizeRequest) -> p.DetokenizeResponse:
-        if req.model is not None:
-            self.model(req.model)
+        self.check_basic(req)
         if len(req.tokens) > self.engine.max_model_len:
             raise InvalidRequest(f"At most {self.engine.max_model_len} tokens (the context "
                                  "window) may be detokenized at once.", param="tokens")

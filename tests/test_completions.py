@@ -98,6 +98,7 @@ def test_echo_n_seed_and_stop(client):
     ({"prompt": [1, 10**9]}, "prompt"),
     ({"prompt": "a <|image_pad|> b"}, "prompt"),
     ({"prompt": [151655]}, "prompt"),                     # the image placeholder's id
+    ({"prompt": [151700], "echo": True}, "prompt"),       # a model row with no text
     ({"prompt": "x", "suffix": "y"}, "suffix"),
     ({"prompt": "x", "best_of": 3}, "best_of"),
     ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),

@@ -68,6 +68,7 @@ def test_no_false_forms():
 
 def test_pixel_formula_and_clamping():
     assert g.to_pixel(500, 641) == round(320.5) == 320       # Python's round: half to even
+    assert g.to_pixel(700, 85) == 60   # exactly 59.5 (in floats 700 / 1000 * 85 = 59.4999...)
     assert g.to_pixel(1000, 641) == 641 and g.to_pixel(0, 641) == 0
     assert g.to_pixel(-40, 300) == 0 and g.to_pixel(1200, 300) == 300
     assert g.to_pixel(float("inf"), 300) == 300 and g.to_pixel(float("-inf"), 300) == 0
@@ -86,6 +87,16 @@ def test_ground_refers_to_the_last_image():
     assert out.points[0].point_px == [px(1, 1200), px(999, 300)]
     alone = g.ground('{"bbox_2d": [1, 2, 3, 4]}', [])
     assert alone.boxes[0].image is None and alone.boxes[0].bbox_px is None
+
+
+def test_streamed_grounding_keeps_its_nulls():
+    """A chunk is written without null fields; its grounding is written as the message's."""
+    out = g.ground('{"bbox_2d": [1, 2, 3, 4]}', [])
+    chunk = p.ChatCompletionChunk(id="c", created=0, model="m", choices=[
+        p.ChunkChoice(index=0, delta=p.Delta(grounding=out), finish_reason="stop")])
+    streamed = json.loads(p.chunk_json(chunk))["choices"][0]["delta"]["grounding"]
+    plain = json.loads(p.ResponseMessage(content="x", grounding=out).model_dump_json())
+    assert streamed == plain["grounding"] and streamed["boxes"][0]["bbox_px"] is None
 
 
 def test_many_forms_stay_fast():
