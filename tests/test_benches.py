@@ -262,3 +262,18 @@ def test_hostpath_clients_and_decode_split(server):
             assert tokens == 4 * 4 and seconds > 0, (client, mode, tokens)
             after = decode_counters(url)
             assert after[1] - before[1] == 4 * 3 and after[0] > before[0], (client, mode)
+
+
+def test_decode_host_reduced_run(tiny_model, tmp_path):
+    """``bench.decode_host`` (issue 30's host-time baseline) end to end, scaled down: every
+    full-batch step is split into forward, sample and host time, which add up."""
+    out = tmp_path / "decode_host.json"
+    r = subprocess.run([sys.executable, "-m", "bench.decode_host", "--model-path", tiny_model,
+                        "--batch", "4", "--tokens", "6", "--rounds", "1", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rounds"]
+    assert row["steps_full_batch"] >= 4
+    assert row["forward_ms"] > 0 and row["sample_ms"] > 0 and row["host_ms"] > 0
+    assert row["host_ms"] < row["decode_ms"]
