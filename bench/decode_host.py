@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
 import statistics
 import time
@@ -68,7 +69,10 @@ def main():
     ap.add_argument("--context", type=int, default=16, help="prompt tokens, about")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out")
+    ap.add_argument("--profile", help="write a cProfile of the decode steps (the engine "
+                    "thread's, forward and sampler included) to this file")
     args = ap.parse_args()
+    prof = cProfile.Profile() if args.profile else None
     s = Settings(model_path=args.model_path, max_num_seqs=args.batch)
     engine = AsyncEngine(load_model(s), s)
     forward: list[float] = []   # every call, appended by the wrappers
@@ -82,7 +86,11 @@ def main():
     def decode_step():
         n, n_fwd, n_smp = len(sched.batch.rows), len(forward), len(sample)
         t0 = time.perf_counter()
+        if prof is not None:
+            prof.enable()
         out = own_decode()
+        if prof is not None:
+            prof.disable()
         # only this step's forward and sample calls (prefill steps sample too)
         steps.append((n, time.perf_counter() - t0, sum(forward[n_fwd:]),
                       sum(sample[n_smp:])))
@@ -106,6 +114,8 @@ def main():
             })
     finally:
         engine.close()
+    if prof is not None:
+        prof.dump_stats(args.profile)
     result = {"batch": args.batch, "tokens": args.tokens, "context": args.context,
               "model": args.model_path,
               "rounds": per_round,
