@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server import protocol as p
 from server.body import body_reader, chat_body_reader, document_bodies, tokenize_request
 from server.clients import BodyDeadline
+from server.completions import DEFAULT_MAX_TOKENS, CompletionService
 from server.docs import add_offline_docs
 from server.errors import (APIError, ClientClosedRequest, InternalError, InvalidRequest,
                            NotFound, PayloadTooLarge, PermissionDenied, RequestTimeout,
@@ -36,8 +37,7 @@ from server.media import MediaFetcher, MediaPolicy
 from server.metrics import CONTENT_TYPE, Metrics
 from server.middleware import BodyLimit, RequestLog
 from server.ratelimit import Limiter, estimate_tokens
-from server.completions import DEFAULT_MAX_TOKENS, CompletionService
-from server.responses import STATELESS, ResponsesService, to_chat
+from server.responses import STATELESS, ResponsesService, response_id, to_chat
 from server.serving import ChatService, RequestStats
 from server.settings import Settings
 
@@ -213,7 +213,7 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
                         body: p.ResponsesRequest = Depends(read_responses_body)):
         service()
         svc = state.responses
-        rid = "resp_" + p.completion_id().removeprefix("chatcmpl-")
+        rid = response_id()
         chat_req, where = to_chat(body)  # the Responses-only checks; then it is a chat request
         stats = _admit(request, key, chat_req)
         outputs = await _unless_disconnected(request, svc.start(

@@ -41,6 +41,10 @@ STATELESS = ("This server is stateless: it stores no responses (store is accepte
              "is kept); send the whole conversation in input.")
 
 
+def response_id() -> str:
+    return _new_id("resp")
+
+
 def _new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
@@ -155,10 +159,12 @@ def _param(param: str | None, where: dict[str, str]) -> str | None:
 # --------------------------------------------------------------------------- response
 
 class _Builder:
-    """Parser events -> output items, and (``events()``) the stream's events."""
+    """Parser events -> output items and, when ``streaming``, the stream's events
+    (``take()``); a plain answer writes no event at all."""
 
-    def __init__(self, req: p.ResponsesRequest, rid: str, stats: RequestStats, parser):
-        self.req, self.stats, self.parser = req, stats, parser
+    def __init__(self, req: p.ResponsesRequest, rid: str, stats: RequestStats, parser,
+                 streaming: bool):
+        self.req, self.stats, self.parser, self.streaming = req, stats, parser, streaming
         self.base = p.ResponseObject(
             id=rid, created_at=int(time.time()), status="in_progress", model=req.model,
             instructions=req.instructions, max_output_tokens=req.max_output_tokens,
@@ -178,6 +184,8 @@ class _Builder:
 
     # events -------------------------------------------------------------------------
     def event(self, kind: str, **fields) -> None:
+        if not self.streaming:
+            return
         data = {"type": kind, "sequence_number": self.seq, **fields}
         self.seq += 1
         self.out.append(f"event: {kind}\ndata: {json.dumps(data)}\n\n")
@@ -195,8 +203,7 @@ class _Builder:
         self._close()
         self.items.append(item)
         self.open = item
-        self.event("response.output_item.added", output_index=len(self.items) - 1,
-                   item=dict(item))
+        self.event("response.output_item.added", output_index=len(self.items) - 1, item=item)
         return item
 
     def _close(self, status: str = "completed") -> None:
@@ -208,23 +215,21 @@ class _Builder:
             part = item["content"][0]
             self.event("response.output_text.done", **at, content_index=0, text=part["text"],
                        logprobs=[])
-            self.event("response.content_part.done", **at, content_index=0, part=dict(part))
+            self.event("response.content_part.done", **at, content_index=0, part=part)
         elif item["type"] == "reasoning":
             part = item["summary"][0]
             self.event("response.reasoning_summary_text.done", **at, summary_index=0,
                        text=part["text"])
             self.event("response.reasoning_summary_part.done", **at, summary_index=0,
-                       part=dict(part))
+                       part=part)
         else:
             self.event("response.function_call_arguments.done", **at,
                        arguments=item["arguments"])
-        if item["type"] == "function_call":  # complete: its block closed, its arguments parse
+            # complete: its block closed and its arguments parse
             done = {c.id for c in self.parser.complete_calls}
-            item["status"] = "completed" if item["call_id"] in done else "incomplete"
-        else:
-            item["status"] = status
-        self.event("response.output_item.done", output_index=at["output_index"],
-                   item=json.loads(json.dumps(item)))
+            status = "completed" if item["call_id"] in done else "incomplete"
+        item["status"] = status
+        self.event("response.output_item.done", output_index=at["output_index"], item=item)
 
     def _text(self, kind: str, text: str) -> None:
         item = self.open
@@ -236,7 +241,7 @@ class _Builder:
                 part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
                 item["content"].append(part)
                 self.event("response.content_part.added", output_index=len(self.items) - 1,
-                           item_id=item["id"], content_index=0, part=dict(part))
+                           item_id=item["id"], content_index=0, part=part)
             item["content"][0]["text"] += text
             self.event("response.output_text.delta", output_index=len(self.items) - 1,
                        item_id=item["id"], content_index=0, delta=text, logprobs=[])
@@ -248,7 +253,7 @@ class _Builder:
                 item["summary"].append(part)
                 self.event("response.reasoning_summary_part.added",
                            output_index=len(self.items) - 1, item_id=item["id"],
-                           summary_index=0, part=dict(part))
+                           summary_index=0, part=part)
             item["summary"][0]["text"] += text
             self.event("response.reasoning_summary_text.delta",
                        output_index=len(self.items) - 1, item_id=item["id"],
@@ -306,8 +311,9 @@ class ResponsesService:
             e.param = _param(e.param, where)
             raise
 
-    async def _run(self, req, rid, chat_req, outputs: AsyncIterator[Output],
-                   stats: RequestStats, b: _Builder) -> AsyncIterator[dict | None]:
+    @staticmethod
+    async def _run(outputs: AsyncIterator[Output], stats: RequestStats,
+                   b: _Builder) -> AsyncIterator[dict | None]:
         """Feeds the builder from the outputs; yields after each output (None) and, at
         the end, the final response object."""
         parser = b.parser
@@ -327,22 +333,21 @@ class ResponsesService:
 
     async def collect(self, req: p.ResponsesRequest, rid: str, chat_req, outputs,
                       stats: RequestStats) -> str:
-        b = _Builder(req, rid, stats, self.chat.output_parser(chat_req))
+        b = _Builder(req, rid, stats, self.chat.output_parser(chat_req), streaming=False)
         final = None
-        async for x in self._run(req, rid, chat_req, outputs, stats, b):
+        async for x in self._run(outputs, stats, b):
             final = x if x is not None else final
-            b.take()  # not streamed: the events are dropped
         return json.dumps(final)
 
     async def stream(self, req: p.ResponsesRequest, rid: str, chat_req, outputs,
                      stats: RequestStats) -> AsyncIterator[str]:
-        b = _Builder(req, rid, stats, self.chat.output_parser(chat_req))
+        b = _Builder(req, rid, stats, self.chat.output_parser(chat_req), streaming=True)
         b.event("response.created", response=b.snapshot("in_progress"))
         b.event("response.in_progress", response=b.snapshot("in_progress"))
         for e in b.take():
             yield e
         try:
-            async for _ in self._run(req, rid, chat_req, outputs, stats, b):
+            async for _ in self._run(outputs, stats, b):
                 for e in b.take():
                     yield e
         except APIError as e:  # mid-stream: an error event, then response.failed

@@ -178,7 +178,7 @@ def test_builder_reasoning_message_and_call():
     then a call; in the events each item is opened, filled and closed in turn."""
     req = p.ResponsesRequest(model=MODEL, input="hi", tools=TOOLS)
     parser = OutputParser(tools=True, opened_think=True)
-    b = _Builder(req, "resp_x", RequestStats(), parser)
+    b = _Builder(req, "resp_x", RequestStats(), parser, streaming=True)
     text = ('weighing it</think>\n\nIt is A17.\n<tool_call>\n{"name": "order_status", '
             '"arguments": {"order": "A17"}}\n</tool_call>')
     for piece in (text[:7], text[7:30], text[30:]):
