@@ -142,6 +142,12 @@ class Settings(BaseSettings):
         "Vision-encoder outputs kept for resent images, in MiB (0: off)."))
     enforce_eager: bool = Field(False, description=(
         "Run the decode step eagerly, without CUDA graphs."))
+    kernels: Literal["auto", "torch", "triton"] = Field("auto", description=(
+        "The decode step's fused ops and paged attention: Triton kernels (GPU; the "
+        "attention reads the KV blocks where they are) or their torch reference (the "
+        "CPU's path; the attention gathers the blocks). auto: Triton on CUDA when it "
+        "compiles and matches the reference at startup, else torch, with a log line saying "
+        "why."))
     cpu_threads: int | None = Field(None, ge=1, description=(
         "torch's intra-op threads when the model runs on the CPU. Default: OMP_NUM_THREADS "
         "when set, else the process's cores minus one (at least 1): one core is left to the "

@@ -1023,6 +1023,7 @@ class AsyncEngine:
                                   max_num_seqs=settings.max_num_seqs,
                                   max_model_len=self.max_model_len,
                                   enforce_eager=getattr(settings, "enforce_eager", False),
+                                  kernels_setting=getattr(settings, "kernels", "auto"),
                                   encoder_cache=encoder_cache,
                                   pixels=self.builder.model_pixels)
         probe = self.blocks.allocate(min(3, num_blocks))

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from server.engine import kernels
 from server.engine.transfer import to_device
 
 ATTN_NAME = "qwen_vl_paged"
@@ -57,11 +58,12 @@ class StepInputs:
 
 class _Ctx:
     """What the attention function reads during one forward pass."""
-    __slots__ = ("pool", "slots", "rows", "mask", "fresh")
+    __slots__ = ("pool", "slots", "rows", "mask", "fresh", "q_start", "kv_len")
 
-    def __init__(self, pool, slots, rows, mask, fresh=False):
+    def __init__(self, pool, slots, rows, mask, fresh=False, q_start=None, kv_len=None):
         self.pool, self.slots, self.rows, self.mask = pool, slots, rows, mask
         self.fresh = fresh  # one row, its context is exactly the new tokens
+        self.q_start, self.kv_len = q_start, kv_len  # what the Triton kernel reads
 
 
 _local = threading.local()  # the step in progress on this thread (another thread may be
@@ -114,7 +116,7 @@ class KVPool:
         ``fresh``: one row whose context is exactly these tokens (a prompt's first chunk):
         attention is plain causal over them, SDPA's fastest path, with nothing gathered."""
         slots, mask = self.layout(inp, q_len)
-        ctx = _Ctx(self, slots, inp.tables, mask, fresh)
+        ctx = _Ctx(self, slots, inp.tables, mask, fresh, inp.q_start, inp.kv_len)
         prev, _local.ctx = getattr(_local, "ctx", None), ctx
         try:
             yield ctx
@@ -177,21 +179,27 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         # under torch.compile the pool write must stay an in-place write into the pool:
         # traced, it would be functionalised into a copy of the whole pool per layer
         out = _paged_op(query, key, value, pool.k[layer], pool.v[layer], ctx.slots,
-                        ctx.rows, ctx.mask, scale, ctx.fresh)
+                        ctx.rows, ctx.mask, scale, ctx.fresh, ctx.q_start, ctx.kv_len)
     else:
         out = _paged(query, key, value, pool.k[layer], pool.v[layer], ctx.slots, ctx.rows,
-                     ctx.mask, scale, ctx.fresh)
+                     ctx.mask, scale, ctx.fresh, ctx.q_start, ctx.kv_len)
     return out, None
 
 
-def _paged(query, key, value, kp, vp, slots, rows, mask, scale: float, fresh: bool):
+def _paged(query, key, value, kp, vp, slots, rows, mask, scale: float, fresh: bool,
+           q_start=None, kv_len=None):
     """Write the new keys/values into one layer's pool ``kp``/``vp`` (``[N + 1, bs, H,
     D]``) at ``slots``, then attend each row's blocks ``rows`` under ``mask``; returns
-    ``[B, q, heads, D]`` (contiguous)."""
+    ``[B, q, heads, D]`` (contiguous).  With the Triton kernels on (server/engine/
+    kernels.py) the blocks are read where they are, from ``q_start``/``kv_len``; the
+    gather below is their reference twin and the CPU's path."""
     b, h, q, d = key.shape
     flat_k, flat_v = kp.view(-1, h, d), vp.view(-1, h, d)
     flat_k.index_copy_(0, slots, _as(key.transpose(1, 2).reshape(b * q, h, d), kp.dtype))
     flat_v.index_copy_(0, slots, _as(value.transpose(1, 2).reshape(b * q, h, d), vp.dtype))
+    if not fresh and q_start is not None and kernels.backend() == "triton":
+        return kernels.paged_attention_in_place(query.transpose(1, 2), kp, vp, rows,
+                                                q_start, kv_len, scale)
     if fresh:
         out = F.scaled_dot_product_attention(query, key.to(query.dtype), value.to(query.dtype),
                                              is_causal=True, scale=scale,
@@ -252,12 +260,13 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 @torch.library.custom_op("qwen_vl::paged_attention", mutates_args=("kp", "vp"))
 def _paged_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               kp: torch.Tensor, vp: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor,
-              mask: torch.Tensor, scale: float, fresh: bool) -> torch.Tensor:
-    return _paged(query, key, value, kp, vp, slots, rows, mask, scale, fresh)
+              mask: torch.Tensor, scale: float, fresh: bool, q_start: torch.Tensor,
+              kv_len: torch.Tensor) -> torch.Tensor:
+    return _paged(query, key, value, kp, vp, slots, rows, mask, scale, fresh, q_start, kv_len)
 
 
 @_paged_op.register_fake
-def _(query, key, value, kp, vp, slots, rows, mask, scale, fresh):
+def _(query, key, value, kp, vp, slots, rows, mask, scale, fresh, q_start, kv_len):
     b, heads, q, d = query.shape
     return query.new_empty((b, q, heads, d))
 

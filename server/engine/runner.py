@@ -35,9 +35,11 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from server.engine import vision
+from server.engine import kernels, vision
+from server.engine.fused import FusedDecoder, fuse_weights
 from server.engine.kv_pool import KVPool, StepInputs, install
 from server.engine.transfer import to_device
 
@@ -237,7 +239,7 @@ class _DecodeStep:
 class ModelRunner:
     def __init__(self, model, pool: KVPool, *, device, pad_id: int, max_num_seqs: int,
                  max_model_len: int, enforce_eager: bool = False, encoder_cache=None,
-                 pixels=None):
+                 pixels=None, kernels_setting: str = "auto"):
         self.model, self.pool, self.device = model, pool, torch.device(device)
         self.lm = model.model.language_model
         self.lm_head = model.lm_head
@@ -248,6 +250,13 @@ class ModelRunner:
         install(model)
         deepstack_by_index(self.lm)
         log.info("RMSNorm: %d modules through torch's fused rms_norm", fuse_rms_norms(self.lm))
+        self.kernels, why = kernels.select(kernels_setting, self.device)
+        log.info("kernels: %s (%s)", self.kernels, why)
+        why = fuse_weights(self.lm)
+        # the fused step reads the rotary table (built below); None: transformers' layers
+        self.fused = FusedDecoder(self.lm, pool) if why is None else None
+        log.info("decode layers: %s", "fused (q/k/v and gate/up merged; 9 ops per layer)"
+                 if self.fused is not None else f"transformers' modules ({why})")
         self.batch_buckets = batch_buckets(max_num_seqs)
         self.max_blocks = max(1, math.ceil(max_model_len / pool.block_size))
         self.width_buckets = width_buckets(self.max_blocks)
@@ -309,6 +318,10 @@ class ModelRunner:
         b = ids.shape[0]
         inp = StepInputs(tables, kv_len - 1, kv_len)
         with self.pool.step(inp, 1) as ctx:
+            if self.fused is not None and self.rope is not None:  # the same numbers in ~9
+                # ops per layer (fused.py)
+                cos, sin = (t.index_select(0, pos) for t in self.rope)
+                return self.fused(self.embed(ids), cos, sin, ctx, inp.q_start, kv_len)
             h = self.embed(ids.view(b, 1))
             if self.rope is not None:
                 pe = tuple(t.index_select(0, pos).view(b, 1, -1) for t in self.rope)
