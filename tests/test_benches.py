@@ -277,3 +277,41 @@ def test_decode_host_reduced_run(tiny_model, tmp_path):
     assert row["steps_full_batch"] >= 4
     assert row["forward_ms"] > 0 and row["sample_ms"] > 0 and row["host_ms"] > 0
     assert row["host_ms"] < row["decode_ms"]
+    # --stub-device: the model's step and the sampler return cached results after the
+    # warm-up round, so the whole step is the host's
+    r = subprocess.run([sys.executable, "-m", "bench.decode_host", "--model-path", tiny_model,
+                        "--batch", "4", "--tokens", "6", "--rounds", "1", "--stub-device",
+                        "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rounds"]
+    assert row["forward_ms"] == 0 and row["sample_ms"] == 0 and row["host_ms"] > 0
+
+
+def _step_ops(model: str, *args: str, env=None) -> dict:
+    r = subprocess.run([sys.executable, "-m", "bench.step_ops", "--model-path", model,
+                        "--batch", "16", "--context", "40", *args],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_decode_step_ops_per_layer_and_no_kv_block_copies(tiny_model):
+    """Issue 30's counted gates at batch 16 with mixed lengths: the fused step dispatches
+    at most 20 ops per decoder layer (each fused piece one ``qwen_vl::`` op); the path a
+    GPU runs (the Triton kernels, here under Triton's interpreter) copies no KV block of
+    the pool, while the CPU's reference path gathers every layer's blocks (so the count can
+    see a copy), and transformers' layers take ~60 ops per layer."""
+    cpu = _step_ops(tiny_model)
+    assert cpu["decode_layers"] == "fused" and cpu["kernels"] == "torch"
+    assert cpu["per_layer"] <= 20, cpu
+    assert {"qwen_vl.add_rms_norm", "qwen_vl.qk_norm_rope", "qwen_vl.paged_decode",
+            "qwen_vl.silu_mul"} <= set(cpu["op_names"])
+    assert cpu["kv_pool_copies"] == 2 * cpu["layers"], cpu  # keys and values, each layer
+    gpu = _step_ops(tiny_model, "--kernels", "triton", env={"TRITON_INTERPRET": "1"})
+    assert gpu["kernels"] == "triton" and gpu["per_layer"] == cpu["per_layer"]
+    assert gpu["kv_pool_copies"] == 0, gpu["kv_pool_copy_ops"]
+    ref = _step_ops(tiny_model, "--reference")
+    assert ref["decode_layers"] == "transformers" and ref["per_layer"] > 40

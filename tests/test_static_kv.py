@@ -86,8 +86,8 @@ async def test_capturable_step_no_sync_fixed_buffers(make_engine):
         with torch.inference_mode():
             for t in range(1, 6):
                 with mode:
-                    out = runner.decode([5, 7, 9], [t, t, t], [t + 1] * 3,
-                                        [blocks[:2], blocks[2:3], blocks[3:]])
+                    out = runner.decode(*runner.arrays([5, 7, 9], [t, t, t], [t + 1] * 3,
+                                                       [blocks[:2], blocks[2:3], blocks[3:]]))
                 step = runner.step_for(3, 2)
                 ptrs.add((step.inp.data_ptr(), step.logits.data_ptr(), out.data_ptr()))
                 logits.append(out.clone())
@@ -354,15 +354,15 @@ async def test_decode_layout_and_rotary_table_equal_the_general_path(make_engine
     assert torch.equal(runner.rope[1][pos], sin[:, 0])
     blocks = engine.blocks.allocate(8)
     try:
-        step = dict(ids=[5, 9, 2, 7], pos=[3, 30, 8, 0], kv_len=[4, 31, 9, 1],
-                    tables=[blocks[:1], blocks[1:3], blocks[3:4], blocks[4:5]])
+        step = runner.arrays([5, 9, 2, 7], [3, 30, 8, 0], [4, 31, 9, 1],
+                             [blocks[:1], blocks[1:3], blocks[3:4], blocks[4:5]])
         runner.fused = None  # transformers' layers in both (tests/test_fused.py: the fused step)
         with torch.inference_mode():
-            runner.decode(**step)  # writes the rows' keys and values
-            table = runner.decode(**step).clone()
+            runner.decode(*step)  # writes the rows' keys and values
+            table = runner.decode(*step).clone()
             saved, runner.rope = runner.rope, None
             try:
-                module = runner.decode(**step).clone()
+                module = runner.decode(*step).clone()
             finally:
                 runner.rope = saved
         assert torch.equal(table, module)

@@ -60,6 +60,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 
@@ -266,13 +267,53 @@ class _Prompt:
 
 
 class _Running:
-    """The rows being decoded (in batch order) and their sampling state."""
+    """The rows being decoded (in batch order), their sampling state, and their step
+    inputs kept as arrays from step to step (``int64``, one entry per row): ``last`` (the
+    token sampled last), ``pos`` (its position: context length + the row's M-RoPE offset),
+    ``kv`` (tokens in the row's cache), ``nblk`` (its blocks) and ``tables`` (``[rows,
+    width]``, the block ids, zero past ``nblk``).  A decode step updates them with a few
+    vector operations; only a row crossing into a new block (one step in ``block_size``)
+    is touched on its own.  ``Sequence.blocks`` stays the list the block manager
+    releases."""
 
-    def __init__(self, rows: list[Sequence], sampling: SamplingState):
+    def __init__(self, rows: list[Sequence], sampling: SamplingState, arrays=None):
         self.rows, self.sampling = rows, sampling
+        if arrays is None:
+            kv = np.array([s.kv_len for s in rows], dtype=np.int64)
+            nblk = np.array([len(s.blocks) for s in rows], dtype=np.int64)
+            tables = np.zeros((len(rows), max(nblk, default=1) + 8), dtype=np.int64)
+            for i, s in enumerate(rows):
+                tables[i, :len(s.blocks)] = s.blocks
+            arrays = (np.zeros(len(rows), dtype=np.int64),
+                      kv + np.array([s.delta for s in rows], dtype=np.int64), kv, nblk, tables)
+        self.last, self.pos, self.kv, self.nblk, self.tables = arrays
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def cat(self, other: "_Running") -> "_Running":
+        w = max(self.tables.shape[1], other.tables.shape[1])
+        tables = np.zeros((len(self) + len(other), w), dtype=np.int64)
+        tables[:len(self), :self.tables.shape[1]] = self.tables
+        tables[len(self):, :other.tables.shape[1]] = other.tables
+        return _Running(self.rows + other.rows, self.sampling.cat(other.sampling), (
+            *(np.concatenate([a, b]) for a, b in zip(
+                (self.last, self.pos, self.kv, self.nblk),
+                (other.last, other.pos, other.kv, other.nblk))), tables))
+
+    def select(self, keep: list[int], sampling: SamplingState) -> "_Running":
+        k = np.asarray(keep)
+        return _Running([self.rows[i] for i in keep], sampling,
+                        (self.last[k], self.pos[k], self.kv[k], self.nblk[k], self.tables[k]))
+
+    def add_block(self, i: int, block: int):
+        n = self.nblk[i]
+        if n >= self.tables.shape[1]:  # widen by half (amortised: rare)
+            wider = np.zeros((len(self), n + n // 2 + 8), dtype=np.int64)
+            wider[:, :self.tables.shape[1]] = self.tables
+            self.tables = wider
+        self.tables[i, n] = block
+        self.nblk[i] = n + 1
 
 
 def image_spans(is_img: torch.Tensor, sizes: list[int]) -> list[tuple[int, int]]:
@@ -639,32 +680,28 @@ class BatchingScheduler(_SchedulerBase):
             [prompts[id(s.sink)] for s in rows], self.engine.vocab_size, dev)
         new = _Running(rows, sampling)
         self._sample_into(new, logits)
-        if self.batch is None:
-            self.batch = new
-        else:
-            self.batch = _Running(self.batch.rows + new.rows,
-                                  self.batch.sampling.cat(new.sampling))
+        self.batch = new if self.batch is None else self.batch.cat(new)
         self._note_allocation()
         return True
 
     def _decode(self):
-        rows, bs = self.batch.rows, self.bs
-        ids, pos, lens, tables = [], [], [], []
-        for s in rows:
-            t = s.kv_len
-            if t // bs >= len(s.blocks):  # crossing into a new block: from its promise
-                s.blocks += self._fresh(1, promised=True)
-                s.promise -= 1
-            ids.append(s.last_token)
-            pos.append(t + s.delta)
-            lens.append(t + 1)
-            tables.append(s.blocks)
+        batch = self.batch
+        rows = batch.rows
+        # rows crossing into a new block take it from their promise: all in one allocation
+        # (one clear of the blocks), about one row in block_size per step
+        grow = np.flatnonzero(batch.kv >= batch.nblk * self.bs).tolist()
+        if grow:
+            for i, blk in zip(grow, self._fresh(len(grow), promised=True)):
+                rows[i].blocks.append(blk)
+                rows[i].promise -= 1
+                batch.add_block(i, blk)
         self.engine.faults.tick()
-        logits = self.runner.decode(ids, pos, lens, tables)
+        lens = batch.kv + 1
+        logits = self.runner.decode(batch.last, batch.pos, lens, batch.tables, batch.nblk)
         self.decode_steps += 1
         self.decode_rows += len(rows)
-        for s in rows:
-            s.kv_len += 1
+        batch.kv = lens
+        batch.pos += 1
         self._note_allocation()
         self.engine.faults.tick("sample")
         self._sample_into(self.batch, logits)
@@ -675,10 +712,8 @@ class BatchingScheduler(_SchedulerBase):
         matchers = [s.matcher for s in rows]
         res = batch.sampling.sample(logits, matchers if any(matchers) else None)
         tokens, lps = res.unpack(res.packed.tolist())  # the step's one device-to-host copy
-        finishes = []
-        for s, t in zip(rows, tokens):
-            s.last_token = t
-            finishes.append(s.accept(t))
+        batch.last = np.array(tokens, dtype=np.int64)
+        finishes = [s.accept(t) for s, t in zip(rows, tokens)]
         self.engine.output.put_step(list(rows), tokens, finishes,
                                     [s.hide_last for s in rows], lps)
 
@@ -715,7 +750,7 @@ class BatchingScheduler(_SchedulerBase):
 
         def select():
             idx = torch.tensor(keep, device=self.engine.device)
-            return _Running(kept_rows, batch.sampling.select(idx, keep))
+            return batch.select(keep, batch.sampling.select(idx, keep))
 
         kept = self._guarded("leave", lambda: _entries(kept_rows), select)
         if kept is None:  # its rows were failed with it

@@ -180,8 +180,12 @@ class _DecodeStep:
         # one buffer, one copy per step: ids | positions | kv_len | tables.  Ordinary
         # tensors even when made inside inference mode (as steps made while serving
         # are): a compiled step's guards tell the two kinds apart
+        # on the CPU the host writes the inputs straight into ``inp``, through ``host``
+        # (a numpy array sharing its memory)
+        self.host = np.zeros(batch * (3 + width), dtype=np.int64) if dev.type == "cpu" else None
         with torch.inference_mode(False):
-            self.inp = torch.zeros(batch * (3 + width), dtype=torch.long, device=dev)
+            self.inp = torch.from_numpy(self.host) if self.host is not None else \
+                torch.zeros(batch * (3 + width), dtype=torch.long, device=dev)
             self.ids = self.inp[:batch]
             self.pos = self.inp[batch:2 * batch]
             self.kv_len = self.inp[2 * batch:3 * batch]
@@ -455,43 +459,60 @@ class ModelRunner:
                 self.step_for(b, w)
         log.info("CUDA graphs: %d captured in %.1f s", len(self.steps), time.perf_counter() - t0)
 
-    def _stage(self, n: int) -> torch.Tensor:
-        """A host buffer for the step's inputs: pinned and double-buffered on CUDA (the
-        copy is asynchronous; the step's one sync guarantees the buffer used two steps
-        ago is free)."""
-        if self.device.type != "cuda":
-            return torch.empty(n, dtype=torch.long)
+    def _host_inputs(self, step: _DecodeStep) -> np.ndarray:
+        """Where the host writes a step's inputs (a numpy view, so filling it dispatches no
+        torch op and never releases the GIL mid-step): on the CPU the step's own buffer;
+        on CUDA a pinned staging buffer, double-buffered (the copy up is asynchronous; the
+        step's one sync guarantees the buffer used two steps ago is free)."""
+        n = step.inp.numel()
+        if step.host is not None:
+            return step.host
         if self._staging is None or self._staging[0].numel() < n:
             size = max(n, 1 << 16)
             self._staging = [torch.empty(size, dtype=torch.long).pin_memory() for _ in range(2)]
+            self._staging_np = [t.numpy() for t in self._staging]
         self._flip ^= 1
-        return self._staging[self._flip][:n]
+        return self._staging_np[self._flip][:n]
 
-    def decode(self, ids: list[int], pos: list[int], kv_len: list[int],
-               tables: list[list[int]]) -> torch.Tensor:
-        """Logits ``[B, V]`` of one decode step (valid until the next step).
+    def decode(self, ids: np.ndarray, pos: np.ndarray, kv_len: np.ndarray,
+               tables: np.ndarray, widths: np.ndarray) -> torch.Tensor:
+        """Logits ``[B, V]`` of one decode step (valid until the next step), from the rows'
+        ``int64`` arrays (the scheduler keeps them between steps): token, position, context
+        length with the new token, block table ``[B, >= max(widths)]`` (zero past a row's
+        ``widths`` blocks).
 
         Every row gathers as many blocks as the widest row's bucket, so one long
         conversation would make all its neighbours read its width: when that would gather
         ``SPLIT_MIN_TOKENS`` more than two groups would (narrow rows, wide rows), the step
         runs as two forward passes, which costs one more read of the weights."""
-        split = self._split(tables)
+        split = self._split(widths)
         if split is None:
-            return self._decode_one(ids, pos, kv_len, tables)
+            return self._decode_one(ids, pos, kv_len, tables, int(widths.max()))
         out = None
         for rows in split:
-            part = self._decode_one([ids[i] for i in rows], [pos[i] for i in rows],
-                                    [kv_len[i] for i in rows], [tables[i] for i in rows])
+            r = np.asarray(rows)
+            part = self._decode_one(ids[r], pos[r], kv_len[r], tables[r], int(widths[r].max()))
             if out is None:
                 out = part.new_empty((len(ids), part.shape[-1]))
             out.index_copy_(0, torch.tensor(rows, device=out.device), part)
         return out
 
-    def _split(self, tables: list[list[int]]) -> tuple[list[int], list[int]] | None:
-        widest = _pick(self.width_buckets, max(1, max(map(len, tables))))
-        if (len(tables) - 1) * widest * self.pool.block_size < SPLIT_MIN_TOKENS:
+    @staticmethod
+    def arrays(ids: list[int], pos: list[int], kv_len: list[int],
+               tables: list[list[int]]) -> tuple[np.ndarray, ...]:
+        """``decode``'s arguments from per-row lists (tests, benchmarks)."""
+        widths = np.array([len(t) for t in tables], dtype=np.int64)
+        table = np.zeros((len(tables), max(1, int(widths.max()))), dtype=np.int64)
+        for i, t in enumerate(tables):
+            table[i, :len(t)] = t
+        return (np.array(ids, dtype=np.int64), np.array(pos, dtype=np.int64),
+                np.array(kv_len, dtype=np.int64), table, widths)
+
+    def _split(self, widths: np.ndarray) -> tuple[list[int], list[int]] | None:
+        widest = _pick(self.width_buckets, max(1, int(widths.max())))
+        if (len(widths) - 1) * widest * self.pool.block_size < SPLIT_MIN_TOKENS:
             return None  # even the other rows skipping every block would save less
-        widths = [_pick(self.width_buckets, max(1, len(t))) for t in tables]
+        widths = [_pick(self.width_buckets, max(1, w)) for w in widths.tolist()]
         order = sorted(range(len(widths)), key=widths.__getitem__)
         best, cut = 0, 0
         for k in range(1, len(order)):
@@ -504,23 +525,28 @@ class ModelRunner:
             return None
         return sorted(order[:cut]), sorted(order[cut:])
 
-    def _decode_one(self, ids: list[int], pos: list[int], kv_len: list[int],
-                    tables: list[list[int]]) -> torch.Tensor:
+    def _decode_one(self, ids: np.ndarray, pos: np.ndarray, kv_len: np.ndarray,
+                    tables: np.ndarray, width: int) -> torch.Tensor:
         b = len(ids)
-        if self.rope is not None and max(pos) >= self.rope[0].shape[0]:  # unreachable (see
+        if self.rope is not None and pos.max() >= self.rope[0].shape[0]:  # unreachable (see
             # _rope_table); an index past the table would be a device-side assert on a GPU
-            raise RuntimeError(f"decode position {max(pos)} is past the rotary table")
-        step = self.step_for(b, max(len(t) for t in tables))
+            raise RuntimeError(f"decode position {pos.max()} is past the rotary table")
+        step = self.step_for(b, max(1, width))
         bb, w = step.batch, step.width
-        pad = bb - b
-        flat = ids + [self.pad_id] * pad + pos + [0] * pad + kv_len + [1] * pad
-        for t in tables:
-            flat += t
-            flat += [0] * (w - len(t))
-        flat += [0] * (w * pad)
-        host = self._stage(len(flat))
-        host.copy_(torch.tensor(flat, dtype=torch.long))
-        step.inp.copy_(host, non_blocking=True)
+        host = self._host_inputs(step)  # ids | positions | kv_len | tables, padding rows:
+        host[:b] = ids                  # the pad token at position 0, one scratch token
+        host[b:bb] = self.pad_id
+        host[bb:bb + b] = pos
+        host[bb + b:2 * bb] = 0
+        host[2 * bb:2 * bb + b] = kv_len
+        host[2 * bb + b:3 * bb] = 1
+        t = host[3 * bb:].reshape(bb, w)
+        n = min(w, tables.shape[1])
+        t[:b, :n] = tables[:, :n]
+        t[:b, n:] = 0
+        t[b:] = 0
+        if self.device.type == "cuda":
+            step.inp.copy_(torch.from_numpy(host), non_blocking=True)  # pinned: asynchronous
         return step.run()[:b]
 
     # --- prefill --------------------------------------------------------------------------
@@ -663,31 +689,39 @@ class ModelRunner:
 
     # --- startup check --------------------------------------------------------------------
     def check(self, blocks: list[int]):
-        """The paged path against the model's own forward on a short prompt."""
-        n = min(len(blocks) * self.pool.block_size, 2 * self.pool.block_size + 3)
-        ids = torch.arange(1, n + 1)
-        pos = torch.arange(n).view(1, n).expand(3, n)
+        """The paged path against the model's own forward on a short prompt: a prefill in
+        two chunks (the fresh causal path, then one over the pool's blocks: the paged
+        kernel a cached prefix takes), then one decode step (the fused step and its
+        kernels, or transformers' layers)."""
+        n = min(len(blocks) * self.pool.block_size - 1, 2 * self.pool.block_size + 3)
+        ids = torch.arange(1, n + 2)  # the prompt, then the decoded token
+        pos = torch.arange(n + 1).view(1, n + 1).expand(3, n + 1)
+        errors, failure = [], None
         with torch.inference_mode():
             self.pool.k[:, blocks] = 0  # what the check finds there was written by it
-            try:  # two chunks: the fresh causal path, then one through the pool's blocks
+            try:  # e.g. a transformers whose attention bypasses ours
                 cut = max(1, n - 5)
                 self.prefill([PrefillChunk(ids[:cut], pos[:, :cut], 0, blocks, None, False)])
-                ours = self.prefill([PrefillChunk(ids[cut:], pos[:, cut:], cut, blocks, None,
-                                                  True)])[0].float()
-            except Exception as exc:  # e.g. a transformers whose attention bypasses ours
+                ours = [self.prefill([PrefillChunk(ids[cut:n], pos[:, cut:n], cut, blocks,
+                                                   None, True)])[0].float()]
+                ours.append(self.decode(*self.arrays([n + 1], [n], [n + 1], [blocks]))[0]
+                            .float())
+            except Exception as exc:
                 ours, failure = None, exc
-            ref = self.model(input_ids=ids.view(1, n).to(self.device),
-                             position_ids=pos.view(3, 1, n).to(self.device),
-                             use_cache=False).logits[0, -1].float()
+            for m in (n, n + 1):
+                ref = self.model(input_ids=ids[:m].view(1, m).to(self.device),
+                                 position_ids=pos[:, :m].reshape(3, 1, m).to(self.device),
+                                 use_cache=False).logits[0, -1].float()
+                errors.append(_relative_error(ours[m - n], ref) if ours else math.inf)
             written = self.pool.k[:, blocks[0]].abs().sum().item()
-        err = _relative_error(ours, ref) if ours is not None else math.inf
+        err = max(errors)
         tol = 1e-3 if self.pool.dtype == torch.float32 else 5e-2
         import transformers
         if not written or not err <= tol:  # NaN fails too
             raise RuntimeError(
                 f"the engine's paged attention disagrees with the model's own forward under "
                 f"transformers {transformers.__version__} (relative error {err:.2e}, pool "
-                f"written: {bool(written)}{'' if ours is not None else f'; {failure!r}'}): this "
-                "transformers version is not supported")
-        log.info("paged attention check: transformers %s, relative error %.1e",
-                 transformers.__version__, err)
+                f"written: {bool(written)}{'' if ours is not None else f'; {failure!r}'}; "
+                f"kernels: {self.kernels}): this transformers version is not supported")
+        log.info("paged attention check (prefill and decode, kernels %s): transformers %s, "
+                 "relative error %.1e", self.kernels, transformers.__version__, err)
