@@ -82,7 +82,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("eager", "graphs")
+MODES = ("eager", "graphs")  # the table's two columns
+# decode-only columns (issue 30): batch-1 time per token, decode at each batch, the batch-1
+# profile (kernels per token); no images, no correctness batch
+EXTRA = {"compiled": dict(compile=True),      # graphs + --compile
+         "reference": dict(kernels="torch")}  # graphs + the kernels' torch reference
+MODE_SETTINGS = {"eager": dict(enforce_eager=True), "graphs": {}, **EXTRA}
 
 
 # --- settings without pydantic -------------------------------------------------------
@@ -449,6 +454,13 @@ async def measure_mode(loaded, settings, w: Workload, device: str, seed: int,
                                   "window_s": window})
             note(f"decode at batch {b}: {rate:.0f} tok/s")
 
+        if tag in EXTRA:  # a decode-only column: its batch-1 profile, and done
+            if profile_dir is not None:
+                res["profile"] = await profile_request(r, r.request(QUESTIONS[3], 24),
+                                                       profile_dir, tag, trace=False)
+                note(f"profile: {res['profile']}")
+            return res
+
         # 3. TTFT of one image request at batch 1 (a fresh image each time: no cache helps)
         ttfts = []
         for i in range(w.image_ttft_reps):
@@ -617,6 +629,22 @@ def rows(report: dict) -> list[tuple[str, str, str]]:
     for name, m in zip(MODES, (e, g)):
         if m.get("error"):
             out.append((f"{name} FAILED", m["error"][:80], ""))
+    for name in EXTRA:  # decode-only columns, beside graphs: this one | graphs
+        x = report["modes"].get(name)
+        if x is None:
+            continue
+        out.append((f"{name}: ms per output token, batch 1", f(x, "tpot_batch1_ms", d=2),
+                    f(g, "tpot_batch1_ms", d=2)))
+        for i, b in enumerate(w["decode_batches"]):
+            out.append((f"{name}: decode tok/s, batch {b}", f(x, "decode", i, "tokens_per_s", d=0),
+                        f(g, "decode", i, "tokens_per_s", d=0)))
+        out.append((f"{name}: kernels per token, batch 1", f(x, "profile", "kernels_per_token",
+                                                               d=0),
+                    f(g, "profile", "kernels_per_token", d=0)))
+        out.append((f"{name}: decode path, compiled", f"{x.get('decode_path_end')}, "
+                    f"{x.get('decode_compiled')}", ""))
+        if x.get("error"):
+            out.append((f"{name} FAILED", x["error"][:80], ""))
     return out
 
 
@@ -653,7 +681,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--modes", default=",".join(MODES),
                    help="the columns to run, of: eager, graphs (default both; the correctness "
-                        "line needs both)")
+                        "line needs both), and the decode-only ones: compiled (--compile), "
+                        "reference (--kernels torch)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="an engine setting for both columns, e.g. --set max_prefill_chunk=4096 "
                         "--set prep_workers=8 (a Python literal, else a string); repeatable")
@@ -666,9 +695,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="save the model to a temporary folder and load it with models.loader "
                         "(as the server does) instead of handing the in-memory model over")
     args = p.parse_args(argv)
-    modes = [m for m in MODES if m in args.modes.split(",")]
+    modes = [m for m in args.modes.split(",") if m in MODE_SETTINGS]
     if not modes:
-        p.error(f"--modes {args.modes!r}: none of {', '.join(MODES)}")
+        p.error(f"--modes {args.modes!r}: none of {', '.join(MODE_SETTINGS)}")
 
     t_start = time.perf_counter()
     import torch
@@ -742,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ids = {}
     for mode in modes:
-        s = engine_settings(**base, enforce_eager=(mode == "eager"))
+        s = engine_settings(**{**base, **MODE_SETTINGS[mode]})
         res = report["modes"][mode] = {}
         t = time.perf_counter()
 

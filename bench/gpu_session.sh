@@ -9,7 +9,11 @@
 #     (--max-num-batched-tokens: 8192 on GPUs of >= 70 GiB) and again at 1,024, each with
 #     per-stage timers (preparation, admission, encoder, prefill, decode; host and
 #     CUDA-event time), the first with a profile of 3 early engine steps;
-#   - graphs == eager is not re-measured here (known: bench/results/gpu_check_h200.json).
+#   - graphs == eager is not re-measured here (known: bench/results/gpu_check_h200.json);
+#   - decode only (issue 30), beside graphs: "reference" (--kernels torch: the gather +
+#     SDPA attention and the ops' torch references) and "compiled" (--compile), each with
+#     batch-1 time per token and its profile (kernels per token) and decode at 16 and 64;
+#     the JSON is rewritten after every part, so a run cut at T1 keeps what it measured.
 # Files in OUT (the device tool brings back at most 8): log.txt (versions: nvidia-smi,
 # torch, transformers, triton, gcc/nvcc present?), gpu_check.json, gpu_check-profiles.tgz.
 #
@@ -29,7 +33,7 @@ log() { grep -v USDT | tee -a "$OUT/log.txt"; }
 } | log
 mkdir -p "$WORK/gpu_check"
 # GPU_CHECK_ARGS: more gpu_check flags (the CPU dry run sets a step budget above 1,024)
-timeout "${T1:-330}" "$PY" -m bench.gpu_check --modes graphs --profile ${GPU_CHECK_ARGS:-} \
+timeout "${T1:-330}" "$PY" -m bench.gpu_check --modes graphs,reference,compiled --profile ${GPU_CHECK_ARGS:-} \
   --out "$WORK/gpu_check/gpu_check.json" 2>&1 | log
 cp "$WORK/gpu_check/gpu_check.json" "$OUT/" 2>/dev/null
 if ls "$WORK/gpu_check"/profile_* >/dev/null 2>&1; then

@@ -228,7 +228,12 @@ def test_gpu_session_script_dry_run_on_cpu(tmp_path):
     log = (tmp_path / "log.txt").read_text()
     assert "torch " in log and "gcc:" in log and "nvcc:" in log
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert report["complete"] and set(report["modes"]) == {"graphs"}
+    assert report["complete"] and set(report["modes"]) == {"graphs", "reference", "compiled"}
+    for name in ("reference", "compiled"):  # decode-only columns (issue 30)
+        col = report["modes"][name]
+        assert col["tpot_batch1_ms"] > 0 and len(col["decode"]) == 2 and "profile" in col
+        assert "image_batch" not in col
+    assert report["modes"]["compiled"]["decode_compiled"]
     graphs = report["modes"]["graphs"]
     assert "profile" in graphs and graphs["image_batch"]["profile_trace"]
     stages = graphs["image_batch"]["stages"]
