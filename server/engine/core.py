@@ -918,7 +918,11 @@ class AsyncEngine:
         self.kv_budget = KVBudget.measure(self.model, settings, self.device)
         self.decode_path = "eager"
         if settings.scheduler == "batching":  # the sequential baseline uses generate()'s cache
-            self._build_kv(settings)
+            try:
+                self._build_kv(settings)
+            except BaseException:  # a failed startup check: the grammar workers would hold
+                self.grammars.close()  # the process at exit (multiprocessing joins them)
+                raise
         self.output = OutputStage(self)
         # request ids whose client left; read by the sequential scheduler's stopping
         # criterion while generate() blocks the worker.  The worker itself learns of an

@@ -723,5 +723,6 @@ class ModelRunner:
                 f"transformers {transformers.__version__} (relative error {err:.2e}, pool "
                 f"written: {bool(written)}{'' if ours is not None else f'; {failure!r}'}; "
                 f"kernels: {self.kernels}): this transformers version is not supported")
-        log.info("paged attention check (prefill and decode, kernels %s): transformers %s, "
-                 "relative error %.1e", self.kernels, transformers.__version__, err)
+        log.info("paged attention check: transformers %s, relative error %.1e (a prefill "
+                 "over cached blocks and a decode step; kernels %s)", transformers.__version__,
+                 err, self.kernels)
