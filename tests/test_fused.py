@@ -508,3 +508,44 @@ async def test_triton_engine_equals_torch_engine_under_the_interpreter(toy_model
     assert all(c > 0 for c in got["cached"][-2:]), got["cached"]
     assert got["cached"] == want["cached"]
     assert_equal_tokens(got["ids"], want["ids"])
+
+
+async def test_startup_check_fits_a_short_context_and_leaves_no_step(toy_model, make_engine):
+    """The startup check's decode step fits whatever the blocks allow: with blocks of 128
+    tokens and a 256-token context (two blocks of a step's table at most) it still starts
+    (review finding: the probe's third block made the step too wide); and it leaves no
+    decode step behind, so ``--compile`` and the CUDA graphs build every bucket afresh."""
+    s = Settings(model_path=toy_model, kv_block_size=128, max_model_len=256)
+    engine = AsyncEngine(load_model(s), s)
+    try:
+        assert engine.runner.max_blocks == 2 and engine.runner.steps == {}
+        assert (await run(engine, text(0, 12, max_tokens=6)))[0]
+    finally:
+        engine.close()
+    assert make_engine().runner.steps == {}
+
+
+async def test_triton_failing_the_startup_check_falls_back_to_torch(make_engine, monkeypatch,
+                                                                    caplog):
+    """``--kernels auto``: Triton kernels that fail the model-shaped startup check (a
+    compile error, a mismatch) leave the engine on the torch reference, logged, instead of
+    failing the start.  Simulated on the CPU: the backend reports "triton" and the check
+    fails while it does."""
+    from server.engine import runner as runner_mod
+    monkeypatch.setattr(K, "select", lambda setting, device: ("triton", "pretend"))
+    own = runner_mod.ModelRunner._check
+
+    def check(self, blocks):
+        if self.kernels == "triton":
+            raise RuntimeError("injected: a Triton kernel disagrees")
+        return own(self, blocks)
+    monkeypatch.setattr(runner_mod.ModelRunner, "_check", check)
+    with caplog.at_level("WARNING", logger="qwen_vl.engine"):
+        engine = make_engine()
+    assert engine.runner.kernels == "torch" and K.backend() == "torch"
+    assert any("torch reference runs instead" in r.getMessage() for r in caplog.records)
+    assert (await run(engine, text(0, 12, max_tokens=6)))[0]
+    # asked for explicitly, the failure stops the start
+    monkeypatch.setattr(K, "select", lambda setting, device: ("triton", "pretend"))
+    with pytest.raises(RuntimeError, match="injected"):
+        make_engine(kernels="triton")

@@ -656,6 +656,7 @@ class BatchingScheduler(_SchedulerBase):
             # hand the prompt's blocks and promises over to its choices first (nothing here
             # can fail), so that on any failure below each block has exactly one owner
             for j, s in enumerate(seqs):
+                # kv_len: the length at joining; from then on the batch's ``kv`` array
                 s.delta, s.kv_len, s.promise = p.delta, p.length, p.promise[j]
                 s.cached_tokens = p.cached
                 s.blocks = list(p.blocks) if j == 0 else p.blocks[:full]

@@ -27,6 +27,9 @@ from torch import nn
 from server.engine import kernels as K
 
 
+_NORMS = ("Qwen3VLTextRMSNorm", "Qwen3VLMoeTextRMSNorm")
+
+
 def _plain(lin) -> bool:
     return type(lin) is nn.Linear and lin.bias is None and lin.weight.dtype.is_floating_point
 
@@ -43,9 +46,13 @@ def fusable(lm) -> str | None:
                 or not all(_plain(getattr(m, n, None)) for n in ("gate_proj", "up_proj",
                                                                   "down_proj")):
             return "not plain bias-free float linear layers (a quantised model?)"
-        if not all(hasattr(x, "weight") for x in (a.q_norm, a.k_norm, layer.input_layernorm,
-                                                    layer.post_attention_layernorm)):
-            return "no q/k RMSNorm weights"
+        norms = (a.q_norm, a.k_norm, layer.input_layernorm, layer.post_attention_layernorm)
+        if not all(type(x).__name__ in _NORMS for x in norms):  # not, say, a (1 + w) norm
+            return "not Qwen3's RMSNorms (w * x / rms(x))"
+        if a.q_norm.variance_epsilon != a.k_norm.variance_epsilon:
+            return "q and k norms with different epsilons"
+        if any(hasattr(x, "_hf_hook") for x in (layer, a, m)):  # accelerate's offloading
+            return "accelerate hooks (offloaded or split weights)"  # hooks run in forward()
     return None
 
 
@@ -78,7 +85,7 @@ def fuse_weights(lm) -> str | None:
 
 class _Layer:
     """What one layer's fused step reads: weights transposed once (views), norms, eps."""
-    __slots__ = ("qkv", "o", "gate_up", "down", "ln1", "ln2", "qn", "kn", "eps")
+    __slots__ = ("qkv", "o", "gate_up", "down", "ln1", "ln2", "qn", "kn", "eps", "qk_eps")
 
     def __init__(self, layer):
         a, m = layer.self_attn, layer.mlp
@@ -87,6 +94,9 @@ class _Layer:
         self.ln1, self.ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
         self.qn, self.kn = a.q_norm.weight, a.k_norm.weight
         self.eps = layer.input_layernorm.variance_epsilon
+        self.qk_eps = a.q_norm.variance_epsilon
+        if layer.post_attention_layernorm.variance_epsilon != self.eps:
+            raise ValueError("the layer's two norms have different epsilons")
 
 
 class FusedDecoder:
@@ -111,7 +121,7 @@ class FusedDecoder:
                 residual, x = h, K.rms_norm(h, w.ln1, w.eps)
             else:
                 x, residual = K.add_rms_norm(h, residual, w.ln1, w.eps)
-            q, k, v = K.qk_norm_rope(torch.mm(x, w.qkv), w.qn, w.kn, cos, sin, w.eps,
+            q, k, v = K.qk_norm_rope(torch.mm(x, w.qkv), w.qn, w.kn, cos, sin, w.qk_eps,
                                      self.heads, self.kv_heads)
             o = K.paged_attention(q, k, v, self.kp[i], self.vp[i], ctx.slots, ctx.rows,
                                   q_start, kv_len, ctx.mask, self.scale)

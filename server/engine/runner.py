@@ -13,9 +13,12 @@ Contract (the scheduler decides what runs; this module only runs it):
   LRU, so a resent photo is not encoded again.  The encoder is server/engine/vision.py's
   (one attention call per block, no host sync) once ``check_encoder()`` has matched it
   against the model's own vision forward at startup; else the model's own.
-* ``decode(ids, pos, kv_len, tables)``: one token per row through a static-buffer step:
-  every input lives in one device buffer per (batch bucket, table-width bucket), filled
-  by one host-to-device copy; slots and masks are computed on the device; logits land in
+* ``decode(ids, pos, kv_len, tables, widths)``: one token per row (``int64`` arrays the
+  scheduler keeps between steps; ``arrays()`` builds them from lists) through a
+  static-buffer step: every input lives in one device buffer per (batch bucket,
+  table-width bucket), written through numpy (no torch op on the host) and, on CUDA,
+  copied up once from pinned memory; the layers are ``fused.FusedDecoder``'s (~9 ops
+  each) where the model allows, else transformers' own; slots and masks are computed on the device; logits land in
   a static buffer.  No host sync, no data-dependent shape: on CUDA each bucket's step is
   captured once in a CUDA graph (shared memory pool) and replayed; on CPU, or with
   ``--enforce-eager``, or when capture fails, the same step runs eagerly.  ``decode_path``
@@ -254,9 +257,12 @@ class ModelRunner:
         install(model)
         deepstack_by_index(self.lm)
         log.info("RMSNorm: %d modules through torch's fused rms_norm", fuse_rms_norms(self.lm))
+        self.kernels_setting = kernels_setting
         self.kernels, why = kernels.select(kernels_setting, self.device)
         log.info("kernels: %s (%s)", self.kernels, why)
         why = fuse_weights(self.lm)
+        if why is None and self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the separate weights' old segments
         # the fused step reads the rotary table (built below); None: transformers' layers
         self.fused = FusedDecoder(self.lm, pool) if why is None else None
         log.info("decode layers: %s", "fused (q/k/v and gate/up merged; 9 ops per layer)"
@@ -691,24 +697,47 @@ class ModelRunner:
     def check(self, blocks: list[int]):
         """The paged path against the model's own forward on a short prompt: a prefill in
         two chunks (the fresh causal path, then one over the pool's blocks: the paged
-        kernel a cached prefix takes), then one decode step (the fused step and its
-        kernels, or transformers' layers)."""
-        n = min(len(blocks) * self.pool.block_size - 1, 2 * self.pool.block_size + 3)
+        kernel a cached prefix takes), then, where the blocks leave room, one decode step
+        (the fused step and its kernels, or transformers' layers).  With the Triton
+        kernels chosen by ``--kernels auto``, a failure or a mismatch at the model's own
+        shapes switches to the torch reference (logged) and checks again.  The decode
+        step's buffers (and graph) are dropped afterwards: ``--compile`` and the startup
+        captures build every bucket afresh, on the path finally chosen."""
+        try:
+            self._check(blocks)
+        except RuntimeError as exc:
+            if self.kernels != "triton" or self.kernels_setting != "auto":
+                raise
+            log.warning("kernels: the Triton kernels fail the startup check at the model's "
+                        "shapes (%s); the torch reference runs instead", exc)
+            kernels.use("torch")
+            self.kernels = "torch"
+            self.steps.clear()
+            self._check(blocks)
+        finally:
+            self.steps.clear()
+
+    def _check(self, blocks: list[int]):
+        bs = self.pool.block_size
+        blocks = blocks[:self.max_blocks]  # a step's table is at most max_blocks wide
+        n = min(len(blocks) * bs, 2 * bs + 3)
+        decode = n < len(blocks) * bs  # room for one more token (and in the rotary table)
         ids = torch.arange(1, n + 2)  # the prompt, then the decoded token
         pos = torch.arange(n + 1).view(1, n + 1).expand(3, n + 1)
-        errors, failure = [], None
+        errors, failure, ours = [], None, []
         with torch.inference_mode():
             self.pool.k[:, blocks] = 0  # what the check finds there was written by it
             try:  # e.g. a transformers whose attention bypasses ours
                 cut = max(1, n - 5)
                 self.prefill([PrefillChunk(ids[:cut], pos[:, :cut], 0, blocks, None, False)])
-                ours = [self.prefill([PrefillChunk(ids[cut:n], pos[:, cut:n], cut, blocks,
-                                                   None, True)])[0].float()]
-                ours.append(self.decode(*self.arrays([n + 1], [n], [n + 1], [blocks]))[0]
-                            .float())
+                ours.append(self.prefill([PrefillChunk(ids[cut:n], pos[:, cut:n], cut, blocks,
+                                                       None, True)])[0].float())
+                if decode:
+                    ours.append(self.decode(*self.arrays([n + 1], [n], [n + 1], [blocks]))[0]
+                                .float())
             except Exception as exc:
                 ours, failure = None, exc
-            for m in (n, n + 1):
+            for m in (n, n + 1)[:1 + decode]:
                 ref = self.model(input_ids=ids[:m].view(1, m).to(self.device),
                                  position_ids=pos[:, :m].reshape(3, 1, m).to(self.device),
                                  use_cache=False).logits[0, -1].float()
@@ -724,5 +753,5 @@ class ModelRunner:
                 f"written: {bool(written)}{'' if ours is not None else f'; {failure!r}'}; "
                 f"kernels: {self.kernels}): this transformers version is not supported")
         log.info("paged attention check: transformers %s, relative error %.1e (a prefill "
-                 "over cached blocks and a decode step; kernels %s)", transformers.__version__,
-                 err, self.kernels)
+                 "over cached blocks%s; kernels %s)", transformers.__version__, err,
+                 " and a decode step" if decode else "", self.kernels)
