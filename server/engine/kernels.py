@@ -181,10 +181,14 @@ def paged_attention_in_place(q, kp, vp, tables, q_start, kv_len, scale: float):
 
 
 def write_kv(k, v, kp, vp, slots):
-    """New keys/values ``[T, kv_heads, D]`` into one layer's pool at ``slots``."""
+    """New keys/values ``[..., kv_heads, D]`` (one row per slot, in order) into one
+    layer's pool at ``slots``: the write of every attention path, reference or Triton."""
     h, d = k.shape[-2:]
-    kp.view(-1, h, d).index_copy_(0, slots, k.reshape(-1, h, d).to(kp.dtype))
-    vp.view(-1, h, d).index_copy_(0, slots, v.reshape(-1, h, d).to(vp.dtype))
+    for new, pool in ((k, kp), (v, vp)):
+        new = new.reshape(-1, h, d)
+        # (no dispatch for a cast to the dtype it has: two per layer per step)
+        pool.view(-1, h, d).index_copy_(0, slots, new if new.dtype == pool.dtype
+                                        else new.to(pool.dtype))
 
 
 # --- choosing ------------------------------------------------------------------------------

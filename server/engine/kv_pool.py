@@ -194,9 +194,7 @@ def _paged(query, key, value, kp, vp, slots, rows, mask, scale: float, fresh: bo
     kernels.py) the blocks are read where they are, from ``q_start``/``kv_len``; the
     gather below is their reference twin and the CPU's path."""
     b, h, q, d = key.shape
-    flat_k, flat_v = kp.view(-1, h, d), vp.view(-1, h, d)
-    flat_k.index_copy_(0, slots, _as(key.transpose(1, 2).reshape(b * q, h, d), kp.dtype))
-    flat_v.index_copy_(0, slots, _as(value.transpose(1, 2).reshape(b * q, h, d), vp.dtype))
+    kernels.write_kv(key.transpose(1, 2), value.transpose(1, 2), kp, vp, slots)
     if not fresh and q_start is not None and kernels.backend() == "triton":
         return kernels.paged_attention_in_place(query.transpose(1, 2), kp, vp, rows,
                                                 q_start, kv_len, scale)
