@@ -588,7 +588,7 @@ class BatchingScheduler(_SchedulerBase):
                                        p.blocks[:self.blocks.blocks_for(e)],
                                        self._chunk_vision(p, s, e), e == p.length, runs))
         self.engine.faults.tick()
-        with self.timers.stage("prefill"):
+        with self.timers.stage("prefill", tokens=sum(n for _, n in picked)):
             logits = self.runner.prefill(chunks)
         for p, n in picked:  # their keys/values are written: full blocks become cacheable
             first, p.done = p.done // self.bs, p.done + n

@@ -31,16 +31,18 @@ class StageTimers:
         with self._lock:
             self.host = defaultdict(float)
             self.calls = defaultdict(int)
+            self.tokens = defaultdict(int)      # stages given ``tokens=``: their sum
+            self.max_tokens = defaultdict(int)  # ... and the most in one call
             self.events: dict[str, list] = defaultdict(list)
 
     def enable(self, on: bool = True):
         self.enabled = on
 
-    def stage(self, name: str):
-        return self._timed(name) if self.enabled else _NOOP
+    def stage(self, name: str, tokens: int | None = None):
+        return self._timed(name, tokens) if self.enabled else _NOOP
 
     @contextlib.contextmanager
-    def _timed(self, name: str):
+    def _timed(self, name: str, tokens: int | None):
         pair = None
         if self.cuda and threading.current_thread().name == "engine":
             pair = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -55,11 +57,15 @@ class StageTimers:
             with self._lock:
                 self.host[name] += dt
                 self.calls[name] += 1
+                if tokens is not None:
+                    self.tokens[name] += tokens
+                    self.max_tokens[name] = max(self.max_tokens[name], tokens)
                 if pair is not None:
                     self.events[name].append(pair)
 
     def report(self) -> dict:
-        """``{stage: {"calls", "host_s", "device_s" (CUDA only)}}`` since the last reset."""
+        """``{stage: {"calls", "host_s", "device_s" (CUDA only), "tokens" and "max_tokens"
+        (stages timed with ``tokens=``)}}`` since the last reset."""
         with self._lock:  # (a stage still running appends its pair after this: not read)
             for pairs in self.events.values():
                 for _, end in pairs:
@@ -67,6 +73,9 @@ class StageTimers:
             out = {}
             for name in self.host:
                 row = {"calls": self.calls[name], "host_s": round(self.host[name], 4)}
+                if name in self.tokens:
+                    row["tokens"] = self.tokens[name]
+                    row["max_tokens"] = self.max_tokens[name]
                 if self.events.get(name):
                     row["device_s"] = round(sum(a.elapsed_time(b) for a, b in
                                                 self.events[name]) / 1000, 4)
