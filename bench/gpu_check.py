@@ -552,8 +552,8 @@ def load(device: str, settings, via_loader: bool, seed: int):
     import torch
 
     from models import tiny
-    from models.loader import LoadedModel, load_model
-    from models.processor import _set_default_budget, has_video_support
+    from models.loader import LoadedModel, load_model, video_support
+    from models.processor import _set_default_budget
 
     full = device == "cuda"
     if via_loader:
@@ -570,7 +570,7 @@ def load(device: str, settings, via_loader: bool, seed: int):
     return LoadedModel(model=model, processor=processor, model_id="random-qwen3-vl-"
                        + ("2b" if full else "tiny"), max_model_len=max_len,
                        device=next(model.parameters()).device,
-                       supports_video=has_video_support()), None
+                       supports_video=video_support(model)), None
 
 
 # --- report ----------------------------------------------------------------------------

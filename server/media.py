@@ -72,7 +72,15 @@ decode that runs out of time (or whose client left) has its worker killed and re
 so that it never keeps a decode slot.  Images over ``BIG_IMAGE_PIXELS`` may occupy all
 workers but one: small images always find a free one.
 
-Video parts are not handled here.  This module must not import torch.
+Videos
+------
+``MediaFetcher.load_video(url or [frame URLs], param=..., options=VideoOptions(...))``
+returns ``(models.video.DecodedVideo, digest)``: a clip's bytes come through the same
+sources and checks as an image's (its own byte cap, ``max_video_bytes``), then
+``models.video.decode_video_bytes`` (PyAV) samples and decodes it in a decode worker under
+the policy's caps on duration, frame size, source frames and decoded pixels, all checked
+from the container's header before a frame is decoded, and ``video_decode_timeout``.  A
+frame list is loaded image by image.  This module must not import torch.
 """
 
 from __future__ import annotations
@@ -90,14 +98,17 @@ import stat
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterable
 from urllib.parse import unquote, urlsplit
 
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from server.errors import InvalidRequest, PayloadTooLarge
+from server.errors import APIError, InvalidRequest, PayloadTooLarge
 from server.workers import ProcessPool, WorkerDied
+
+if TYPE_CHECKING:
+    from models.video import DecodedVideo
 
 __all__ = ["MediaPolicy", "MediaFetcher", "decode_image_bytes", "image_digest"]
 
@@ -122,14 +133,32 @@ class MediaPolicy:
     allowed_local_media_path: str | None = None
     allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
     decode_timeout: float = 10.0
+    # videos (``load_video``)
+    max_video_bytes: int = 64 * 1024 * 1024
+    max_video_seconds: float = 600.0
+    max_video_frame_pixels: int = 3840 * 2160
+    max_video_decoded_pixels: int = 100_000_000
+    video_decode_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class VideoOptions:
+    """How one video is sampled (``fps``, ``min_frames``/``max_frames``) and the pixel
+    budget of all its frames together (passed on to the engine)."""
+    fps: float = 2.0
+    min_frames: int = 4
+    max_frames: int = 64
+    min_pixels: int = 4096
+    max_pixels: int = 25_165_824
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def _too_large(policy: MediaPolicy, param: str) -> PayloadTooLarge:
+def _too_large(policy: MediaPolicy, param: str, limit: int | None = None) -> PayloadTooLarge:
     return PayloadTooLarge(
-        f"image exceeds the maximum size of {policy.max_image_bytes} bytes", param=param)
+        f"image exceeds the maximum size of {limit or policy.max_image_bytes} bytes",
+        param=param)
 
 
 def _bad(message: str, param: str) -> InvalidRequest:
@@ -261,11 +290,16 @@ def check_decode_cost(data: bytes, param: str) -> None:
                        param)
 
 
-def image_digest(data: bytes) -> str:
+def image_digest(data: bytes, prefix: str = "") -> str:
     """The content key of an image's bytes: BLAKE2b-128, hex.  ~1 GB/s: a 10 MB photo costs
     ~10 ms, spent on a thread while the image decodes (hashlib releases the GIL); 128 bits:
-    two different images do not collide in practice."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+    two different images do not collide in practice.  A video's key hashes ``prefix`` (how
+    it is sampled) first: the same clip sampled otherwise is other pixels."""
+    if not prefix:
+        return hashlib.blake2b(data, digest_size=16).hexdigest()
+    h = hashlib.blake2b(prefix.encode() + b"\0", digest_size=16)
+    h.update(data)
+    return "v" + h.hexdigest()
 
 
 EXIF_ORIENTATION = 0x0112
@@ -283,6 +317,21 @@ def _decode_job(data: bytes, policy: "MediaPolicy", param: str,
                 max_pixels: int | None) -> Image.Image:
     """What a decode worker process runs."""
     return decode_image_bytes(data, policy, param=param, max_pixels=max_pixels)
+
+
+def _decode_video_job(data: bytes, param: str, options: VideoOptions, max_seconds: float,
+                      max_frame_pixels: int, max_decoded_pixels: int):
+    """What a decode worker runs for a clip: ``models.video.decode_video_bytes`` under the
+    policy's caps; its client-safe errors become 400s naming the part."""
+    from models.video import VideoError, decode_video_bytes
+    try:
+        return decode_video_bytes(
+            data, fps=options.fps, min_frames=options.min_frames,
+            max_frames=options.max_frames, max_seconds=max_seconds,
+            max_frame_pixels=max_frame_pixels, max_decoded_pixels=max_decoded_pixels,
+            max_source_frames=int(max_seconds * 240))
+    except VideoError as exc:
+        raise _bad(str(exc), param) from None
 
 
 def _shrink(img: Image.Image, max_pixels: int | None) -> Image.Image:
@@ -367,24 +416,30 @@ def decode_image_bytes(data: bytes, policy: MediaPolicy, *, param: str,
 # --------------------------------------------------------------------------- sources
 
 
-def _decode_data_url(url: str, policy: MediaPolicy, param: str) -> bytes:
+def _decode_data_url(url: str, policy: MediaPolicy, param: str, limit: int | None = None,
+                     kind: str = "image") -> bytes:
+    limit = limit or policy.max_image_bytes
     header, sep, payload = url.partition(",")
     params = [p.strip().lower() for p in header[len("data:"):].split(";")]
-    if not sep or len(params) < 2 or params[-1] != "base64" or not params[0].startswith("image/"):
-        raise _bad("image data URLs must look like data:image/<format>;base64,<data>", param)
+    if not sep or len(params) < 2 or params[-1] != "base64" or not params[0].startswith(
+            kind + "/"):
+        raise _bad(f"{kind} data URLs must look like data:{kind}/<format>;base64,<data>",
+                   param)
     n = len(payload)
     if n % 4:
         raise _bad("invalid base64 in image data URL", param)
     padding = len(payload) - len(payload.rstrip("=")) if n else 0
-    if (n // 4) * 3 - min(padding, 2) > policy.max_image_bytes:
-        raise _too_large(policy, param)
+    if (n // 4) * 3 - min(padding, 2) > limit:
+        raise _too_large(policy, param, limit)
     try:
         return base64.b64decode(payload.encode("ascii"), validate=True)
     except (binascii.Error, ValueError, UnicodeEncodeError):
         raise _bad("invalid base64 in image data URL", param) from None
 
 
-def _read_local_file(url: str, policy: MediaPolicy, param: str) -> bytes:
+def _read_local_file(url: str, policy: MediaPolicy, param: str,
+                     limit: int | None = None) -> bytes:
+    limit = limit or policy.max_image_bytes
     if policy.allowed_local_media_path is None:
         raise _bad("file URLs are not enabled on this server", param)
     try:
@@ -414,14 +469,14 @@ def _read_local_file(url: str, policy: MediaPolicy, param: str) -> bytes:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise _bad("local image path is not a regular file", param)
-        if st.st_size > policy.max_image_bytes:
-            raise _too_large(policy, param)
+        if st.st_size > limit:
+            raise _too_large(policy, param, limit)
         try:
-            data = f.read(policy.max_image_bytes + 1)
+            data = f.read(limit + 1)
         except OSError:
             raise _bad("local image file could not be read", param) from None
-    if len(data) > policy.max_image_bytes:
-        raise _too_large(policy, param)
+    if len(data) > limit:
+        raise _too_large(policy, param, limit)
     return data
 
 
@@ -511,6 +566,76 @@ class MediaFetcher:
             raise _bad(f"timed out decoding image (over {self.policy.decode_timeout:g} s)",
                        param) from None
 
+    async def load_video(self, url: str | list[str], *, param: str, options: VideoOptions,
+                         budget: PixelBudget | None = None, turn: str = ""
+                         ) -> tuple["DecodedVideo", str]:
+        """A video part: ``(DecodedVideo, digest)``.  A string is a clip (``data:video/...``,
+        http(s) or file:// within the media policy, at most ``max_video_bytes``), decoded
+        and sampled in a decode worker (killed after ``video_decode_timeout``; a "big"
+        job, so small images keep a worker); its duration, frame size, frame count and
+        the decoded pixels of the sampled frames are checked from the header before any
+        frame is decoded.  A list is a video given as frames: image URLs, each loaded as
+        an image (its pixels charged to ``budget``).  The digest hashes the bytes and how
+        they were sampled (fps, frame cap)."""
+        if isinstance(url, list):
+            return await self._load_frames(url, param=param, options=options, budget=budget)
+        if not isinstance(url, str) or not url.strip():
+            raise _bad("video URL must be a non-empty string", param)
+        url, limit = url.strip(), self.policy.max_video_bytes
+        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        try:
+            if scheme == "data":
+                data = _decode_data_url(url, self.policy, param, limit, kind="video")
+            elif scheme in ("http", "https"):
+                data = await self._fetch(url, param, limit)
+            elif scheme == "file":
+                data = await asyncio.to_thread(_read_local_file, url, self.policy, param, limit)
+            else:
+                raise _bad("unsupported video URL scheme; use http, https or a base64 data "
+                           "URL", param)
+        except APIError as exc:  # the byte readers speak of images
+            exc.message = exc.message.replace("image", "video")
+            raise
+        digest = asyncio.ensure_future(asyncio.to_thread(
+            image_digest, data, f"video:{options.fps:g}:{options.min_frames}:"
+                              f"{options.max_frames}"))
+        p = self.policy
+        try:
+            video = await self._decode_pool.run(
+                _decode_video_job, data, param, options, p.max_video_seconds,
+                p.max_video_frame_pixels, p.max_video_decoded_pixels,
+                timeout=p.video_decode_timeout, big=True, turn=turn)
+        except WorkerDied:  # e.g. killed for memory: the video's doing
+            raise _bad("video data could not be decoded", param) from None
+        except TimeoutError:
+            raise _bad(f"timed out decoding video (over {p.video_decode_timeout:g} s)",
+                       param) from None
+        if budget is not None and not budget.take(video.frames[..., 0].size):
+            raise _bad(f"the request's images and video frames exceed {budget.limit} pixels "
+                       "in total", param)
+        return video, await digest
+
+    async def _load_frames(self, urls: list[str], *, param: str, options: VideoOptions,
+                           budget: PixelBudget | None) -> tuple["DecodedVideo", str]:
+        from models.video import VideoError, frames_from_images
+        tasks = [asyncio.ensure_future(self.load(u, param=f"{param}[{i}]", budget=budget))
+                 for i, u in enumerate(urls)]
+        try:
+            loaded = await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            raise
+        import numpy as np
+        try:
+            video = frames_from_images([np.asarray(im) for im, _ in loaded], options.fps)
+        except VideoError as exc:
+            raise _bad(str(exc), param) from None
+        h = hashlib.blake2b(f"frames:{options.fps:g}:".encode(), digest_size=16)
+        for _, d in loaded:
+            h.update(d.encode())
+        return video, "v" + h.hexdigest()
+
     # ------------------------------------------------------------------ http
 
     def _parse_http_url(self, url: str, param: str) -> httpx.URL:
@@ -588,8 +713,9 @@ class MediaFetcher:
                            "and https redirects are followed)", param) from None
         raise _bad("could not connect to image host", param)
 
-    async def _read_body(self, response: httpx.Response, param: str) -> bytes:
-        limit = self.policy.max_image_bytes
+    async def _read_body(self, response: httpx.Response, param: str,
+                         limit: int | None = None) -> bytes:
+        limit = limit or self.policy.max_image_bytes
         length = response.headers.get("content-length")
         if length is not None:
             try:
@@ -597,7 +723,7 @@ class MediaFetcher:
             except ValueError:
                 declared = None
             if declared is not None and declared > limit:
-                raise _too_large(self.policy, param)
+                raise _too_large(self.policy, param, limit)
         if response.headers.get("content-encoding", "identity").strip().lower() not in (
                 "", "identity"):
             # we asked for identity; decompressing would let a small body expand past the cap
@@ -610,10 +736,10 @@ class MediaFetcher:
         async for chunk in response.aiter_bytes():
             body += chunk
             if len(body) > limit:
-                raise _too_large(self.policy, param)
+                raise _too_large(self.policy, param, limit)
         return bytes(body)
 
-    async def _fetch_hops(self, url: str, param: str) -> bytes:
+    async def _fetch_hops(self, url: str, param: str, limit: int | None = None) -> bytes:
         current = self._parse_http_url(url, param)
         for hop in range(self.policy.max_redirects + 1):
             addresses = await self._checked_addresses(current, param)
@@ -634,15 +760,15 @@ class MediaFetcher:
                     continue
                 if not 200 <= status < 300:
                     raise _bad(f"image URL returned HTTP {status}", param)
-                return await self._read_body(response, param)
+                return await self._read_body(response, param, limit)
             finally:
                 await response.aclose()
         raise _bad("too many redirects fetching image", param)  # pragma: no cover
 
-    async def _fetch(self, url: str, param: str) -> bytes:
+    async def _fetch(self, url: str, param: str, limit: int | None = None) -> bytes:
         try:
             async with asyncio.timeout(self.policy.total_timeout):
-                return await self._fetch_hops(url, param)
+                return await self._fetch_hops(url, param, limit)
         except (TimeoutError, httpx.TimeoutException):
             raise _bad("timed out fetching image", param) from None
         except httpx.HTTPError:

@@ -44,12 +44,32 @@ class ImagePart(_Open):
     image_url: ImageURL
 
 
+class VideoURL(_Open):
+    """A video: one URL (``data:``, ``http(s)``, ``file://``) of a clip, or a list of image
+    URLs, its frames in order (vLLM's frame list).  ``fps``: frames sampled per second of
+    a clip, or the rate a frame list was taken at; ``max_frames`` lowers the server's cap
+    on sampled frames; ``min_pixels``/``max_pixels`` the pixel budget of the whole video
+    (all its sampled frames together, as Qwen's video processor counts it)."""
+    url: str | list[Annotated[str, Field(max_length=64 * 1024 * 1024)]] = Field(
+        max_length=64 * 1024 * 1024)
+    fps: float | None = Field(None, gt=0, le=60)
+    max_frames: int | None = Field(None, ge=2)
+    min_pixels: int | None = Field(None, ge=1)
+    max_pixels: int | None = Field(None, ge=1)
+
+
 class VideoPart(_Open):
-    """Accepted on the wire so that we can answer it with a clear 400."""
-    type: Literal["video_url", "video", "input_video"]
+    type: Literal["video_url"]
+    video_url: VideoURL
 
 
-ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
+class OtherVideoPart(_Open):
+    """Other spellings of a video, accepted on the wire to answer them with a clear 400."""
+    type: Literal["video", "input_video"]
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart | OtherVideoPart,
+                        Field(discriminator="type")]
 
 
 class FunctionCall(_Open):
@@ -207,6 +227,10 @@ class SamplingRequest(_Open):
     def image_count(self) -> int:
         return 0
 
+    @property
+    def video_count(self) -> int:
+        return 0
+
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[Message] = Field(min_length=1)
@@ -228,7 +252,12 @@ class ChatCompletionRequest(SamplingRequest):
     @property
     def image_count(self) -> int:
         return sum(1 for m in self.messages if isinstance(m.content, list)
-                   for part in m.content if getattr(part, "text", None) is None)
+                   for part in m.content if isinstance(part, ImagePart))
+
+    @property
+    def video_count(self) -> int:
+        return sum(1 for m in self.messages if isinstance(m.content, list)
+                   for part in m.content if isinstance(part, VideoPart))
 
     @cached_property
     def text_size(self) -> TextSize:
@@ -296,6 +325,8 @@ class PromptTokensDetails(_Open):
     cached_tokens: int = 0
     # prompt tokens that stand for the request's images (ours: what the photos cost)
     image_tokens: int = 0
+    # prompt tokens that stand for its videos' frames (ours; timestamps and markers not)
+    video_tokens: int = 0
 
 
 class Usage(BaseModel):
@@ -595,6 +626,7 @@ class TokenizeResponse(BaseModel):
     max_model_len: int                   # the context window
     tokens: list[int]
     image_tokens: int = 0                # ours: of ``count``, standing for the images
+    video_tokens: int = 0                # ours: of ``count``, standing for the videos' frames
     max_tokens_room: int                 # ours: the most max_tokens this prompt leaves room for
 
 

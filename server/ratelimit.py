@@ -169,13 +169,24 @@ class Limiter:
 TOKENS_PX = 32 * 32
 
 
-def estimate_tokens(req, default_max_tokens: int, max_pixels: int) -> int:
+def video_token_bound(max_pixels: int, max_frames: int) -> int:
+    """The most prompt tokens one video can stand for: its frames' tokens (a whole video's
+    ``max_pixels`` over ``temporal patch 2 x 32 x 32`` pixels per token, as Qwen's video
+    processor budgets it, rounded up by a frame pair) plus, per pair of frames, the
+    ``<t seconds>`` text and the start/end markers the processor writes (12 tokens)."""
+    pairs = (max_frames + 1) // 2
+    return max_pixels // (2 * TOKENS_PX) + 768 + 12 * pairs
+
+
+def estimate_tokens(req, default_max_tokens: int, max_pixels: int,
+                    video_tokens: int = 0) -> int:
     """What a chat (or legacy completion) request may cost at most, before its prompt is
     tokenized: an upper bound for any text (``text_size``: the UTF-8 bytes of every text
     the template renders, tools and tool-call arguments included, plus the template's own
     tokens; a token-id prompt's length), each image at its full pixel budget, plus ``n``
-    x max_tokens.  The charge is corrected to the tokens really used when the response
-    ends."""
-    prompt = req.text_size.token_bound + req.image_count * (max_pixels // TOKENS_PX)
+    x max_tokens (each video at ``video_tokens``: ``video_token_bound``).  The charge is
+    corrected to the tokens really used when the response ends."""
+    prompt = req.text_size.token_bound + req.image_count * (max_pixels // TOKENS_PX) \
+        + req.video_count * video_tokens
     max_tokens = req.requested_max_tokens or default_max_tokens
     return prompt + req.n * max_tokens

@@ -287,7 +287,8 @@ class _Builder:
         usage = p.ResponsesUsage(
             input_tokens=s.prompt_tokens,
             input_tokens_details={"cached_tokens": s.cached_tokens,
-                                  "image_tokens": s.image_tokens},
+                                  "image_tokens": s.image_tokens,
+                                  "video_tokens": s.video_tokens},
             output_tokens=s.completion_tokens, output_tokens_details={"reasoning_tokens": 0},
             total_tokens=s.prompt_tokens + s.completion_tokens)
         final = self.snapshot("incomplete" if cut else "completed", usage=usage,

@@ -23,10 +23,11 @@ from typing import AsyncIterator
 from server import grounding
 from server import protocol as p
 from server import tools as toolparse
-from server.engine.interface import Engine, EngineRequest, ImageInput, Output, SamplingParams
+from server.engine.interface import (Engine, EngineRequest, ImageInput, Output, SamplingParams,
+                                     VideoInput)
 from server.engine.structured import GrammarSpec, check_cost
 from server.errors import APIError, InvalidRequest, ModelNotFound
-from server.media import MediaFetcher, PixelBudget, original_size
+from server.media import MediaFetcher, PixelBudget, VideoOptions, original_size
 from server.metrics import Metrics
 from server.settings import HUB_ID, Settings
 
@@ -60,6 +61,7 @@ class RequestStats:
     completion_tokens: int = 0
     cached_tokens: int = 0          # of prompt_tokens, served from the prefix cache
     image_tokens: int = 0           # of prompt_tokens, standing for the images
+    video_tokens: int = 0           # ... and for the videos' frames
     images: int = 0
     # the images as sent and as the model saw them, for "grounding": true
     grounding_images: list = field(default_factory=list)
@@ -72,6 +74,7 @@ class RequestStats:
         self.completion_tokens = sum(counts)
         self.prompt_tokens = o.prompt_tokens
         self.cached_tokens, self.image_tokens = o.cached_tokens, o.image_tokens
+        self.video_tokens = o.video_tokens
 
     def prefilled(self, prompt_tokens: int) -> None:
         """The engine scheduled this prompt's prefill: charged even if the client leaves
@@ -147,17 +150,28 @@ class ChatService:
         self.check_common(req, generating=generating)
         if len(req.messages) > s.max_messages:
             raise InvalidRequest(f"At most {s.max_messages} messages are allowed.", param="messages")
-        images = 0
+        images = videos = 0
         for i, m in enumerate(req.messages):
             for j, part in enumerate(m.content if isinstance(m.content, list) else []):
+                where = f"messages[{i}].content[{j}]"
+                if isinstance(part, p.OtherVideoPart):
+                    raise InvalidRequest(f"Send a video as a video_url part ({{\"type\": "
+                                         f"\"video_url\", \"video_url\": {{\"url\": ...}}}}), "
+                                         f"not {part.type}.", param=where)
                 if isinstance(part, p.VideoPart):
-                    raise InvalidRequest("Video input is not supported by this server.",
-                                         param=f"messages[{i}].content[{j}]")
+                    videos += 1
+                    if not self.engine.supports_video or not s.max_videos_per_request:
+                        raise InvalidRequest("Video input is not enabled on this server.",
+                                             param=where)
+                    if m.role != "user":
+                        raise InvalidRequest("Videos are only accepted in user messages.",
+                                             param=where)
+                    self._video_options(part.video_url, where + ".video_url")
                 if isinstance(part, p.ImagePart):
                     images += 1
                     if m.role != "user":
                         raise InvalidRequest("Images are only accepted in user messages.",
-                                             param=f"messages[{i}].content[{j}]")
+                                             param=where)
         if req.tools and len(req.tools) > s.max_tools:
             # before anything renders or compiles them (--max-tools)
             raise InvalidRequest(f"At most {s.max_tools} tools are allowed (--max-tools).",
@@ -170,6 +184,9 @@ class ChatService:
                 param="tools" if size.tool_chars * 2 > size.chars else "messages")
         if images > s.max_images_per_request:
             raise InvalidRequest(f"At most {s.max_images_per_request} images per request.",
+                                 param="messages")
+        if videos > s.max_videos_per_request:
+            raise InvalidRequest(f"At most {s.max_videos_per_request} videos per request.",
                                  param="messages")
         self._check_structured(req)
         spec = self._grammar(req)
@@ -257,9 +274,31 @@ class ChatService:
                 raise InvalidRequest("min_pixels may not exceed max_pixels.", param=param)
         return lo, hi
 
-    async def _convert(self, req: p.ChatCompletionRequest) -> tuple[list[dict], list[ImageInput]]:
+    def _video_options(self, v: p.VideoURL, param: str) -> VideoOptions:
+        """The video's sampling and pixel budget: the request may lower the server's
+        (``--video-max-frames``, ``--video-max-pixels``), never raise them."""
+        s = self.settings
+        hi = max(min(v.max_pixels, s.video_max_pixels), TOKENS_PX) \
+            if v.max_pixels is not None else s.video_max_pixels
+        lo = min(s.video_min_pixels, hi)
+        if v.min_pixels is not None:
+            lo = max(min(v.min_pixels, s.video_max_pixels), TOKENS_PX)
+            if lo > hi:
+                raise InvalidRequest("min_pixels may not exceed max_pixels.", param=param)
+        max_frames = min(v.max_frames or s.video_max_frames, s.video_max_frames)
+        frames = v.url if isinstance(v.url, list) else None
+        if frames is not None and not 1 <= len(frames) <= max_frames:
+            raise InvalidRequest(f"A video given as frames needs 1 to {max_frames} of them "
+                                 "(--video-max-frames, or the part's max_frames).",
+                                 param=param + ".url")
+        return VideoOptions(fps=v.fps or s.video_fps, min_frames=min(s.video_min_frames,
+                                                                      max_frames),
+                            max_frames=max_frames, min_pixels=lo, max_pixels=hi)
+
+    async def _convert(self, req: p.ChatCompletionRequest
+                       ) -> tuple[list[dict], list[ImageInput], list[VideoInput]]:
         messages: list[dict] = []
-        jobs = []
+        jobs, video_jobs = [], []
         pixels = PixelBudget(self.settings.max_request_image_pixels)
         for i, m in enumerate(req.messages):
             role = "system" if m.role == "developer" else m.role
@@ -269,6 +308,13 @@ class ChatService:
                 for j, part in enumerate(m.content):
                     if isinstance(part, p.TextPart):
                         parts.append({"type": "text", "text": part.text})
+                    elif isinstance(part, p.VideoPart):
+                        param = f"messages[{i}].content[{j}].video_url"
+                        opts = self._video_options(part.video_url, param)
+                        video_jobs.append((self.fetcher.load_video(
+                            part.video_url.url, param=param + ".url", options=opts,
+                            budget=pixels), opts))
+                        parts.append({"type": "video"})
                     else:
                         param = f"messages[{i}].content[{j}].image_url"
                         lo, hi = self._budget(part.image_url, param)
@@ -286,7 +332,8 @@ class ChatService:
             if m.tool_call_id:
                 msg["tool_call_id"] = m.tool_call_id
             messages.append(msg)
-        tasks = [asyncio.ensure_future(job) for job, _, _ in jobs]
+        tasks = [asyncio.ensure_future(job) for job in
+                 [j for j, _, _ in jobs] + [j for j, _ in video_jobs]]
         try:
             decoded = await asyncio.gather(*tasks)
         except BaseException:
@@ -295,7 +342,9 @@ class ChatService:
             raise
         images = [ImageInput(img, lo, hi, digest)
                   for (img, digest), (_, lo, hi) in zip(decoded, jobs)]
-        return messages, images
+        videos = [VideoInput(video, o.min_pixels, o.max_pixels, digest)
+                  for (video, digest), (_, o) in zip(decoded[len(jobs):], video_jobs)]
+        return messages, images, videos
 
     def _params(self, req: p.ChatCompletionRequest) -> SamplingParams:
         return self.sampling_params(req, logprobs=req.logprobs,
@@ -345,10 +394,11 @@ class ChatService:
         params = self._params(req)
 
         async def load() -> dict:
-            messages, images = await self._convert(req)
+            messages, images, videos = await self._convert(req)
             if req.grounding:
                 stats.grounding_images = self._geometry(images)
-            return {"messages": messages, "images": images, "tools": _tools(req)}
+            return {"messages": messages, "images": images, "videos": videos,
+                    "tools": _tools(req)}
         return await self.launch(req, request_id, stats, params, load, key=key, salt=salt)
 
     async def launch(self, req: p.SamplingRequest, request_id: str, stats: RequestStats,
@@ -395,9 +445,10 @@ class ChatService:
             self._check(req, generating=False)
             reservation = self.engine.reserve()
             try:
-                messages, images = await self._convert(req)
+                messages, images, videos = await self._convert(req)
                 count = await self.engine.count(EngineRequest(
-                    "tokenize", messages, images, SamplingParams(), _tools(req)))
+                    "tokenize", messages, images, SamplingParams(), _tools(req),
+                    videos=videos))
             finally:
                 reservation.release()
         else:
@@ -408,6 +459,7 @@ class ChatService:
         n, window = len(count.token_ids), self.engine.max_model_len
         return p.TokenizeResponse(count=n, max_model_len=window, tokens=count.token_ids,
                                   image_tokens=count.image_tokens,
+                                  video_tokens=count.video_tokens,
                                   max_tokens_room=max(0, window - n))
 
     async def detokenize(self, req: p.DetokenizeRequest) -> p.DetokenizeResponse:
@@ -580,7 +632,8 @@ def usage(stats: RequestStats) -> p.Usage:
     return p.Usage(prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
                    total_tokens=stats.prompt_tokens + stats.completion_tokens,
                    prompt_tokens_details=p.PromptTokensDetails(
-                       cached_tokens=stats.cached_tokens, image_tokens=stats.image_tokens))
+                       cached_tokens=stats.cached_tokens, image_tokens=stats.image_tokens,
+                       video_tokens=stats.video_tokens))
 
 
 MAX_JSON_DEPTH = 64   # request nesting (tool schemas are the deep part); deeper → 400

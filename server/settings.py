@@ -212,6 +212,32 @@ class Settings(BaseSettings):
     allowed_local_media_path: str | None = Field(None, description=(
         "Directory file:// image URLs may read from; unset = file:// refused."))
 
+    # --- videos (video_url parts: a clip, or a list of frames) -----------------------------
+    max_videos_per_request: int = Field(2, ge=0, description=(
+        "Videos per request at most (0: video parts refused)."))
+    video_fps: float = Field(2.0, gt=0, le=60, description=(
+        "Frames sampled per second of a clip (Qwen3-VL's default), and the rate a frame "
+        "list is taken to be at unless its part says its own fps."))
+    video_min_frames: int = Field(4, ge=2, description="Frames sampled from a clip at least.")
+    video_max_frames: int = Field(64, ge=2, description=(
+        "Frames sampled from a clip (or given as a frame list) at most; a request's "
+        "max_frames may lower it."))
+    video_min_pixels: int = Field(4096, ge=32 * 32, description=(
+        "Pixel floor of a whole video, all its sampled frames together (Qwen's shortest_edge)."))
+    video_max_pixels: int = Field(25_165_824, ge=32 * 32, description=(
+        "Pixel budget of a whole video, all its sampled frames together (Qwen's "
+        "longest_edge: at most this / 2048 tokens), each frame also capped at 768 tokens."))
+    max_video_bytes: Bytes = Field(64 * 1024 * 1024, ge=1, description="Video size cap (413).")
+    max_video_seconds: float = Field(600.0, gt=0, description="Longest clip accepted, in seconds.")
+    max_video_frame_pixels: int = Field(3840 * 2160, ge=1, description=(
+        "Largest frame of a clip (width x height), checked from its header."))
+    max_video_decoded_pixels: int = Field(100_000_000, ge=1, description=(
+        "Decoded pixels of one video's sampled frames together (memory guard, checked "
+        "before decoding)."))
+    video_decode_timeout: float = Field(30.0, gt=0, description=(
+        "Seconds one video may take to decode, counted from when a decode worker takes it "
+        "(400)."))
+
     # --- replicas (issue 15; only these flags make the launcher import Ray) ---------------
     replicas: int = Field(1, ge=1, description=(
         "Engine replicas behind the one endpoint, through Ray Serve (one GPU each on a GPU "

@@ -106,15 +106,16 @@ def test_images_in_earlier_turns(client):
     assert r.usage.prompt_tokens >= text.usage.prompt_tokens + 2 + 4
 
 
-def serve_png(body: bytes, hits: list | None = None):
-    """A local HTTP server on loopback that answers every GET with ``body`` (a PNG) and
-    records the paths asked for in ``hits``.  Returns (server, url)."""
+def serve_png(body: bytes, hits: list | None = None, mime: str = "image/png",
+              name: str = "product.png"):
+    """A local HTTP server on loopback that answers every GET with ``body`` (a PNG, or
+    ``mime``) and records the paths asked for in ``hits``.  Returns (server, url)."""
     class H(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             if hits is not None:
                 hits.append(self.path)
             self.send_response(200)
-            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Type", mime)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -124,7 +125,7 @@ def serve_png(body: bytes, hits: list | None = None):
 
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    return srv, f"http://127.0.0.1:{srv.server_address[1]}/product.png"
+    return srv, f"http://127.0.0.1:{srv.server_address[1]}/{name}"
 
 
 @pytest.fixture(scope="module")
@@ -305,11 +306,13 @@ def test_validation_errors_are_400_not_422(server):
     assert err["type"] == "invalid_request_error" and err["param"] == "temperature"
 
 
-def test_video_part_is_400(server):
+def test_video_part_with_a_bad_url_is_400(server):
     msg = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "x"}}]}]
     r = httpx.post(server.base_url + "/chat/completions", timeout=30,
                    json={"model": "qwen3-vl", "messages": msg})
-    assert r.status_code == 400 and "Video" in r.json()["error"]["message"]
+    err = r.json()["error"]
+    assert r.status_code == 400 and "video URL scheme" in err["message"]
+    assert err["param"] == "messages[0].content[0].video_url.url"
 
 
 def test_health_docs_and_request_id(server):

@@ -381,8 +381,18 @@ CASES: list[Case] = [
     Case("min-pixels-over-max-pixels", 400, "messages[0].content[0].image_url", post(chat([{
         "type": "image_url", "image_url": {"url": data_url(png_bytes(8, 8)),
                                            "min_pixels": 10**9, "max_pixels": 4096}}]))),
-    Case("video-part", 400, "messages[0].content[0]",
-         post(chat([{"type": "video_url", "video_url": {"url": "http://localhost/v.mp4"}}]))),
+    Case("video-url-private", 400, "messages[0].content[0].video_url.url",
+         post(chat([{"type": "video_url", "video_url": {"url": "http://10.0.0.1/v.mp4"}}])),
+         reason="host is not allowed"),
+    Case("video-url-metadata", 400, "messages[0].content[0].video_url.url",
+         post(chat([{"type": "video_url", "video_url": {
+             "url": "http://169.254.169.254/latest/v.mp4"}}])), reason="host is not allowed"),
+    Case("video-frame-list-private", 400, "messages[0].content[0].video_url.url[1]",
+         post(chat([{"type": "video_url", "video_url": {
+             "url": [data_url(png_bytes(8, 8)), "http://10.0.0.1/f.png"]}}])),
+         reason="host is not allowed"),
+    Case("video-other-spelling", 400, "messages[0].content[0]",
+         post(chat([{"type": "video", "video": "http://localhost/v.mp4"}]))),
     # --- images: URLs (SSRF) ---------------------------------------------------------------
     Case("url-127.0.0.1", 400, IMG0,
          post(lambda ctx: img(ctx.origin.url("/direct.png", "127.0.0.1"))),

@@ -15,7 +15,9 @@ def test_no_cuda_falls_back_to_cpu_float32(tiny_model, caplog):
     assert loaded.device.type == "cpu"
     assert next(loaded.model.parameters()).dtype == torch.float32
     assert "No CUDA device found" in caplog.text and "Model loaded in" in caplog.text
-    assert loaded.max_model_len == 4096 and loaded.supports_video is False
+    # video without torchvision (PyAV), with the model's own video processor settings
+    assert loaded.max_model_len == 4096 and loaded.supports_video is True
+    assert loaded.video_config["size"]["longest_edge"] == 25165824
 
 
 def test_flash_attention_missing_falls_back(tiny_model, caplog):

@@ -29,6 +29,7 @@ from PIL import Image
 from tests.conftest import data_url, png_bytes
 
 GRAMMAR_TIMEOUT = 3.0
+VIDEO_DECODE_TIMEOUT = 0.3
 SHUTDOWN_TIMEOUT = 4
 RSS_BOUND_MB = 300
 MODEL = "qwen3-vl"
@@ -228,7 +229,9 @@ def _start(server_factory):
     return server_factory("--grammar-timeout", str(GRAMMAR_TIMEOUT),
                           "--shutdown-timeout", str(SHUTDOWN_TIMEOUT),
                           "--allowed-media-hosts", "localhost",
-                          "--max-body-bytes", str(64 * 1024 * 1024))
+                          "--max-body-bytes", str(64 * 1024 * 1024),
+                          "--video-decode-timeout", str(VIDEO_DECODE_TIMEOUT),
+                          "--max-video-frame-pixels", str(1920 * 1088))
 
 
 @pytest.fixture(scope="module")
@@ -325,6 +328,41 @@ def test_large_legal_images_leave_a_decode_worker_for_small_ones(srv):
     b = Bystander(srv, many, image_chat(data_url(png_bytes(64, 48)))).run()
     b.check(innocent_limit=3.0)
     assert all(r.status_code in (200, 400) for r in results), [r.status_code for r in results]
+
+
+# --------------------------------------------------------------------------- videos
+
+def video_chat(url: str, **opts) -> dict:
+    return chat([{"type": "video_url", "video_url": {"url": url, **opts}},
+                 {"type": "text", "text": "?"}])
+
+
+def test_slow_videos_leave_a_decode_worker_for_a_photo(srv):
+    """Four clips of 300 HD frames (every frame up to the last sampled one is decoded):
+    their decodes run out of time (--video-decode-timeout 0.3 s here) and their workers
+    are killed (400), and an innocent photo meanwhile gets the worker kept for small
+    images."""
+    from models.video import make_test_clip
+    heavy = data_url(make_test_clip(seconds=5.0, fps=60, size=(1280, 720)), "video/mp4")
+    results: list = []
+    many = concurrently(srv, video_chat(heavy), 4, results)
+    b = Bystander(srv, many, image_chat(data_url(png_bytes(64, 48)))).run()
+    b.check(innocent_limit=3.0)
+    assert all(r.status_code in (200, 400) for r in results), [r.status_code for r in results]
+    assert any("timed out decoding video" in r.text for r in results), \
+        [r.text[:200] for r in results]
+
+
+def test_video_decode_bomb_is_refused_before_decoding(srv):
+    """64 full-HD frames sampled from a 4 s clip are 133 M pixels: over
+    --max-video-decoded-pixels (100 M), refused from the header, before a frame is
+    decoded, while an innocent request is served."""
+    from models.video import make_test_clip
+    bomb = data_url(make_test_clip(seconds=4.0, fps=16, size=(1920, 1080)), "video/mp4")
+    b = Bystander(srv, post(srv, video_chat(bomb, fps=16))).run()
+    b.check()
+    err = b.refused(400)
+    assert "too many pixels" in err["message"] and b.hostile_s < 2.0, (err, b.hostile_s)
 
 
 def test_redirect_to_a_data_url_is_400(srv, redirect_origin):

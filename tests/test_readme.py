@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from models.video import make_test_clip
 from tests.conftest import ROOT, png_bytes
 
 README_URL = "http://127.0.0.1:8080/v1"
@@ -26,6 +27,7 @@ def test_readme_python_example_runs(index, server, tmp_path):
     # the files the examples open
     (tmp_path / "photo.jpg").write_bytes(png_bytes(96, 64, fmt="JPEG"))
     (tmp_path / "order.png").write_bytes(png_bytes(120, 80))
+    (tmp_path / "unboxing.mp4").write_bytes(make_test_clip(seconds=3.0))
     code = BLOCKS[index].replace(README_URL, server.base_url)
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                        text=True, timeout=200)

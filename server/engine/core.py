@@ -204,7 +204,8 @@ class _SchedulerBase:
             s = Sequence(request_id=entry.request_id, index=i,
                          prompt_len=entry.prepared.num_tokens, params=p,
                          tokenizer=self.engine.detok, eos_ids=self.eos_ids, sink=entry,
-                         image_tokens=entry.prepared.image_tokens)
+                         image_tokens=entry.prepared.image_tokens,
+                         video_tokens=entry.prepared.video_tokens)
             s.key = stream_key(p.seed, i, self.engine.generator)
             s.matcher = p.grammar.matcher() if p.grammar is not None else None
             entry.seqs.append(s)
@@ -387,6 +388,9 @@ class BatchingScheduler(_SchedulerBase):
         self.prefilling: list[_Prompt] = []
         self.peak_kv_tokens = 0  # most KV tokens held at once, in block columns (tests)
         self.image_token_id = self.model.config.image_token_id
+        # a video's frame pairs are vision items like images (``Prepared``), on their own
+        # placeholder token
+        self.video_token_id = getattr(self.model.config, "video_token_id", -1)
         self.spatial_merge = self.model.model.visual.spatial_merge_size
         self.merge = self.spatial_merge ** 2
 
@@ -466,7 +470,7 @@ class BatchingScheduler(_SchedulerBase):
         n = ids.numel()
         img_ord, bounds, img_keys, spans, grids = None, [0], [], [], []
         if p.image_grid_thw is not None:
-            is_img = ids == self.image_token_id
+            is_img = (ids == self.image_token_id) | (ids == self.video_token_id)
             img_ord = torch.cumsum(is_img, 0) - 1
             grids = [tuple(g) for g in p.image_grid_thw.tolist()]
             sizes = [t * h * w // self.merge for t, h, w in grids]
@@ -480,7 +484,8 @@ class BatchingScheduler(_SchedulerBase):
             for (start, size), key in zip(spans, img_keys):  # keyed by their image
                 entries[start:start + size] = [key] * size
             keys = chain_keys(entries, self.bs, p.cache_salt)
-        # before any block is taken (a prepared prompt holds images only: no video yet)
+        # before any block is taken (a video's frame pairs are items of t = 1, as
+        # get_rope_index splits them)
         pos, delta = mrope_positions(n, spans, grids, self.spatial_merge)
         matched = self.blocks.match(keys, (n - 1) // self.bs)  # the last token is computed
         now, promise = self._need(e, len(matched))
@@ -624,6 +629,8 @@ class BatchingScheduler(_SchedulerBase):
             pix.append(p.entry.prepared.pixel_values[off:off + sizes[i]])
             grids.append(g[i:i + 1])
             keys.append(p.img_keys[i])
+        if len({t.dtype for t in pix}) > 1:  # uint8 photo patches beside float video pixels
+            pix = [self.runner.pixels(t, self.engine.device) for t in pix]
         feats = self.runner.encode(torch.cat(pix), torch.cat(grids), keys)
         for (p, i), f in zip(want, feats):
             p.vision[i] = f
@@ -827,10 +834,8 @@ class SequentialScheduler(_SchedulerBase):
                 inputs = dict(input_ids=prep.input_ids.to(dev),
                               attention_mask=torch.ones_like(prep.input_ids).to(dev),
                               mm_token_type_ids=prep.mm_token_type_ids.to(dev))
-                if prep.pixel_values is not None:
-                    inputs.update(pixel_values=self.engine.builder.model_pixels(
-                                      prep.pixel_values, dev),
-                                  image_grid_thw=prep.image_grid_thw.to(dev))
+                inputs.update({k: v.to(dev) for k, v in prep.hf_vision_inputs(
+                    lambda px: self.engine.builder.model_pixels(px, dev)).items()})
                 gen = dict(max_new_tokens=p.max_tokens, do_sample=not p.greedy,
                            repetition_penalty=p.repetition_penalty,
                            streamer=_Streamer(s, entry),
@@ -852,11 +857,24 @@ class SequentialScheduler(_SchedulerBase):
                                        finish_reason=s.finish_reason,
                                        prompt_tokens=s.prompt_len,
                                        completion_tokens=len(s.output_ids),
-                                       image_tokens=s.image_tokens)])
+                                       image_tokens=s.image_tokens,
+                                       video_tokens=s.video_tokens)])
         except Exception as exc:
             self._fail([entry], exc, batch_step=False)
         finally:
             self.num_running = 0
+
+
+def _video_processor(loaded):
+    """The video preprocessing for a model that takes video (``LoadedModel.supports_video``),
+    from its own video processor settings; None otherwise (video parts get a 400)."""
+    if not loaded.supports_video:
+        log.info("video input: off (the model has no video token, or PyAV is missing)")
+        return None
+    from models.video_prep import TorchVideoProcessor
+    proc = TorchVideoProcessor.from_config(getattr(loaded, "video_config", None) or {})
+    log.info("video input: PyAV decoding, torch preprocessing (no torchvision)")
+    return proc
 
 
 def _byte_alphabet() -> dict[str, int]:
@@ -893,7 +911,8 @@ class AsyncEngine:
                                      default_max_tokens=settings.max_new_tokens,
                                      image_preprocess=settings.image_preprocess,
                                      device=self.device,
-                                     image_cache_bytes=settings.image_cache_mb * 2**20)
+                                     image_cache_bytes=settings.image_cache_mb * 2**20,
+                                     video_processor=_video_processor(loaded))
         # the worker decodes with its own Rust tokenizer: the prep thread's one may be
         # mutably borrowed (padding/truncation state) while the worker reads it
         self.detok = Tokenizer.from_str(tok.backend_tokenizer.to_str())

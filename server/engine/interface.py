@@ -58,6 +58,19 @@ class ImageInput:
 
 
 @dataclass
+class VideoInput:
+    """A video's sampled frames, decoded (``models.video.DecodedVideo``: frames ``(T, H, W,
+    3)`` uint8, the source ``fps`` and each frame's source index, which give the
+    timestamps written into the prompt), with the pixel budget of all its frames together."""
+    video: Any                           # models.video.DecodedVideo
+    min_pixels: int
+    max_pixels: int
+    # hash of the bytes as received and of how they were sampled (fps, frame cap): with the
+    # pixel budget it keys the video's cached pixels, encoder outputs and KV, as for images
+    digest: str = ""
+
+
+@dataclass
 class EngineRequest:
     request_id: str
     messages: list[dict]                 # HF chat format; image parts are {"type": "image"}
@@ -79,6 +92,8 @@ class EngineRequest:
     # chat template, or given as token ids; ``messages`` and ``images`` are then empty
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
+    # in order of appearance; video parts are {"type": "video"} in ``messages``
+    videos: list[VideoInput] = field(default_factory=list)
 
 
 @dataclass
@@ -110,6 +125,8 @@ class Output:
     cached_tokens: int = 0
     # prompt tokens that stand for images: usage.prompt_tokens_details.image_tokens
     image_tokens: int = 0
+    # ... and for the videos' frames: usage.prompt_tokens_details.video_tokens
+    video_tokens: int = 0
 
 
 @dataclass
@@ -126,6 +143,7 @@ class PromptCount:
     """A request's prompt as ``generate`` would build it, without running it (``/tokenize``)."""
     token_ids: list[int]
     image_tokens: int                    # of the token ids, standing for the images
+    video_tokens: int = 0                # ... and for the videos' frames
 
 
 class Reservation(Protocol):

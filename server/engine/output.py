@@ -83,7 +83,8 @@ def coalesce(outs: list[Output]) -> list[Output]:
                                      o.prompt_tokens, o.completion_tokens,
                                      list(o.logprobs) if o.logprobs else None,
                                      cached_tokens=o.cached_tokens,
-                                     image_tokens=o.image_tokens)
+                                     image_tokens=o.image_tokens,
+                                     video_tokens=o.video_tokens)
             continue
         m.text += o.text
         m.token_ids += o.token_ids

@@ -26,6 +26,15 @@ each key as ``"<salt hash>/"``: one tenant's cached pixels, encoder outputs and 
 blocks are never another tenant's hits.  Preprocessed pixels are kept by key in a ``ByteLRU`` (``image_cache``,
 ``--image-cache-mb``): a resent image is not preprocessed again.
 
+Videos (``EngineRequest.videos``: frames sampled and decoded on the API side, see
+``models.video``) are preprocessed by ``models.video_prep.TorchVideoProcessor`` (no
+torchvision): their grids, timestamps and prompt text come from the frames' size and the
+budget alone, so ``plan`` counts them as it counts images; ``finish`` makes the pixels
+(float32, normalised on the preparation thread; cached by the video's key like an image's)
+and turns each frame pair into a vision item of ``t = 1`` (``Prepared``), which the engine
+encodes, caches and positions like an image, as transformers' ``get_rope_index`` splits
+a video's grid at its timestamps.
+
 Thread safety: the engine runs ``plan``/``finish`` on ``--prep-workers`` threads at once.
 The HF fast tokenizer may mutate its Rust backend (padding/truncation state) inside a call,
 and a second thread inside it then raises "Already borrowed": tokenizer calls hold
@@ -36,6 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import threading
 from dataclasses import dataclass, field
 
@@ -45,26 +55,40 @@ import torch
 from models.processor import image_budget_kwargs
 from models.vision_prep import TorchImageProcessor, hf_smart_resize
 from server.engine.interface import (EngineRequest, ImageGeometry, ImageInput, PromptCount,
-                                     SamplingParams)
+                                     SamplingParams, VideoInput)
 from server.engine.lru import ByteLRU
 from server.engine.transfer import to_device
 from server.errors import ContextLengthExceeded, InvalidRequest
 
 IMAGE_PAD = "<|image_pad|>"
+# the chat template writes "<|vision_start|><|video_pad|><|vision_end|>" for a video part;
+# Qwen's processor replaces the <|video_pad|> (only: the template's own markers stay around
+# it) with one "<t seconds><|vision_start|><|video_pad|>...<|vision_end|>" per frame pair
+VIDEO_PAD = "<|video_pad|>"
+_SLOTS = re.compile(re.escape(IMAGE_PAD) + "|" + re.escape(VIDEO_PAD))
 
 log = logging.getLogger("qwen_vl.engine")
 
 
 @dataclass
 class Prepared:
+    """A prompt ready for the engine.  Its vision *items* are its images and its videos'
+    frame pairs (each pair has its own run of placeholders in the prompt, between its
+    timestamp and the next: the model places and positions it as an image of ``t = 1``),
+    in prompt order: ``image_grid_thw``, ``pixel_values`` and ``image_keys`` are per item."""
     input_ids: torch.Tensor            # (1, L) long
-    mm_token_type_ids: torch.Tensor    # (1, L) int: 1 on image tokens
+    mm_token_type_ids: torch.Tensor    # (1, L) int: 1 on image tokens, 2 on video tokens
     pixel_values: torch.Tensor | None  # (patches, 3, patch^2) uint8, or (patches, dim) float
-    image_grid_thw: torch.Tensor | None  # (images, 3)
+    image_grid_thw: torch.Tensor | None  # (items, 3)
     params: SamplingParams             # max_tokens filled in
-    # one per image, in order: "<digest>:<min_pixels>:<max_pixels>" (see the module doc)
+    # one per item, in order: "<digest>:<min_pixels>:<max_pixels>" (see the module doc); a
+    # video's frame pair adds "#<pair>"
     image_keys: list[str] = field(default_factory=list)
     cache_salt: str = ""               # the request's tenant: the prefix cache's chain seed
+    # per video (t, h, w) and, per item, the video it belongs to (-1: an image): what HF's
+    # own forward takes (``hf_vision_inputs``)
+    video_grid_thw: torch.Tensor | None = None
+    item_video: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -73,26 +97,57 @@ class Prepared:
     @property
     def image_tokens(self) -> int:
         """Prompt tokens that stand for images (usage.prompt_tokens_details.image_tokens)."""
-        return int(self.mm_token_type_ids.sum())
+        return int((self.mm_token_type_ids == 1).sum())
+
+    @property
+    def video_tokens(self) -> int:
+        """... and for the videos' frames (usage.prompt_tokens_details.video_tokens)."""
+        return int((self.mm_token_type_ids == 2).sum())
+
+    def hf_vision_inputs(self, pixels) -> dict:
+        """``pixel_values``/``image_grid_thw`` and ``pixel_values_videos``/``video_grid_thw``
+        for the model's own forward (``generate``), from the items; ``pixels`` maps the
+        prepared pixels to the model's (``PromptBuilder.model_pixels``)."""
+        if self.pixel_values is None:
+            return {}
+        rows = self.image_grid_thw.prod(-1).tolist()
+        parts = pixels(self.pixel_values).split(rows)
+        kinds = self.item_video or [-1] * len(rows)
+        out = {}
+        images = [i for i, v in enumerate(kinds) if v < 0]
+        if images:
+            out.update(pixel_values=torch.cat([parts[i] for i in images]),
+                       image_grid_thw=self.image_grid_thw[images])
+        if self.video_grid_thw is not None:
+            out.update(pixel_values_videos=torch.cat([parts[i] for i, v in enumerate(kinds)
+                                                      if v >= 0]),
+                       video_grid_thw=self.video_grid_thw)
+        return out
 
 
 @dataclass
 class Plan:
-    """What ``plan`` found: the template split at the images, their token counts (None
-    when the processor cannot count ahead) and the token ids."""
+    """What ``plan`` found: the template split at the images and videos (``kinds``: "image"
+    or "video" per slot, in order), the images' token counts (None when the processor
+    cannot count ahead), the videos' prompt text and grids, and the token ids."""
     pieces: list[str]
     image_tokens: list[int] | None
     input_ids: torch.Tensor | None
     params: SamplingParams
+    kinds: list[str] = field(default_factory=list)
+    video_fills: list[tuple[str, tuple[int, int, int]]] = field(default_factory=list)
 
 
 class PromptBuilder:
     def __init__(self, processor, *, max_model_len: int, default_max_tokens: int,
                  image_preprocess: str = "torch", device: torch.device | str = "cpu",
-                 image_cache_bytes: int = 0):
+                 image_cache_bytes: int = 0, video_processor=None):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        self.video_token_id = self.tokenizer.convert_tokens_to_ids(VIDEO_PAD)
+        # models.video_prep.TorchVideoProcessor: sampled frames -> pixels, grid, prompt text
+        self.videos = video_processor
         self.merge = processor.image_processor.merge_size
         self.patch = processor.image_processor.patch_size
         try:
@@ -149,12 +204,14 @@ class PromptBuilder:
         if req.prompt_token_ids is not None:
             ids = self._given_ids(req.prompt_token_ids)
             return Plan([], [], ids, self._fill_max_tokens(req.params, ids.shape[1]))
-        pieces = self._render(req)
+        pieces, kinds = self._render(req)
+        videos = [self._video_fill(v) for v in req.videos]
         counts = [self._image_tokens(im) for im in req.images]
         if None in counts:  # the processor cannot count ahead: finish() checks
-            return Plan(pieces, None, None, req.params)
-        ids = self._tokenize(pieces, counts)
-        return Plan(pieces, counts, ids, self._fill_max_tokens(req.params, ids.shape[1]))
+            return Plan(pieces, None, None, req.params, kinds, videos)
+        ids = self._tokenize(pieces, kinds, counts, videos)
+        return Plan(pieces, counts, ids, self._fill_max_tokens(req.params, ids.shape[1]),
+                    kinds, videos)
 
     def count(self, req: EngineRequest) -> PromptCount:
         """The token ids ``finish`` would run for ``req`` (images counted as ``plan`` does,
@@ -162,48 +219,110 @@ class PromptBuilder:
         cache read or written: a count of one tenant's images is no hit for another."""
         if req.prompt_token_ids is not None:
             return PromptCount(self._given_ids(req.prompt_token_ids)[0].tolist(), 0)
-        pieces = self._render(req)
+        pieces, kinds = self._render(req)
+        videos = [self._video_fill(v) for v in req.videos]
         counts = [self._image_tokens(im) for im in req.images]
         if None in counts:
             counts = [int(g.prod()) // self.merge ** 2 for g in self._images(req.images)[1]]
-        ids = self._tokenize(pieces, counts)
-        return PromptCount(ids[0].tolist(), sum(counts))
+        ids = self._tokenize(pieces, kinds, counts, videos)
+        return PromptCount(ids[0].tolist(), sum(counts),
+                           sum(self.videos.tokens(g) for _, g in videos))
 
     def _given_ids(self, ids: list[int]) -> torch.Tensor:
-        """A prompt given as token ids: (1, L).  Image placeholders are refused: they
-        would stand for pixels the request does not have."""
+        """A prompt given as token ids: (1, L).  Image and video placeholders are refused:
+        they would stand for pixels the request does not have."""
         t = torch.tensor([ids], dtype=torch.long)
-        if bool((t == self.image_token_id).any()):
+        if bool((t == self.image_token_id).any() | (t == self.video_token_id).any()):
             raise InvalidRequest("The prompt may not contain the image placeholder token.",
                                  param="prompt")
         return t
 
-    def _render(self, req: EngineRequest) -> list[str]:
-        """The chat template's text (or the plain prompt), split at the image placeholders."""
+    def _render(self, req: EngineRequest) -> tuple[list[str], list[str]]:
+        """The chat template's text (or the plain prompt), split at the image placeholders
+        and the videos' slots; and the kind of each slot, in order."""
         with self._renders_lock:
             self.renders += 1
         text = req.prompt if req.prompt is not None else self.processor.apply_chat_template(
             req.messages, tokenize=False, add_generation_prompt=True, tools=req.tools)
-        pieces = text.split(IMAGE_PAD)
-        if len(pieces) - 1 != len(req.images):
-            raise InvalidRequest("Message text may not contain the image placeholder token.",
-                                 param="prompt" if req.prompt is not None else "messages")
-        return pieces
+        kinds = ["image" if m.group(0) == IMAGE_PAD else "video" for m in _SLOTS.finditer(text)]
+        pieces = _SLOTS.split(text)
+        if kinds.count("image") != len(req.images) or kinds.count("video") != len(req.videos):
+            raise InvalidRequest("Message text may not contain the image or video placeholder "
+                                 "tokens.", param="prompt" if req.prompt is not None
+                                 else "messages")
+        if req.videos and self.videos is None:
+            raise InvalidRequest("Video input is not enabled on this server.",
+                                 param="messages")
+        return pieces, kinds
+
+    def _video_fill(self, v: VideoInput) -> tuple[str, tuple[int, int, int]]:
+        """A video's prompt text (a timestamp and a run of placeholders per frame pair, as
+        Qwen's processor writes it) and its grid, from its size and budget alone."""
+        d = v.video
+        t, h, w = d.frames.shape[:3]
+        grid = self.videos.grid(t, h, w, v.min_pixels, v.max_pixels)
+        return self.videos.placeholder(grid, self.videos.timestamps(d.frame_indices,
+                                                                    d.fps)), grid
 
     def finish(self, req: EngineRequest, plan: Plan) -> Prepared:
-        """Preprocess the images; ``req.params`` may carry the compiled grammar by now."""
+        """Preprocess the images and videos; ``req.params`` may carry the compiled grammar
+        by now."""
         keys = [image_key(im, req.cache_salt) for im in req.images]
         pixel_values, grids = self._cached_images(req.images, keys) if req.images else (None, None)
         counts = [int(g.prod()) // self.merge ** 2 for g in grids] if req.images else []
-        ids = plan.input_ids if counts == plan.image_tokens else self._tokenize(plan.pieces,
-                                                                                counts)
-        return Prepared(
-            input_ids=ids,
-            mm_token_type_ids=(ids == self.image_token_id).int(),
-            pixel_values=pixel_values,
-            image_grid_thw=grids,
-            params=self._fill_max_tokens(req.params, ids.shape[1]),
+        ids = plan.input_ids if counts == plan.image_tokens else self._tokenize(
+            plan.pieces, plan.kinds, counts, plan.video_fills)
+        mm = (ids == self.image_token_id).int() + 2 * (ids == self.video_token_id).int()
+        prepared = Prepared(
+            input_ids=ids, mm_token_type_ids=mm, pixel_values=pixel_values,
+            image_grid_thw=grids, params=self._fill_max_tokens(req.params, ids.shape[1]),
             image_keys=keys, cache_salt=req.cache_salt)
+        if req.videos:
+            self._add_videos(prepared, req, plan.kinds)
+        return prepared
+
+    def _add_videos(self, prep: Prepared, req: EngineRequest, kinds: list[str]) -> None:
+        """Interleave the videos' frame pairs with the images as items, in prompt order
+        (see ``Prepared``).  Video pixels are float (normalised here, on a preparation
+        thread): with a video in it the request's image patches are normalised too."""
+        image_pix = prep.pixel_values
+        if image_pix is not None and image_pix.dtype == torch.uint8:
+            image_pix = self.fast_images.normalise(image_pix)
+        image_rows = prep.image_grid_thw.prod(-1).tolist() if image_pix is not None else []
+        image_parts = list(image_pix.split(image_rows)) if image_pix is not None else []
+        pix, grids, keys, owner, video_grids = [], [], [], [], []
+        images = iter(range(len(req.images)))
+        videos = iter(enumerate(req.videos))
+        for kind in kinds:
+            if kind == "image":
+                i = next(images)
+                pix.append(image_parts[i])
+                grids.append(prep.image_grid_thw[i].view(3))
+                keys.append(prep.image_keys[i])
+                owner.append(-1)
+                continue
+            j, v = next(videos)
+            key = video_key(v, req.cache_salt)
+            pixels, (t, h, w) = self._cached_video(v, key)
+            video_grids.append((t, h, w))
+            for pair, part in enumerate(pixels.split(h * w)):
+                pix.append(part)
+                grids.append(torch.tensor([1, h, w]))
+                keys.append(f"{key}#{pair}")
+                owner.append(j)
+        prep.pixel_values = torch.cat(pix)
+        prep.image_grid_thw = torch.stack(grids).to(torch.int64)
+        prep.image_keys, prep.item_video = keys, owner
+        prep.video_grid_thw = torch.tensor(video_grids, dtype=torch.int64)
+
+    def _cached_video(self, v: VideoInput, key: str) -> tuple[torch.Tensor, tuple]:
+        """A video's pixels and grid, through the pixel cache (by its key)."""
+        got = self.image_cache.get(key) if self.image_cache.enabled else None
+        if got is None:
+            got = self.videos(v.video.frames, v.min_pixels, v.max_pixels)
+            if self.image_cache.enabled:
+                self.image_cache.put(key, got, got[0].numel() * got[0].element_size())
+        return got
 
     def _cached_images(self, images: list[ImageInput],
                        keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,10 +394,13 @@ class PromptBuilder:
         g = self.geometry(im)
         return None if g is None else g.tokens
 
-    def _tokenize(self, pieces: list[str], counts: list[int]) -> torch.Tensor:
+    def _tokenize(self, pieces: list[str], kinds: list[str], counts: list[int],
+                  videos: list[tuple[str, tuple]]) -> torch.Tensor:
         expanded = [pieces[0]]
-        for n, rest in zip(counts, pieces[1:]):
-            expanded.append(IMAGE_PAD * n + rest)
+        images, fills = iter(counts), iter(videos)
+        for kind, rest in zip(kinds, pieces[1:]):
+            expanded.append((IMAGE_PAD * next(images) if kind == "image" else next(fills)[0])
+                            + rest)
         with self._tokenizer_lock:
             return self.tokenizer("".join(expanded), add_special_tokens=False,
                                   return_tensors="pt")["input_ids"]
@@ -303,10 +425,18 @@ def image_key(im: ImageInput, salt: str = "") -> str:
     """The image's content key with its pixel budget, under its tenant's salt (see the
     module doc)."""
     digest = im.digest or pixel_digest(im.image)
-    key = f"{digest}:{im.min_pixels}:{im.max_pixels}"
-    if salt:
-        key = hashlib.blake2b(salt.encode(), digest_size=8).hexdigest() + "/" + key
-    return key
+    return _salted(f"{digest}:{im.min_pixels}:{im.max_pixels}", salt)
+
+
+def _salted(key: str, salt: str) -> str:
+    return hashlib.blake2b(salt.encode(), digest_size=8).hexdigest() + "/" + key if salt \
+        else key
+
+
+def video_key(v: VideoInput, salt: str = "") -> str:
+    """A video's key, like an image's: its digest (bytes and sampling) and pixel budget."""
+    return _salted(f"{v.digest or pixel_digest(v.video.frames)}:{v.min_pixels}:"
+                   f"{v.max_pixels}", salt)
 
 
 def pixel_digest(image) -> str:

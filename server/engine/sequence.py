@@ -39,9 +39,9 @@ def _held_back(text: str, stops: list[str]) -> int:
 class Sequence:
     def __init__(self, *, request_id: str, index: int, prompt_len: int, params: SamplingParams,
                  tokenizer: Tokenizer, eos_ids: set[int], sink, reservation=None,
-                 image_tokens: int = 0):
+                 image_tokens: int = 0, video_tokens: int = 0):
         self.request_id, self.index, self.prompt_len, self.params = request_id, index, prompt_len, params
-        self.image_tokens = image_tokens
+        self.image_tokens, self.video_tokens = image_tokens, video_tokens
         self.tokenizer, self.eos_ids, self.sink = tokenizer, eos_ids, sink
         self.reservation = reservation
         self.output_ids: list[int] = []
@@ -104,7 +104,8 @@ class Sequence:
                       finish_reason=self.finish_reason, prompt_tokens=self.prompt_len,
                       completion_tokens=len(self.output_ids),
                       logprobs=[logprob] if logprob is not None else None,
-                      cached_tokens=self.cached_tokens, image_tokens=self.image_tokens)
+                      cached_tokens=self.cached_tokens, image_tokens=self.image_tokens,
+                      video_tokens=self.video_tokens)
 
     def append(self, token: int, logprob: TokenLogprob | None = None) -> Output:
         finish = self.accept(token)
