@@ -21,7 +21,7 @@ returns only the frames Qwen3-VL samples from it, the way transformers does it
    counted by demuxing (no decoding), bounded by ``max_source_frames``;
 3. refuse with :class:`VideoError` (fixed, client-safe messages): empty data, data PyAV
    cannot open, no video stream, a codec without a decoder, a zero or too large frame
-   (``width * height > max_frame_pixels``), an unknown frame rate, a duration
+   (``width * height > max_frame_pixels``), an aspect ratio over 200, an unknown frame rate, a duration
    (``frames / fps``, as transformers computes it) ``<= 0`` or ``> max_seconds``, a frame
    count of 0 or ``> max_source_frames``; and, once the frames to sample are known,
    their pixels together ``> max_decoded_pixels``;
@@ -72,6 +72,10 @@ __all__ = [
     "make_test_clip",
     "sample_indices",
 ]
+
+
+MAX_ASPECT_RATIO = 200  # Qwen's smart_resize refuses more
+DECODE_THREADS = 2
 
 
 class VideoError(ValueError):
@@ -155,11 +159,17 @@ def decode_video_bytes(data: bytes, *, fps: float = 2.0, min_frames: int = 4,
                 codec_ok = False
             if not codec_ok:
                 raise VideoError("video codec is not supported")
+            # FFmpeg's default takes every core for one decode, beside the model's thread
+            # and the other decode workers: a couple each (the frames are the same)
+            ctx.thread_count = DECODE_THREADS
             width, height = int(ctx.width or 0), int(ctx.height or 0)
             if width <= 0 or height <= 0:
                 raise VideoError("video frame size is invalid")
             if width * height > max_frame_pixels:
                 raise VideoError("video frames are too large")
+            if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+                # Qwen's resize refuses these (as the image policy does for photos)
+                raise VideoError("video frames have an extreme aspect ratio")
             # the frame rate transformers' reader uses (average_rate); guessed_rate as a
             # fallback where the container has no average
             source_fps = _positive_finite(stream.average_rate) or _positive_finite(

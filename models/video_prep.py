@@ -47,9 +47,9 @@ frame repeated twice, which is what HF's temporal padding makes of it anyway.
 repeated to fill the final group) and ``placeholder(grid, timestamps)`` the text that
 replaces one ``<|vision_start|><|video_pad|><|vision_end|>`` of the chat template in HF's
 processed prompt: per temporal group ``<{t:.1f} seconds>`` + ``<|vision_start|>`` +
-``<|video_pad|>`` * (gh*gw/merge**2) + ``<|vision_end|>``, all of it inside the
-template's own ``<|vision_start|>``/``<|vision_end|>`` (HF replaces the ``<|video_pad|>``
-only).
+``<|video_pad|>`` * (gh*gw/merge**2) + ``<|vision_end|>``; it replaces the template's
+``<|video_pad|>`` only, so all of it sits inside the template's own
+``<|vision_start|>``/``<|vision_end|>``, as in HF's prompt.
 """
 
 from __future__ import annotations
@@ -235,14 +235,14 @@ class TorchVideoProcessor:
             None, [int(i) for i in frame_indices], float(fps), self.temporal_patch_size))
 
     def placeholder(self, grid: tuple[int, int, int], timestamps: list[float]) -> str:
-        """The text HF's processed prompt has where the chat template wrote
-        ``<|vision_start|><|video_pad|><|vision_end|>`` for this video."""
+        """The text HF's processor puts in place of the ``<|video_pad|>`` of the chat
+        template's ``<|vision_start|><|video_pad|><|vision_end|>`` for this video (it
+        replaces the pad only: the template's markers stay around it)."""
         t = int(grid[0])
         if len(timestamps) < t:
             raise ValueError(f"{len(timestamps)} timestamps for {t} temporal groups")
         group = VISION_START + VIDEO_PAD * self.frame_tokens(grid) + VISION_END
-        inner = "".join(f"<{timestamps[i]:.1f} seconds>" + group for i in range(t))
-        return VISION_START + inner + VISION_END
+        return "".join(f"<{timestamps[i]:.1f} seconds>" + group for i in range(t))
 
     def describe(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in (

@@ -137,7 +137,8 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
             raise Unauthorized("Incorrect or missing API key.")
         return key
 
-    video_tokens = video_token_bound(settings.video_max_pixels, settings.video_max_frames)
+    video_tokens = video_token_bound(settings.video_max_pixels, settings.video_min_pixels,
+                                     settings.video_max_frames)
 
     def _admit(request: Request, key: ApiKey, body,
                 default_max_tokens: int = settings.max_new_tokens) -> RequestStats:

@@ -290,15 +290,21 @@ def check_decode_cost(data: bytes, param: str) -> None:
                        param)
 
 
-def image_digest(data: bytes, prefix: str = "") -> str:
+def image_digest(data: bytes) -> str:
     """The content key of an image's bytes: BLAKE2b-128, hex.  ~1 GB/s: a 10 MB photo costs
     ~10 ms, spent on a thread while the image decodes (hashlib releases the GIL); 128 bits:
-    two different images do not collide in practice.  A video's key hashes ``prefix`` (how
-    it is sampled) first: the same clip sampled otherwise is other pixels."""
-    if not prefix:
-        return hashlib.blake2b(data, digest_size=16).hexdigest()
-    h = hashlib.blake2b(prefix.encode() + b"\0", digest_size=16)
-    h.update(data)
+    two different images do not collide in practice."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def video_digest(sources: list[str], video: "DecodedVideo") -> str:
+    """A video's content key: the digests of its bytes (a clip's, or each frame's of a frame
+    list) and what was sampled from them (the frames' source indices and the rate that
+    dates them, exactly: both change the pixels or the timestamps in the prompt)."""
+    h = hashlib.blake2b(digest_size=16)
+    for s in sources:
+        h.update(s.encode() + b"\0")
+    h.update(f"{video.fps!r}:{video.frame_indices}".encode())
     return "v" + h.hexdigest()
 
 
@@ -567,16 +573,16 @@ class MediaFetcher:
                        param) from None
 
     async def load_video(self, url: str | list[str], *, param: str, options: VideoOptions,
-                         budget: PixelBudget | None = None, turn: str = ""
-                         ) -> tuple["DecodedVideo", str]:
+                         budget: PixelBudget | None = None) -> tuple["DecodedVideo", str]:
         """A video part: ``(DecodedVideo, digest)``.  A string is a clip (``data:video/...``,
         http(s) or file:// within the media policy, at most ``max_video_bytes``), decoded
         and sampled in a decode worker (killed after ``video_decode_timeout``; a "big"
         job, so small images keep a worker); its duration, frame size, frame count and
         the decoded pixels of the sampled frames are checked from the header before any
         frame is decoded.  A list is a video given as frames: image URLs, each loaded as
-        an image (its pixels charged to ``budget``).  The digest hashes the bytes and how
-        they were sampled (fps, frame cap)."""
+        an image, under the same caps on frame size and decoded pixels (from each image's
+        header) and on duration (frames / fps).  The sampled frames' pixels are charged to
+        the request's ``budget``.  The digest: ``video_digest``."""
         if isinstance(url, list):
             return await self._load_frames(url, param=param, options=options, budget=budget)
         if not isinstance(url, str) or not url.strip():
@@ -584,8 +590,9 @@ class MediaFetcher:
         url, limit = url.strip(), self.policy.max_video_bytes
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
         try:
-            if scheme == "data":
-                data = _decode_data_url(url, self.policy, param, limit, kind="video")
+            if scheme == "data":  # up to ~48 MB of base64: off the event loop
+                data = await asyncio.to_thread(_decode_data_url, url, self.policy, param,
+                                               limit, "video")
             elif scheme in ("http", "https"):
                 data = await self._fetch(url, param, limit)
             elif scheme == "file":
@@ -596,29 +603,39 @@ class MediaFetcher:
         except APIError as exc:  # the byte readers speak of images
             exc.message = exc.message.replace("image", "video")
             raise
-        digest = asyncio.ensure_future(asyncio.to_thread(
-            image_digest, data, f"video:{options.fps:g}:{options.min_frames}:"
-                              f"{options.max_frames}"))
+        digest = asyncio.ensure_future(asyncio.to_thread(image_digest, data))
         p = self.policy
         try:
             video = await self._decode_pool.run(
                 _decode_video_job, data, param, options, p.max_video_seconds,
                 p.max_video_frame_pixels, p.max_video_decoded_pixels,
-                timeout=p.video_decode_timeout, big=True, turn=turn)
+                timeout=p.video_decode_timeout, big=True)
         except WorkerDied:  # e.g. killed for memory: the video's doing
             raise _bad("video data could not be decoded", param) from None
         except TimeoutError:
             raise _bad(f"timed out decoding video (over {p.video_decode_timeout:g} s)",
                        param) from None
+        self._charge(budget, video, param)
+        return video, video_digest([await digest], video)
+
+    @staticmethod
+    def _charge(budget: PixelBudget | None, video: "DecodedVideo", param: str) -> None:
         if budget is not None and not budget.take(video.frames[..., 0].size):
             raise _bad(f"the request's images and video frames exceed {budget.limit} pixels "
                        "in total", param)
-        return video, await digest
 
     async def _load_frames(self, urls: list[str], *, param: str, options: VideoOptions,
                            budget: PixelBudget | None) -> tuple["DecodedVideo", str]:
         from models.video import VideoError, frames_from_images
-        tasks = [asyncio.ensure_future(self.load(u, param=f"{param}[{i}]", budget=budget))
+        p = self.policy
+        if len(urls) / options.fps > p.max_video_seconds:
+            raise _bad(f"video is longer than {p.max_video_seconds:g} s ({len(urls)} frames at "
+                       f"{options.fps:g} fps)", param)
+        # the video's own cap on decoded pixels, charged from each frame's header before it
+        # decodes; the request's budget when all are in
+        frames_budget = PixelBudget(p.max_video_decoded_pixels)
+        tasks = [asyncio.ensure_future(self.load(u, param=f"{param}[{i}]",
+                                                 budget=frames_budget))
                  for i, u in enumerate(urls)]
         try:
             loaded = await asyncio.gather(*tasks)
@@ -626,15 +643,15 @@ class MediaFetcher:
             for t in tasks:
                 t.cancel()
             raise
+        if any(im.width * im.height > p.max_video_frame_pixels for im, _ in loaded):
+            raise _bad("video frames are too large", param)
         import numpy as np
         try:
             video = frames_from_images([np.asarray(im) for im, _ in loaded], options.fps)
         except VideoError as exc:
             raise _bad(str(exc), param) from None
-        h = hashlib.blake2b(f"frames:{options.fps:g}:".encode(), digest_size=16)
-        for _, d in loaded:
-            h.update(d.encode())
-        return video, "v" + h.hexdigest()
+        self._charge(budget, video, param)
+        return video, video_digest([d for _, d in loaded], video)
 
     # ------------------------------------------------------------------ http
 

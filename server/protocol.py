@@ -52,7 +52,7 @@ class VideoURL(_Open):
     (all its sampled frames together, as Qwen's video processor counts it)."""
     url: str | list[Annotated[str, Field(max_length=64 * 1024 * 1024)]] = Field(
         max_length=64 * 1024 * 1024)
-    fps: float | None = Field(None, gt=0, le=60)
+    fps: float | None = Field(None, ge=0.1, le=60)
     max_frames: int | None = Field(None, ge=2)
     min_pixels: int | None = Field(None, ge=1)
     max_pixels: int | None = Field(None, ge=1)

@@ -169,13 +169,20 @@ class Limiter:
 TOKENS_PX = 32 * 32
 
 
-def video_token_bound(max_pixels: int, max_frames: int) -> int:
-    """The most prompt tokens one video can stand for: its frames' tokens (a whole video's
-    ``max_pixels`` over ``temporal patch 2 x 32 x 32`` pixels per token, as Qwen's video
-    processor budgets it, rounded up by a frame pair) plus, per pair of frames, the
-    ``<t seconds>`` text and the start/end markers the processor writes (12 tokens)."""
+def video_token_bound(max_pixels: int, min_pixels: int, max_frames: int) -> int:
+    """The most prompt tokens one video can stand for under the server's video budget.
+    Qwen's processor sizes a video's frames so that ``frames x height x width`` stays
+    within ``max_pixels``, counting the frames rounded to an even number, while the tokens
+    come in frame pairs with an odd last frame doubled: at most 1.5 x ``max_pixels / 2048``
+    (5 frames: 4 counted, 3 pairs), plus what rounding up to the 32-pixel grid adds under
+    the ``min_pixels`` floor; a frame's short side never shrinks below 32 pixels, which
+    for a thin frame (aspect ratio up to 200) can keep up to 32 x 6,400 pixels, 200 tokens
+    a pair, whatever the budget; and per pair the ``<t seconds>`` text and the start/end
+    markers the processor writes (12 tokens), plus the template's own 2.
+    ``tests/test_video_engine.py`` checks it against the processor's arithmetic."""
     pairs = (max_frames + 1) // 2
-    return max_pixels // (2 * TOKENS_PX) + 768 + 12 * pairs
+    return math.ceil(1.5 * max_pixels / (2 * TOKENS_PX)) + math.ceil(4 * min_pixels / TOKENS_PX) \
+        + pairs * (200 + 12) + 2
 
 
 def estimate_tokens(req, default_max_tokens: int, max_pixels: int,

@@ -286,6 +286,10 @@ class ChatService:
             if lo > hi:
                 raise InvalidRequest("min_pixels may not exceed max_pixels.", param=param)
         max_frames = min(v.max_frames or s.video_max_frames, s.video_max_frames)
+        # Qwen's processor floors every frame at 1.05 x min_pixels (qwen-vl-utils' per-frame
+        # cap): a floor above the budget's share per frame would let the frames together
+        # outgrow max_pixels, so it is held below that share
+        lo = max(min(lo, int(hi / (1.05 * max_frames))), TOKENS_PX)
         frames = v.url if isinstance(v.url, list) else None
         if frames is not None and not 1 <= len(frames) <= max_frames:
             raise InvalidRequest(f"A video given as frames needs 1 to {max_frames} of them "

@@ -57,7 +57,7 @@ def _context():
     if _CTX is None:
         _CTX = mp.get_context("forkserver")
         _CTX.set_forkserver_preload(["server.worker_signals", "PIL.Image", "server.media",
-                                     "models.video", "xgrammar", "server.engine.structured"])
+                                     "models.video", "av", "xgrammar", "server.engine.structured"])
     return _CTX
 
 

@@ -370,10 +370,11 @@ async def test_cached_tokens_flow_from_output_to_usage():
         sreq = p.ChatCompletionRequest(**body, stream=True, stream_options={"include_usage": True})
         lines = [x async for x in svc.stream(sreq, "x", outputs(), RequestStats())]
     assert got["usage"] == {"prompt_tokens": 20, "completion_tokens": 2, "total_tokens": 22,
-                            "prompt_tokens_details": {"cached_tokens": 16, "image_tokens": 4}}
+                            "prompt_tokens_details": {"cached_tokens": 16, "image_tokens": 4,
+                                                      "video_tokens": 0}}
     last = json.loads(lines[-2][len("data: "):])
     assert last["choices"] == [] and last["usage"]["prompt_tokens_details"] == {
-        "cached_tokens": 16, "image_tokens": 4}
+        "cached_tokens": 16, "image_tokens": 4, "video_tokens": 0}
 
 
 def test_engine_stats_metrics_only_when_reported():

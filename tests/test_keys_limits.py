@@ -240,6 +240,11 @@ def test_estimate_counts_text_images_n_and_max_tokens():
     assert estimate_tokens(req, 1024, 64 * 32 * 32) == text + 64 + 2 * 10
     req.max_tokens = None
     assert estimate_tokens(req, 1024, 64 * 32 * 32) == text + 64 + 2 * 1024
+    # a video is charged at its full budget (video_token_bound), an image still at its own
+    req.messages[1].content.append(p.VideoPart(type="video_url",
+                                               video_url={"url": "data:video/mp4;base64,AA"}))
+    assert (req.image_count, req.video_count) == (1, 1)
+    assert estimate_tokens(req, 1024, 64 * 32 * 32, 5000) == text + 64 + 5000 + 2 * 1024
 
 
 # --- fair queue ---------------------------------------------------------------------

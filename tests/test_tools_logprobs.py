@@ -86,8 +86,8 @@ def test_round_trip_messages_render_into_the_template(tiny_model):
     from server.settings import Settings
     svc = ChatService.__new__(ChatService)  # only the message conversion is exercised
     svc.settings = Settings()
-    messages, images = asyncio.run(svc._convert(req))
-    assert messages[2]["tool_call_id"] == "call_1" and not images
+    messages, images, videos = asyncio.run(svc._convert(req))
+    assert messages[2]["tool_call_id"] == "call_1" and not images and not videos
     text = load_processor(tiny_model).apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True,
         tools=[t for t in (x.model_dump(exclude_none=True) for x in req.tools)])

@@ -31,8 +31,15 @@ def clip() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def srv(server_factory):
-    return server_factory(*FLAGS)
+def media_dir(tmp_path_factory, clip):
+    d = tmp_path_factory.mktemp("media")
+    (d / "unboxing.mp4").write_bytes(clip)
+    return d
+
+
+@pytest.fixture(scope="module")
+def srv(server_factory, media_dir):
+    return server_factory(*FLAGS, "--allowed-local-media-path", str(media_dir))
 
 
 @pytest.fixture(scope="module")
@@ -82,20 +89,25 @@ def test_clip_as_data_url_streamed_and_not(c, clip):
         r.usage.prompt_tokens
 
 
-def test_clip_as_http_url_and_frame_list(c, srv, clip, video_host):
+def test_clip_as_http_and_file_url_and_frame_list(c, srv, clip, video_host, media_dir):
     by_data = ask(c, video_part(data_url(clip, "video/mp4")))
-    by_http = ask(c, video_part(video_host))
-    assert by_http.choices[0].message.content == by_data.choices[0].message.content
-    assert by_http.usage.prompt_tokens == by_data.usage.prompt_tokens
+    for url in (video_host, (media_dir / "unboxing.mp4").as_uri()):
+        other = ask(c, video_part(url))
+        assert other.choices[0].message.content == by_data.choices[0].message.content
+        assert other.usage.prompt_tokens == by_data.usage.prompt_tokens
+    outside = httpx.post(srv.base_url + "/chat/completions", timeout=60, json={
+        "model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": [
+            video_part((media_dir.parent / "elsewhere.mp4").as_uri())]}]})
+    assert outside.status_code == 400 and "outside" in outside.json()["error"]["message"]
     # a frame list: every frame is used, at its own fps (timestamps 0.5 s apart at 2 fps)
     frames = [data_url(png_bytes(160, 120, color=(40 * i, 90, 200))) for i in range(4)]
     r = ask(c, video_part(frames, fps=2))
     assert video_tokens(r) == 2 * 20
-    slow = ask(c, video_part(frames, fps=0.5))
+    slow = ask(c, video_part(frames, fps=1))
     assert video_tokens(slow) == 40
-    # the timestamps differ ("<0.2 seconds>" vs "<1.0 seconds>"), so does the prompt text
+    # the timestamps differ ("<0.2 seconds>" vs "<0.5 seconds>"), so does the prompt text
     tok = tokenize(srv, [video_part(frames, fps=2)])
-    slow_tok = tokenize(srv, [video_part(frames, fps=0.5)])
+    slow_tok = tokenize(srv, [video_part(frames, fps=1)])
     assert tok["video_tokens"] == slow_tok["video_tokens"] == 40
     assert tok["tokens"] != slow_tok["tokens"]
 
@@ -108,6 +120,17 @@ def test_fps_and_max_frames_change_the_video_tokens(c, srv, clip):
     assert video_tokens(ask(c, video_part(url, fps=1))) == 40     # 3 -> at least 4 frames
     assert video_tokens(ask(c, video_part(url, fps=4))) == 120    # 12 frames
     assert video_tokens(ask(c, video_part(url, max_frames=2))) == 20
+    # fps is kept exactly: 2.3333333 samples 6 frames, 2.3333334 samples 7 (4 pairs), and
+    # the second is not served the first one's cached pixels
+    assert video_tokens(ask(c, video_part(url, fps=2.3333333))) == 60
+    assert video_tokens(ask(c, video_part(url, fps=2.3333334))) == 80
+    # a request's min_pixels may not lift the frames past the video's budget
+    from server.ratelimit import video_token_bound
+    from server.settings import Settings
+    s = Settings()
+    big = ask(c, video_part(url, min_pixels=s.video_max_pixels))
+    assert 60 < video_tokens(big) <= video_token_bound(s.video_max_pixels, s.video_min_pixels,
+                                                       s.video_max_frames)
     # /tokenize counts what a request would run
     tok = tokenize(srv, [video_part(url, fps=1),
                          {"type": "text", "text": "What happens in this clip?"}])
@@ -131,9 +154,34 @@ async def test_video_batched_with_images_and_text_equals_alone(srv, clip):
             model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=12,
             temperature=0, extra_body={"ignore_eos": True})
         return r.choices[0].message.content, r.usage.prompt_tokens
+    from bench.hostpath import decode_counters
     alone = [await one(p) for p in parts]
+    steps, rows = decode_counters(srv.base_url)
     together = await asyncio.gather(*(one(p) for p in parts * 2))
     assert together == alone * 2
+    steps2, rows2 = decode_counters(srv.base_url)
+    assert (rows2 - rows) / (steps2 - steps) > 1.5  # they were decoded together
+
+
+def audio_only_mp4() -> bytes:
+    """An MP4 holding an AAC sound track and no video stream."""
+    import io
+
+    import av
+    import numpy as np
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        st = out.add_stream("aac", rate=16000)
+        st.layout = "mono"
+        for i in range(10):
+            fr = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32),
+                                            format="fltp", layout="mono")
+            fr.sample_rate, fr.pts = 16000, i * 1024
+            for pkt in st.encode(fr):
+                out.mux(pkt)
+        for pkt in st.encode():
+            out.mux(pkt)
+    return buf.getvalue()
 
 
 def _bad_clips() -> dict[str, tuple[str, int]]:
@@ -141,6 +189,7 @@ def _bad_clips() -> dict[str, tuple[str, int]]:
     return {
         "truncated": (data_url(clip[:len(clip) // 2], "video/mp4"), 400),
         "garbage": (data_url(b"\x00\x01garbage" * 100, "video/mp4"), 400),
+        "wrong codec: sound only": (data_url(audio_only_mp4(), "video/mp4"), 400),
         "an image, not a video": (data_url(png_bytes(), "video/mp4"), 400),
         "image mime type": (data_url(png_bytes()), 400),
         "huge frames": (data_url(make_test_clip(seconds=1.0, size=(640, 480)), "video/mp4"),

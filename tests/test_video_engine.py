@@ -10,29 +10,12 @@ import asyncio
 
 import pytest
 
-from models.loader import load_model
 from models.video import decode_video_bytes, make_test_clip
-from server.engine.core import AsyncEngine
 from server.engine.interface import EngineRequest, SamplingParams, VideoInput
-from server.settings import Settings
-from tests.test_batching import img, run
+from tests.test_batching import img, make_engine, run  # noqa: F401 - make_engine: a fixture
 
 CLIP = dict(max_seconds=60, max_frame_pixels=10**7, max_source_frames=10**4,
             max_decoded_pixels=10**9)
-
-
-@pytest.fixture(scope="module")
-def make_engine(toy_model):
-    engines = []
-
-    def make(**overrides) -> AsyncEngine:
-        s = Settings(model_path=toy_model, min_pixels=4096, max_pixels=65536, **overrides)
-        e = AsyncEngine(load_model(s), s)
-        engines.append(e)
-        return e
-    yield make
-    for e in engines:
-        e.close()
 
 
 def video(seconds=3.0, size=(160, 120), fps=2.0, max_frames=64, seed=0) -> VideoInput:
@@ -125,3 +108,35 @@ async def test_video_placeholder_in_text_is_refused(make_engine):
                     videos=[video()])
     with pytest.raises(InvalidRequest):
         engine.builder.build(extra)
+
+
+def test_video_token_bound_covers_the_processor(make_engine):
+    """The key limits' per-video charge (``video_token_bound``) is never below what the
+    processor makes of a video, over frame counts (odd and even), sizes and budgets."""
+    from server.ratelimit import video_token_bound
+    proc = make_engine().builder.videos
+    worst = 0.0
+    for max_px, min_px in [(25_165_824, 4096), (1_000_000, 4096), (200_000, 65536)]:
+        for frames in [2, 3, 4, 5, 7, 9, 16, 63, 64]:
+            for h, w in [(120, 160), (1080, 1920), (2160, 3840), (16, 3000), (3000, 16), (33, 6000), (720, 1280)]:
+                grid = proc.grid(frames, h, w, min_px, max_px)
+                real = proc.tokens(grid) + grid[0] * 12 + 2
+                bound = video_token_bound(max_px, min_px, 64)
+                assert real <= bound, (max_px, min_px, frames, h, w, real, bound)
+                worst = max(worst, real / bound)
+    assert worst > 0.4  # and not uselessly loose
+
+
+def test_video_keys_are_salted_per_tenant(make_engine):
+    """The same clip from two tenants: different keys for its pixels, encoder outputs and
+    prefix blocks (no cross-tenant hit), equal keys within one tenant."""
+    engine = make_engine()
+    v = video()
+    a = video_request("a", v=v)
+    a.cache_salt = "tenant-a"
+    b = video_request("b", v=v)
+    b.cache_salt = "tenant-b"
+    a2 = video_request("a2", v=v)
+    a2.cache_salt = "tenant-a"
+    ka, kb, ka2 = (engine.builder.build(r).image_keys for r in (a, b, a2))
+    assert ka == ka2 and not set(ka) & set(kb)

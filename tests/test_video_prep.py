@@ -72,9 +72,9 @@ def decode_case(case: dict, proc: TorchVideoProcessor) -> DecodedVideo:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(real_vocab_model):
+def processor(real_vocab_model):
     from models.processor import load_processor
-    return load_processor(real_vocab_model).tokenizer
+    return load_processor(real_vocab_model)
 
 
 # -- the committed reference --------------------------------------------------------------
@@ -122,22 +122,31 @@ def test_decode_and_pixels_match_hf(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_prompt_ids_match_hf(case, tokenizer):
+def test_prompt_ids_match_hf(case, processor):
+    """The server's own prompt (``PromptBuilder``: template, video slot, timestamps,
+    placeholders) is HF's ``Qwen3VLProcessor`` prompt, token for token; and its pixels are
+    the reference's."""
+    from server.engine.interface import EngineRequest, SamplingParams, VideoInput
+    from server.engine.prompt import PromptBuilder
     proc = processor_for(case)
     v = decode_case(case, proc)
     lo, hi = budget(case)
-    grid = proc.grid(len(v.frames), v.frames.shape[1], v.frames.shape[2], lo, hi)
-    text = tokenizer.apply_chat_template(REF["messages"], tokenize=False,
+    text = processor.apply_chat_template(REF["messages"], tokenize=False,
                                          add_generation_prompt=True)
-    assert text == case["prompt"]
-    assert text.count(TEMPLATE_VIDEO) == 1
-    text = text.replace(TEMPLATE_VIDEO, proc.placeholder(grid, proc.timestamps(
-        v.frame_indices, v.fps)))
-    ids = tokenizer(text)["input_ids"]
+    assert text == case["prompt"] and text.count(TEMPLATE_VIDEO) == 1
+    builder = PromptBuilder(processor, max_model_len=32768, default_max_tokens=8,
+                            video_processor=proc)
+    prep = builder.build(EngineRequest("r", REF["messages"], [], SamplingParams(),
+                                       videos=[VideoInput(v, lo or proc.min_pixels,
+                                                          hi or proc.max_pixels, "d")]))
     expected = [i for i, n in case["input_ids_rle"] for _ in range(n)]
-    assert ids == expected
-    pad = tokenizer.convert_tokens_to_ids("<|video_pad|>")
-    assert ids.count(pad) == proc.tokens(grid)
+    assert prep.input_ids[0].tolist() == expected
+    grid = tuple(case["grid"])
+    assert prep.video_tokens == proc.tokens(grid) and prep.video_grid_thw[0].tolist() == \
+        list(grid)
+    pixels = builder.model_pixels(prep.pixel_values, "cpu")
+    assert sha256(np.ascontiguousarray(pixels.numpy()).tobytes()) == \
+        case["pixel_values_sha256"]
 
 
 # -- the arithmetic against HF's own functions (no torchvision needed to call them) --------
@@ -203,8 +212,8 @@ def test_placeholder_text():
     proc = TorchVideoProcessor.from_config(REF["video_config"])
     text = proc.placeholder((2, 4, 6), [0.25, 1.45])
     group = "<|vision_start|>" + "<|video_pad|>" * 6 + "<|vision_end|>"
-    assert text == ("<|vision_start|><0.2 seconds>" + group + "<1.4 seconds>" + group
-                    + "<|vision_end|>")
+    # what replaces the template's <|video_pad|> (its own markers stay around it)
+    assert text == "<0.2 seconds>" + group + "<1.4 seconds>" + group
     with pytest.raises(ValueError):
         proc.placeholder((3, 4, 6), [0.0, 1.0])
 

@@ -629,7 +629,8 @@ class BatchingScheduler(_SchedulerBase):
             pix.append(p.entry.prepared.pixel_values[off:off + sizes[i]])
             grids.append(g[i:i + 1])
             keys.append(p.img_keys[i])
-        if len({t.dtype for t in pix}) > 1:  # uint8 photo patches beside float video pixels
+        if len({(t.dtype, t.dim()) for t in pix}) > 1:  # photos' and videos' uint8 patches,
+            # or either beside float pixels: each normalised as its own kind, then together
             pix = [self.runner.pixels(t, self.engine.device) for t in pix]
         feats = self.runner.encode(torch.cat(pix), torch.cat(grids), keys)
         for (p, i), f in zip(want, feats):

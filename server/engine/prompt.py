@@ -30,8 +30,9 @@ Videos (``EngineRequest.videos``: frames sampled and decoded on the API side, se
 ``models.video``) are preprocessed by ``models.video_prep.TorchVideoProcessor`` (no
 torchvision): their grids, timestamps and prompt text come from the frames' size and the
 budget alone, so ``plan`` counts them as it counts images; ``finish`` makes the pixels
-(float32, normalised on the preparation thread; cached by the video's key like an image's)
-and turns each frame pair into a vision item of ``t = 1`` (``Prepared``), which the engine
+(uint8 patches, cached by the video's key like an image's, normalised where the encoder
+takes them; see ``_add_videos``) and turns each frame pair into a vision item of ``t = 1``
+(``Prepared``), which the engine
 encodes, caches and positions like an image, as transformers' ``get_rope_index`` splits
 a video's grid at its timestamps.
 
@@ -58,7 +59,7 @@ from server.engine.interface import (EngineRequest, ImageGeometry, ImageInput, P
                                      SamplingParams, VideoInput)
 from server.engine.lru import ByteLRU
 from server.engine.transfer import to_device
-from server.errors import ContextLengthExceeded, InvalidRequest
+from server.errors import ContextLengthExceeded, InternalError, InvalidRequest
 
 IMAGE_PAD = "<|image_pad|>"
 # the chat template writes "<|vision_start|><|video_pad|><|vision_end|>" for a video part;
@@ -233,7 +234,8 @@ class PromptBuilder:
         they would stand for pixels the request does not have."""
         t = torch.tensor([ids], dtype=torch.long)
         if bool((t == self.image_token_id).any() | (t == self.video_token_id).any()):
-            raise InvalidRequest("The prompt may not contain the image placeholder token.",
+            raise InvalidRequest("The prompt may not contain the image or video placeholder "
+                                 "tokens.",
                                  param="prompt")
         return t
 
@@ -283,9 +285,13 @@ class PromptBuilder:
 
     def _add_videos(self, prep: Prepared, req: EngineRequest, kinds: list[str]) -> None:
         """Interleave the videos' frame pairs with the images as items, in prompt order
-        (see ``Prepared``).  Video pixels are float (normalised here, on a preparation
-        thread): with a video in it the request's image patches are normalised too."""
+        (see ``Prepared``).  A request of videos alone keeps their uint8 patches (a quarter
+        of float32's bytes, normalised where the encoder takes them: ``model_pixels``), as
+        photos do; with photos beside them, whose uint8 patches have another layout, all
+        are normalised here, on the preparation thread, and so are they all on a CPU model
+        (no crossing to save)."""
         image_pix = prep.pixel_values
+        uint8 = image_pix is None and self.normalise_on_device
         if image_pix is not None and image_pix.dtype == torch.uint8:
             image_pix = self.fast_images.normalise(image_pix)
         image_rows = prep.image_grid_thw.prod(-1).tolist() if image_pix is not None else []
@@ -304,22 +310,28 @@ class PromptBuilder:
             j, v = next(videos)
             key = video_key(v, req.cache_salt)
             pixels, (t, h, w) = self._cached_video(v, key)
+            if not uint8:
+                pixels = self.videos.normalise(pixels)
             video_grids.append((t, h, w))
             for pair, part in enumerate(pixels.split(h * w)):
                 pix.append(part)
                 grids.append(torch.tensor([1, h, w]))
                 keys.append(f"{key}#{pair}")
                 owner.append(j)
+        merged = sum(int(g.prod()) for g, o in zip(grids, owner) if o >= 0) // self.merge ** 2
+        if merged != prep.video_tokens:  # the prompt's runs must be the pixels' (keys: exact)
+            raise InternalError(f"video placeholders ({prep.video_tokens}) and pixels "
+                                f"({merged} tokens) disagree")
         prep.pixel_values = torch.cat(pix)
         prep.image_grid_thw = torch.stack(grids).to(torch.int64)
         prep.image_keys, prep.item_video = keys, owner
         prep.video_grid_thw = torch.tensor(video_grids, dtype=torch.int64)
 
     def _cached_video(self, v: VideoInput, key: str) -> tuple[torch.Tensor, tuple]:
-        """A video's pixels and grid, through the pixel cache (by its key)."""
+        """A video's uint8 patches and grid, through the pixel cache (by its key)."""
         got = self.image_cache.get(key) if self.image_cache.enabled else None
         if got is None:
-            got = self.videos(v.video.frames, v.min_pixels, v.max_pixels)
+            got = self.videos.patches(v.video.frames, v.min_pixels, v.max_pixels)
             if self.image_cache.enabled:
                 self.image_cache.put(key, got, got[0].numel() * got[0].element_size())
         return got
@@ -374,6 +386,8 @@ class PromptBuilder:
         they are."""
         if pixels.dtype != torch.uint8:
             return pixels.to(device)
+        if pixels.dim() == 2:  # a video's patches, both frames of each pair in them
+            return self.videos.normalise(to_device(pixels, device))
         return self.fast_images.normalise(to_device(pixels, device))
 
     def geometry(self, im: ImageInput) -> ImageGeometry | None:
