@@ -137,7 +137,7 @@ class MediaPolicy:
     max_video_bytes: int = 64 * 1024 * 1024
     max_video_seconds: float = 600.0
     max_video_frame_pixels: int = 3840 * 2160
-    max_video_decoded_pixels: int = 100_000_000
+    max_video_decoded_pixels: int = 140_000_000
     video_decode_timeout: float = 30.0
 
 
@@ -538,8 +538,9 @@ class MediaFetcher:
         return (await self.load(url, param=param, max_pixels=max_pixels, budget=budget))[0]
 
     async def load(self, url: str, *, param: str, max_pixels: int | None = None,
-                   budget: PixelBudget | None = None) -> tuple[Image.Image, str]:
-        """The decoded image and ``image_digest`` of its bytes as received."""
+                   budget: PixelBudget | None = None, turn: str = "") -> tuple[Image.Image, str]:
+        """The decoded image and ``image_digest`` of its bytes as received.  ``turn`` (the
+        API key): queued decodes are taken in turns by key (``ProcessPool``)."""
         if not isinstance(url, str) or not url.strip():
             raise _bad("image URL must be a non-empty string", param)
         url = url.strip()
@@ -564,7 +565,7 @@ class MediaFetcher:
         try:
             image = await self._decode_pool.run(_decode_job, data, self.policy, param,
                                                 max_pixels, timeout=self.policy.decode_timeout,
-                                                big=big)
+                                                big=big, turn=turn)
             return image, await digest
         except WorkerDied:  # e.g. killed for memory: the image's doing
             raise _bad("image data could not be decoded", param) from None
@@ -573,7 +574,8 @@ class MediaFetcher:
                        param) from None
 
     async def load_video(self, url: str | list[str], *, param: str, options: VideoOptions,
-                         budget: PixelBudget | None = None) -> tuple["DecodedVideo", str]:
+                         budget: PixelBudget | None = None, turn: str = ""
+                         ) -> tuple["DecodedVideo", str]:
         """A video part: ``(DecodedVideo, digest)``.  A string is a clip (``data:video/...``,
         http(s) or file:// within the media policy, at most ``max_video_bytes``), decoded
         and sampled in a decode worker (killed after ``video_decode_timeout``; a "big"
@@ -584,7 +586,8 @@ class MediaFetcher:
         header) and on duration (frames / fps).  The sampled frames' pixels are charged to
         the request's ``budget``.  The digest: ``video_digest``."""
         if isinstance(url, list):
-            return await self._load_frames(url, param=param, options=options, budget=budget)
+            return await self._load_frames(url, param=param, options=options, budget=budget,
+                                           turn=turn)
         if not isinstance(url, str) or not url.strip():
             raise _bad("video URL must be a non-empty string", param)
         url, limit = url.strip(), self.policy.max_video_bytes
@@ -609,7 +612,7 @@ class MediaFetcher:
             video = await self._decode_pool.run(
                 _decode_video_job, data, param, options, p.max_video_seconds,
                 p.max_video_frame_pixels, p.max_video_decoded_pixels,
-                timeout=p.video_decode_timeout, big=True)
+                timeout=p.video_decode_timeout, big=True, turn=turn)
         except WorkerDied:  # e.g. killed for memory: the video's doing
             raise _bad("video data could not be decoded", param) from None
         except TimeoutError:
@@ -625,7 +628,8 @@ class MediaFetcher:
                        "in total", param)
 
     async def _load_frames(self, urls: list[str], *, param: str, options: VideoOptions,
-                           budget: PixelBudget | None) -> tuple["DecodedVideo", str]:
+                           budget: PixelBudget | None, turn: str = ""
+                           ) -> tuple["DecodedVideo", str]:
         from models.video import VideoError, frames_from_images
         p = self.policy
         if len(urls) / options.fps > p.max_video_seconds:
@@ -635,7 +639,7 @@ class MediaFetcher:
         # decodes; the request's budget when all are in
         frames_budget = PixelBudget(p.max_video_decoded_pixels)
         tasks = [asyncio.ensure_future(self.load(u, param=f"{param}[{i}]",
-                                                 budget=frames_budget))
+                                                 budget=frames_budget, turn=turn))
                  for i, u in enumerate(urls)]
         try:
             loaded = await asyncio.gather(*tasks)

@@ -299,8 +299,10 @@ class ChatService:
                                                                       max_frames),
                             max_frames=max_frames, min_pixels=lo, max_pixels=hi)
 
-    async def _convert(self, req: p.ChatCompletionRequest
+    async def _convert(self, req: p.ChatCompletionRequest, key: str = ""
                        ) -> tuple[list[dict], list[ImageInput], list[VideoInput]]:
+        """The messages in HF's format, and the request's images and videos, fetched and
+        decoded (the decode workers take ``key``'s jobs in turn with other keys')."""
         messages: list[dict] = []
         jobs, video_jobs = [], []
         pixels = PixelBudget(self.settings.max_request_image_pixels)
@@ -317,14 +319,14 @@ class ChatService:
                         opts = self._video_options(part.video_url, param)
                         video_jobs.append((self.fetcher.load_video(
                             part.video_url.url, param=param + ".url", options=opts,
-                            budget=pixels), opts))
+                            budget=pixels, turn=key), opts))
                         parts.append({"type": "video"})
                     else:
                         param = f"messages[{i}].content[{j}].image_url"
                         lo, hi = self._budget(part.image_url, param)
                         jobs.append((self.fetcher.load(
                             part.image_url.url, param=param + ".url", max_pixels=hi,
-                            budget=pixels), lo, hi))
+                            budget=pixels, turn=key), lo, hi))
                         parts.append({"type": "image"})
                 msg["content"] = parts
             else:
@@ -398,7 +400,7 @@ class ChatService:
         params = self._params(req)
 
         async def load() -> dict:
-            messages, images, videos = await self._convert(req)
+            messages, images, videos = await self._convert(req, key)
             if req.grounding:
                 stats.grounding_images = self._geometry(images)
             return {"messages": messages, "images": images, "videos": videos,

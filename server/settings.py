@@ -231,9 +231,9 @@ class Settings(BaseSettings):
     max_video_seconds: float = Field(600.0, gt=0, description="Longest clip accepted, in seconds.")
     max_video_frame_pixels: int = Field(3840 * 2160, ge=1, description=(
         "Largest frame of a clip (width x height), checked from its header."))
-    max_video_decoded_pixels: int = Field(100_000_000, ge=1, description=(
+    max_video_decoded_pixels: int = Field(140_000_000, ge=1, description=(
         "Decoded pixels of one video's sampled frames together (memory guard, checked "
-        "before decoding)."))
+        "before decoding; 64 full-HD frames, ~400 MiB of RGB)."))
     video_decode_timeout: float = Field(30.0, gt=0, description=(
         "Seconds one video may take to decode, counted from when a decode worker takes it "
         "(400)."))

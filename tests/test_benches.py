@@ -323,3 +323,12 @@ def test_decode_step_ops_per_layer_and_no_kv_block_copies(tiny_model):
     assert gpu["kv_pool_copies"] == 0, gpu["kv_pool_copy_ops"]
     ref = _step_ops(tiny_model, "--reference")
     assert ref["decode_layers"] == "transformers" and ref["per_layer"] > 40
+
+
+def test_video_bench_quick(tmp_path):
+    """``bench.video`` times a clip's decode and preprocessing and reports its tokens."""
+    from bench.video import main
+    out = tmp_path / "video.json"
+    assert main(["--quick", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["sampled_frames"] == 6 and row["video_tokens"] == 60 and row["decode_ms"] > 0

@@ -231,7 +231,8 @@ def _start(server_factory):
                           "--allowed-media-hosts", "localhost",
                           "--max-body-bytes", str(64 * 1024 * 1024),
                           "--video-decode-timeout", str(VIDEO_DECODE_TIMEOUT),
-                          "--max-video-frame-pixels", str(1920 * 1088))
+                          "--max-video-frame-pixels", str(1920 * 1088),
+                          "--max-video-decoded-pixels", str(100_000_000))
 
 
 @pytest.fixture(scope="module")
@@ -355,7 +356,7 @@ def test_slow_videos_leave_a_decode_worker_for_a_photo(srv):
 
 def test_video_decode_bomb_is_refused_before_decoding(srv):
     """64 full-HD frames sampled from a 4 s clip are 133 M pixels: over
-    --max-video-decoded-pixels (100 M), refused from the header, before a frame is
+    --max-video-decoded-pixels (100 M here), refused from the header, before a frame is
     decoded, while an innocent request is served."""
     from models.video import make_test_clip
     bomb = data_url(make_test_clip(seconds=4.0, fps=16, size=(1920, 1080)), "video/mp4")

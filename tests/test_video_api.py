@@ -233,3 +233,32 @@ def test_bad_videos_get_400_and_the_server_keeps_serving(srv, clip):
         "model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
     assert ok.status_code == 200
     assert httpx.get(srv.url + "/health", timeout=10).status_code == 200
+
+
+async def test_decodes_are_queued_in_turns_by_key(clip):
+    """A request's images and video decode under its API key's turn in the decode pool
+    (``ProcessPool``: a free worker takes the oldest job of the key served longest ago), so
+    one key's slow clips do not make another key's photos wait behind all of them."""
+    from server import protocol as p
+    from server.media import MediaFetcher, MediaPolicy
+    from server.metrics import Metrics
+    from server.serving import ChatService
+    from server.settings import Settings
+
+    class Engine:
+        supports_video, model_id, vocab_size = True, "m", 100
+    async with MediaFetcher(MediaPolicy()) as fetcher:
+        turns = []
+        run = fetcher._decode_pool.run
+
+        async def spy(fn, *args, turn="", **kw):
+            turns.append((fn.__name__, turn))
+            return await run(fn, *args, turn=turn, **kw)
+        fetcher._decode_pool.run = spy
+        svc = ChatService(Engine(), Settings(), fetcher, Metrics(lambda: {}))
+        req = p.ChatCompletionRequest(model="qwen3-vl", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(png_bytes())}},
+            video_part(data_url(clip, "video/mp4"))]}])
+        _, images, videos = await svc._convert(req, "key-a")
+    assert len(images) == len(videos) == 1
+    assert sorted(turns) == [("_decode_job", "key-a"), ("_decode_video_job", "key-a")]
