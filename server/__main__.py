@@ -21,7 +21,7 @@ from server.app import create_app
 from server.clients import guarded_protocol
 from server.config_errors import load_or_exit
 from server.keys import KeyFileError, build_keys
-from server.logs import json_library_logs, setup_logging
+from server.logs import setup_logging
 from server.settings import Settings
 
 EXIT_LOAD_FAILED, EXIT_STARTUP_FAILED = 1, 3
@@ -58,22 +58,6 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def engine_factory(settings: Settings):
-    """Load the model and start the engine; the only place the launcher touches torch."""
-    def build():
-        from server.load_errors import check_model_path
-        check_model_path(settings.model_path, timeout=settings.fetch_timeout)
-        if settings.log_format == "json":
-            json_library_logs()
-        from models.loader import load_model
-        from server.engine.core import AsyncEngine
-        oom_at = os.environ.get("QWEN_VL_FAULT_OOM_AT")
-        return AsyncEngine(load_model(settings), settings,
-                           fault_oom_at=int(oom_at) if oom_at else None,
-                           fault=os.environ.get("QWEN_VL_FAULT"))
-    return build
-
-
 def _exit_now(code: int) -> None:
     logging.shutdown()
     sys.stdout.flush()
@@ -95,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
         server.should_exit = True
 
     try:
-        app = create_app(settings, engine_factory(settings), on_load_error=stop_on_load_error)
+        app = create_app(settings, startup.engine_factory(settings),
+                         on_load_error=stop_on_load_error)
     except KeyFileError as e:  # a broken key file: one plain line, not a traceback
         logging.getLogger("qwen_vl").error("%s", e)
         sys.exit(2)

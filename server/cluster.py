@@ -48,12 +48,12 @@ except ImportError as e:  # pragma: no cover - depends on the install
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from server.__main__ import engine_factory
 from server.app import create_app
 from server.errors import PayloadTooLarge, ServiceUnavailable
 from server.forward import (Lifespan, RawRequest, ResponseHead, call_app, prefix_key,
                             rendezvous_order)
 from server.settings import Settings
+from server.startup import engine_factory
 
 log = logging.getLogger("qwen_vl.cluster")
 

@@ -1,12 +1,32 @@
 """What the operator must know at startup, as log lines: which config file was loaded,
-whether API keys are required, and a warning when the API is open to the network."""
+whether API keys are required, and a warning when the API is open to the network; and
+``engine_factory``, the one place a launcher (``server.__main__``, a Ray replica in
+``server.cluster``) loads the model and starts the engine."""
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 
 log = logging.getLogger("qwen_vl.startup")
+
+
+def engine_factory(settings):
+    """Load the model and start the engine: the only place a launcher touches torch."""
+    def build():
+        from server.load_errors import check_model_path
+        check_model_path(settings.model_path, timeout=settings.fetch_timeout)
+        if settings.log_format == "json":
+            from server.logs import json_library_logs
+            json_library_logs()
+        from models.loader import load_model
+        from server.engine.core import AsyncEngine
+        oom_at = os.environ.get("QWEN_VL_FAULT_OOM_AT")
+        return AsyncEngine(load_model(settings), settings,
+                           fault_oom_at=int(oom_at) if oom_at else None,
+                           fault=os.environ.get("QWEN_VL_FAULT"))
+    return build
 
 
 def is_loopback(host: str) -> bool:
