@@ -24,7 +24,7 @@ CLIPS = [("3s 160x120", 3.0, 10, (160, 120)), ("10s 720p", 10.0, 30, (1280, 720)
 
 
 def measure(name: str, seconds: float, fps: int, size, rounds: int) -> dict:
-    from models.video import decode_video_bytes, make_test_clip
+    from models.video import MAX_SOURCE_FPS, decode_video_bytes, make_test_clip
     from models.video_prep import TorchVideoProcessor
     from models.tiny import REAL_VIDEO_CONFIG
     from server.settings import Settings
@@ -38,7 +38,7 @@ def measure(name: str, seconds: float, fps: int, size, rounds: int) -> dict:
         v = decode_video_bytes(data, fps=s.video_fps, min_frames=s.video_min_frames,
                                max_frames=s.video_max_frames, max_seconds=s.max_video_seconds,
                                max_frame_pixels=s.max_video_frame_pixels,
-                               max_source_frames=int(s.max_video_seconds * 240),
+                               max_source_frames=int(s.max_video_seconds * MAX_SOURCE_FPS),
                                max_decoded_pixels=s.max_video_decoded_pixels)
         decode.append(time.perf_counter() - t)
         t = time.perf_counter()

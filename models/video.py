@@ -75,6 +75,7 @@ __all__ = [
 
 
 MAX_ASPECT_RATIO = 200  # Qwen's smart_resize refuses more
+MAX_SOURCE_FPS = 240  # the source frame count a clip may declare: this x its longest duration
 DECODE_THREADS = 2
 
 

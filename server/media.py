@@ -290,6 +290,18 @@ def check_decode_cost(data: bytes, param: str) -> None:
                        param)
 
 
+async def gather_all(jobs: list) -> list:
+    """Run a request's fetches at once; when one fails (or the client leaves) the others
+    are cancelled rather than left to fetch and decode for nobody."""
+    tasks = [asyncio.ensure_future(j) for j in jobs]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        raise
+
+
 def image_digest(data: bytes) -> str:
     """The content key of an image's bytes: BLAKE2b-128, hex.  ~1 GB/s: a 10 MB photo costs
     ~10 ms, spent on a thread while the image decodes (hashlib releases the GIL); 128 bits:
@@ -329,13 +341,13 @@ def _decode_video_job(data: bytes, param: str, options: VideoOptions, max_second
                       max_frame_pixels: int, max_decoded_pixels: int):
     """What a decode worker runs for a clip: ``models.video.decode_video_bytes`` under the
     policy's caps; its client-safe errors become 400s naming the part."""
-    from models.video import VideoError, decode_video_bytes
+    from models.video import MAX_SOURCE_FPS, VideoError, decode_video_bytes
     try:
         return decode_video_bytes(
             data, fps=options.fps, min_frames=options.min_frames,
             max_frames=options.max_frames, max_seconds=max_seconds,
             max_frame_pixels=max_frame_pixels, max_decoded_pixels=max_decoded_pixels,
-            max_source_frames=int(max_seconds * 240))
+            max_source_frames=int(max_seconds * MAX_SOURCE_FPS))
     except VideoError as exc:
         raise _bad(str(exc), param) from None
 
@@ -638,15 +650,8 @@ class MediaFetcher:
         # the video's own cap on decoded pixels, charged from each frame's header before it
         # decodes; the request's budget when all are in
         frames_budget = PixelBudget(p.max_video_decoded_pixels)
-        tasks = [asyncio.ensure_future(self.load(u, param=f"{param}[{i}]",
-                                                 budget=frames_budget, turn=turn))
-                 for i, u in enumerate(urls)]
-        try:
-            loaded = await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            raise
+        loaded = await gather_all([self.load(u, param=f"{param}[{i}]", budget=frames_budget,
+                                             turn=turn) for i, u in enumerate(urls)])
         if any(im.width * im.height > p.max_video_frame_pixels for im, _ in loaded):
             raise _bad("video frames are too large", param)
         import numpy as np

@@ -10,7 +10,6 @@ and reasoning are split out of the text by ``server.tools``.  It never touches t
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import json
 import logging
@@ -27,7 +26,7 @@ from server.engine.interface import (Engine, EngineRequest, ImageInput, Output, 
                                      VideoInput)
 from server.engine.structured import GrammarSpec, check_cost
 from server.errors import APIError, InvalidRequest, ModelNotFound
-from server.media import MediaFetcher, PixelBudget, VideoOptions, original_size
+from server.media import MediaFetcher, PixelBudget, VideoOptions, gather_all, original_size
 from server.metrics import Metrics
 from server.settings import HUB_ID, Settings
 
@@ -338,14 +337,7 @@ class ChatService:
             if m.tool_call_id:
                 msg["tool_call_id"] = m.tool_call_id
             messages.append(msg)
-        tasks = [asyncio.ensure_future(job) for job in
-                 [j for j, _, _ in jobs] + [j for j, _ in video_jobs]]
-        try:
-            decoded = await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:  # one image failed (or the client left): stop the other fetches
-                t.cancel()
-            raise
+        decoded = await gather_all([j for j, _, _ in jobs] + [j for j, _ in video_jobs])
         images = [ImageInput(img, lo, hi, digest)
                   for (img, digest), (_, lo, hi) in zip(decoded, jobs)]
         videos = [VideoInput(video, o.min_pixels, o.max_pixels, digest)
