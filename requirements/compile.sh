@@ -36,6 +36,10 @@ PY="$TOOLS/bin/python"
   || "$PY" -m pip install --disable-pip-version-check -q -c "$ROOT/requirements/lock.txt" uv >&2
 tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
 echo "$TORCH_FOR_RESOLVING" > "$tmp/torch.txt"
+# uv prefers the versions already in its output file: start from the current lock, so that
+# adding a dependency pins the new packages without moving every other one (delete the
+# lock, or pass --upgrade, to move to the newest versions)
+[ -f "$out" ] && cp "$out" "$tmp/all.txt"
 (cd "$ROOT" && "$PY" -m uv pip compile pyproject.toml --all-extras --universal \
    --python-version 3.11 --fork-strategy fewest --override "$tmp/torch.txt" \
    --no-header --annotation-style line "${args[@]}" -o "$tmp/all.txt" -q)

@@ -86,7 +86,10 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
 
     async def load():
         try:
-            engine = await asyncio.to_thread(engine_factory)
+            # a factory that loads in-process runs on a thread; an engine client's is a
+            # coroutine (it waits for the engine-core process to be ready)
+            engine = (await engine_factory() if asyncio.iscoroutinefunction(engine_factory)
+                      else await asyncio.to_thread(engine_factory))
         except Exception as e:
             reason = describe_load_error(e, settings.model_path)
             log.debug("model load traceback", exc_info=True)
@@ -140,18 +143,23 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
     video_tokens = video_token_bound(settings.video_max_pixels, settings.video_min_pixels,
                                      settings.video_max_frames)
 
-    def _admit(request: Request, key: ApiKey, body,
-                default_max_tokens: int = settings.max_new_tokens) -> RequestStats:
+    async def _admit(request: Request, key: ApiKey, body,
+                     default_max_tokens: int = settings.max_new_tokens) -> RequestStats:
         """The key's limits (429) before any work for a generating request; the access
         log's end releases the ticket and reads the stats."""
         stats = request.scope["state"]["stats"] = RequestStats()
-        _ticket(request, key, estimate_tokens(body, default_max_tokens, settings.max_pixels,
-                                              video_tokens), body.n)
+        await _ticket(request, key, estimate_tokens(body, default_max_tokens,
+                                                    settings.max_pixels, video_tokens), body.n)
         return stats
 
-    def _ticket(request: Request, key: ApiKey, cost: int, seqs: int) -> None:
+    async def _ticket(request: Request, key: ApiKey, cost: int, seqs: int) -> None:
+        """The key's place and charge: kept here, or by the engine-core process when the
+        engine has a ``limiter`` (``EngineClient``: one count over all API servers)."""
         request.scope["state"]["key"] = key.name
-        request.scope["state"]["ticket"] = limiter.admit(key, cost, seqs=seqs)
+        remote = getattr(state.engine, "limiter", None)
+        request.scope["state"]["ticket"] = (await remote.admit(key, cost, seqs=seqs)
+                                            if remote is not None
+                                            else limiter.admit(key, cost, seqs=seqs))
 
     async def _answer(request: Request, streaming: bool, events, collect) -> Response:
         """A generating route's answer: the SSE stream ``events()`` yields, or the JSON
@@ -176,6 +184,8 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
         if keys.enabled and not key.operator:
             raise PermissionDenied("/metrics is for operator keys (operator: true in the "
                                    "key file).")
+        if hasattr(state.engine, "refresh_stats"):  # the engine is another process
+            await state.engine.refresh_stats()
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models", dependencies=[Depends(auth)], response_model=p.ModelList)
@@ -191,7 +201,7 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
     async def chat(request: Request, key: ApiKey = Depends(auth),
                    body: p.ChatCompletionRequest = Depends(read_chat_body)):
         svc = service()
-        stats = _admit(request, key, body)
+        stats = await _admit(request, key, body)
         cid = p.completion_id()
         # a client that leaves while its images are fetched or its grammar compiles
         # cancels that work and frees its queue place at once
@@ -207,7 +217,7 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
                           body: p.CompletionRequest = Depends(read_completion_body)):
         service()
         svc = state.completions
-        stats = _admit(request, key, body, default_max_tokens=DEFAULT_MAX_TOKENS)
+        stats = await _admit(request, key, body, default_max_tokens=DEFAULT_MAX_TOKENS)
         cid = p.legacy_completion_id()
         outputs, echo = await _unless_disconnected(
             request, svc.start(body, cid, stats, key=key.name, salt=key.cache_salt), closing)
@@ -222,7 +232,7 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
         svc = state.responses
         rid = response_id()
         chat_req, where = to_chat(body)  # the Responses-only checks; then it is a chat request
-        stats = _admit(request, key, chat_req)
+        stats = await _admit(request, key, chat_req)
         outputs = await _unless_disconnected(request, svc.start(
             chat_req, where, rid, stats, key=key.name, salt=key.cache_salt), closing)
         return await _answer(request, body.stream,
@@ -242,7 +252,7 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
     async def tokenize(request: Request, key: ApiKey = Depends(auth),
                        body=Depends(read_tokenize_body)):
         svc = service()
-        _ticket(request, key, 0, seqs=1 if getattr(body, "image_count", 0)
+        await _ticket(request, key, 0, seqs=1 if getattr(body, "image_count", 0)
                 or getattr(body, "video_count", 0) else 0)
         return await _unless_disconnected(request, svc.tokenize(body), closing)
 
@@ -250,7 +260,7 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
     async def detokenize(request: Request, key: ApiKey = Depends(auth),
                          body: p.DetokenizeRequest = Depends(read_detokenize_body)):
         svc = service()
-        _ticket(request, key, 0, seqs=0)
+        await _ticket(request, key, 0, seqs=0)
         return await _unless_disconnected(request, svc.detokenize(body), closing)
 
     # --- errors ----------------------------------------------------------------------------

@@ -26,13 +26,17 @@ must be.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # (name without the _total suffix, stats key, kind, help)
 ENGINE_STATS = (
+    ("qwen_vl_queue_depth", "queue_depth", "gauge", "Requests waiting for a batch slot"),
+    ("qwen_vl_running_sequences", "running_seqs", "gauge", "Sequences being decoded"),
     ("qwen_vl_prefix_cache_queries_tokens", "prefix_cache_query_tokens", "counter",
      "Prompt tokens looked up in the prefix cache"),
     ("qwen_vl_prefix_cache_hits_tokens", "prefix_cache_hit_tokens", "counter",
@@ -59,6 +63,9 @@ ENGINE_STATS = (
 )
 
 
+_ALWAYS = ("queue_depth", "running_seqs")  # exported (0) before the engine is there
+
+
 class _EngineStatsCollector:
     """Reads ``engine.stats()`` once per scrape and exports the keys it has."""
 
@@ -71,7 +78,7 @@ class _EngineStatsCollector:
     def collect(self):
         stats = self.engine_stats()
         for name, key, kind, doc in ENGINE_STATS:
-            value = stats.get(key)
+            value = stats.get(key, 0 if key in _ALWAYS else None)
             if value is None:
                 continue
             family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, doc)
@@ -93,11 +100,8 @@ class Metrics:
         self.tpot = Histogram("qwen_vl_time_per_output_token_seconds", "Time per output token",
                               buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1),
                               registry=r)
-        queue = Gauge("qwen_vl_queue_depth", "Requests waiting for a batch slot", registry=r)
-        running = Gauge("qwen_vl_running_sequences", "Sequences being decoded", registry=r)
-        queue.set_function(lambda: engine_stats().get("queue_depth", 0))
-        running.set_function(lambda: engine_stats().get("running_seqs", 0))
-        r.register(_EngineStatsCollector(engine_stats))
+        self.engine_collector = _EngineStatsCollector(engine_stats)
+        r.register(self.engine_collector)
         # per API key, labelled by the key's name (never the key)
         self.key_requests = Counter("qwen_vl_key_requests", "Chat requests by key and status",
                                     ["key", "status"], registry=r)
@@ -130,4 +134,12 @@ class Metrics:
         self.key_latency.labels(key=key).observe(elapsed)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """This process's series; under the supervisor (``PROMETHEUS_MULTIPROC_DIR`` set)
+        the sum over every API-server process, read from their shared files."""
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        registry.register(self.engine_collector)
+        return generate_latest(registry)

@@ -11,6 +11,7 @@ and reasoning are split out of the text by ``server.tools``.  It never touches t
 from __future__ import annotations
 
 import gc
+import inspect
 import json
 import logging
 import math
@@ -394,7 +395,7 @@ class ChatService:
         async def load() -> dict:
             messages, images, videos = await self._convert(req, key)
             if req.grounding:
-                stats.grounding_images = self._geometry(images)
+                stats.grounding_images = await self._geometry(images)
             return {"messages": messages, "images": images, "videos": videos,
                     "tools": _tools(req)}
         return await self.launch(req, request_id, stats, params, load, key=key, salt=salt)
@@ -405,7 +406,7 @@ class ChatService:
         """A queue place (429 before any work), then ``load()`` (the ``EngineRequest``'s
         prompt fields: messages, images, tools or a plain prompt; fetching the images),
         then the engine; returns its output stream, its first event already in."""
-        reservation = self.engine.reserve()
+        reservation = await _maybe(self.engine.reserve())
         try:
             fields = await load()
         except BaseException:
@@ -422,9 +423,10 @@ class ChatService:
         stats.ttft = time.perf_counter() - stats.t0
         return _prepend(first, stream)
 
-    def _geometry(self, images: list[ImageInput]) -> list[p.GroundingImage]:
+    async def _geometry(self, images: list[ImageInput]) -> list[p.GroundingImage]:
         out = []
-        for i, (im, g) in enumerate(zip(images, self.engine.image_geometry(images))):
+        for i, (im, g) in enumerate(zip(images, await _maybe(
+                self.engine.image_geometry(images)))):
             w, h = original_size(im.image)
             out.append(p.GroundingImage(
                 index=i, width=w, height=h,
@@ -441,7 +443,7 @@ class ChatService:
         images load, nothing generated.  The context length is reported, not enforced."""
         if isinstance(req, p.TokenizeChatRequest):
             self._check(req, generating=False)
-            reservation = self.engine.reserve()
+            reservation = await _maybe(self.engine.reserve())
             try:
                 messages, images, videos = await self._convert(req)
                 count = await self.engine.count(EngineRequest(
@@ -706,3 +708,9 @@ def _json_or_text(s: str):
         return s
     # nesting the chat template cannot render, or "\ud800" escapes: keep the plain text
     return v if _scan(v) is None else s
+
+
+async def _maybe(value):
+    """``value``, awaited if the engine answered with an awaitable: ``reserve`` and
+    ``image_geometry`` of an engine in another process are calls with a reply."""
+    return await value if inspect.isawaitable(value) else value

@@ -238,6 +238,15 @@ class Settings(BaseSettings):
         "Seconds one video may take to decode, counted from when a decode worker takes it "
         "(400)."))
 
+    # --- processes (issue 31) ---------------------------------------------------------------
+    api_server_count: int | None = Field(None, ge=1, le=64, description=(
+        "API-server processes (HTTP, auth, limits, media decoding, SSE) in front of the one "
+        "engine-core process, sharing the port. Unset = 1 (measured best on a small box; "
+        "more where cores are free)."))
+    engine_restarts: int = Field(5, ge=0, description=(
+        "Times the engine-core process is restarted after it dies (killed, out of memory) "
+        "before the server gives up and exits 4 for its supervisor. 0 = exit at once."))
+
     # --- replicas (issue 15; only these flags make the launcher import Ray) ---------------
     replicas: int = Field(1, ge=1, description=(
         "Engine replicas behind the one endpoint, through Ray Serve (one GPU each on a GPU "

@@ -68,9 +68,9 @@ from server.engine.kv_pool import BlockManager, KVPool, chain_keys
 from server.engine.runner import ModelRunner, PrefillChunk, prefill_bucket
 from server.engine.fairqueue import FairQueue
 from server.engine.interface import (EngineRequest, ImageGeometry, ImageInput, Output,
-                                     PromptCount)
+                                     PromptCount, read_outputs)
 from server.engine.kv_budget import KVBudget
-from server.engine.output import OutputStage, Sink, coalesce
+from server.engine.output import OutputStage, Sink
 from server.engine.prompt import Prepared, PromptBuilder
 from server.engine.sampler import SamplingState, stream_key
 from server.engine.sequence import Sequence
@@ -987,7 +987,28 @@ class AsyncEngine:
         return _Reservation(self)
 
     async def generate(self, request: EngineRequest, reservation):
-        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        await self.submit(request, reservation, Sink(asyncio.get_running_loop(), q.put_nowait))
+        self._open.add(q)
+        remaining = request.params.n
+        try:
+            async for out in read_outputs(q):
+                if out.finish_reason is not None:
+                    remaining -= 1
+                yield out
+                if not remaining:
+                    break
+        finally:
+            self._open.discard(q)
+            reservation.release()
+            if remaining:
+                self.abort(request.request_id)
+
+    async def submit(self, request: EngineRequest, reservation, sink) -> None:
+        """Prepare ``request`` (``_prepare_async``) and queue it; its events go to ``sink``
+        (``output.Sink``: lists of ``Output``, or an ``APIError``).  Raises what the
+        preparation raises (the reservation is then released); ``generate`` and the
+        engine-core process (``server.engine.proc``) start requests here."""
         try:
             prepared = await self._prepare_async(request)
         except BaseException:  # refused, or the client left (cancelled): free the place now
@@ -996,32 +1017,14 @@ class AsyncEngine:
         if self._closed_with is not None:  # shutting down: no new work
             reservation.release()
             raise self._closed_with
-        q: asyncio.Queue = asyncio.Queue()
-        entry = Entry(request.request_id, prepared, Sink(loop, q.put_nowait), reservation,
-                      key=request.key, stream=request.stream, on_prefill=request.on_prefill)
-        self._inbox.put(entry)
-        self._open.add(q)
-        remaining = prepared.params.n
-        try:
-            while remaining:
-                items = [await q.get()]
-                while not q.empty():  # the consumer lagged: coalesce what is waiting
-                    items.append(q.get_nowait())
-                outs = []
-                for item in items:
-                    if isinstance(item, BaseException):
-                        raise item
-                    outs += item
-                for out in coalesce(outs):
-                    if out.finish_reason is not None:
-                        remaining -= 1
-                    yield out
-        finally:
-            self._open.discard(q)
-            reservation.release()
-            if remaining:
-                self.aborted.add(request.request_id)
-                self._inbox.put(("abort", request.request_id))
+        self._inbox.put(Entry(request.request_id, prepared, sink, reservation,
+                              key=request.key, stream=request.stream,
+                              on_prefill=request.on_prefill))
+
+    def abort(self, request_id: str) -> None:
+        """The client of a submitted request left: the engine drops it at its next step."""
+        self.aborted.add(request_id)
+        self._inbox.put(("abort", request_id))
 
     async def _prepare_async(self, request: EngineRequest) -> Prepared:
         """Cheap checks first: (1) template, token count and context length on the

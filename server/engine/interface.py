@@ -13,6 +13,7 @@ step.  Every failure arrives as a ``server.errors.APIError``.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol
@@ -189,3 +190,47 @@ class Engine(Protocol):
         end of a SIGTERM's drain.  Returns how many were open."""
 
     async def shutdown(self, timeout: float) -> None: ...
+
+
+def coalesce(outs: list[Output]) -> list[Output]:
+    """Merge consecutive outputs of the same choice into one (fewer stream chunks when
+    the event loop is behind the engine, and a non-streamed request's held events; text
+    and token counts are unchanged).  The merged outputs own their lists."""
+    if len(outs) == 1 or len({o.index for o in outs}) == len(outs):
+        return outs  # nothing to merge (the common case): no copies
+    merged: dict[int, Output] = {}
+    for o in outs:
+        m = merged.get(o.index)
+        if m is None:
+            merged[o.index] = Output(o.index, o.text, list(o.token_ids), o.finish_reason,
+                                     o.prompt_tokens, o.completion_tokens,
+                                     list(o.logprobs) if o.logprobs else None,
+                                     cached_tokens=o.cached_tokens,
+                                     image_tokens=o.image_tokens,
+                                     video_tokens=o.video_tokens)
+            continue
+        m.text += o.text
+        m.token_ids += o.token_ids
+        m.finish_reason, m.completion_tokens = o.finish_reason, o.completion_tokens
+        if o.logprobs:  # in place: a held answer merges hundreds of steps at once
+            if m.logprobs is None:
+                m.logprobs = []
+            m.logprobs += o.logprobs
+    return list(merged.values())
+
+
+async def read_outputs(q: asyncio.Queue) -> AsyncIterator[Output]:
+    """A request's events from the queue its sink fills (lists of ``Output``, or an
+    exception, which is raised), merged per choice when several wait (the consumer lagged
+    behind the engine).  The caller stops once every choice has finished."""
+    while True:
+        items = [await q.get()]
+        while not q.empty():  # the consumer lagged: coalesce what is waiting
+            items.append(q.get_nowait())
+        outs = []
+        for item in items:
+            if isinstance(item, BaseException):
+                raise item
+            outs += item
+        for out in coalesce(outs):
+            yield out

@@ -28,7 +28,7 @@ import queue
 import threading
 import time
 
-from server.engine.interface import Output
+from server.engine.interface import Output, coalesce
 from server.errors import APIError, InternalError
 
 log = logging.getLogger("qwen_vl.engine")
@@ -67,33 +67,6 @@ class _Row:
 
     def entry(self, _, k):
         return self.lps.entry(self.i, k)
-
-
-def coalesce(outs: list[Output]) -> list[Output]:
-    """Merge consecutive outputs of the same choice into one (fewer stream chunks when
-    the event loop is behind the engine, and a non-streamed request's held events; text
-    and token counts are unchanged).  The merged outputs own their lists."""
-    if len(outs) == 1 or len({o.index for o in outs}) == len(outs):
-        return outs  # nothing to merge (the common case): no copies
-    merged: dict[int, Output] = {}
-    for o in outs:
-        m = merged.get(o.index)
-        if m is None:
-            merged[o.index] = Output(o.index, o.text, list(o.token_ids), o.finish_reason,
-                                     o.prompt_tokens, o.completion_tokens,
-                                     list(o.logprobs) if o.logprobs else None,
-                                     cached_tokens=o.cached_tokens,
-                                     image_tokens=o.image_tokens,
-                                     video_tokens=o.video_tokens)
-            continue
-        m.text += o.text
-        m.token_ids += o.token_ids
-        m.finish_reason, m.completion_tokens = o.finish_reason, o.completion_tokens
-        if o.logprobs:  # in place: a held answer merges hundreds of steps at once
-            if m.logprobs is None:
-                m.logprobs = []
-            m.logprobs += o.logprobs
-    return list(merged.values())
 
 
 def _release(entry, events: list[Output]) -> list[Output] | None:

@@ -1,0 +1,322 @@
+"""The engine-core process: the model, the scheduler, the KV pool, sampling, grammar
+masks and the per-key fair queue, behind a ZeroMQ socket (``server.messages``), with no
+HTTP in it.  Started by the supervisor (``server.supervisor``); the API-server processes
+(``server.api_server``) reach it through ``server.engine_client.EngineClient``.
+
+Threads: the model thread and the output thread of ``AsyncEngine`` (unchanged), the
+preparation threads (template, tokens, image pixels), and this module's event loop on the
+main thread, which only moves messages: requests in, one ``out`` message per API server
+per engine step out (the output thread's per-step delivery lands in ``_post``, which
+batches by API server and flushes once per loop turn).
+
+State that holds across API servers lives here: the queue places (``reserve``), the
+per-key limits (``server.ratelimit.Limiter``: ``admit``/``finish``), the fair queue,
+and every cache (prefix blocks, image pixels, encoder outputs, grammars), salted per
+tenant as before.
+
+Lifetime: SIGTERM and SIGINT are ignored (a group signal drains the API servers first);
+SIGUSR1 stops the engine and exits 0.  The process dies with its supervisor
+(``server.lifecycle.die_with_parent``).  A model that fails to load logs one line and exits 1.  An API
+server that dies (its pid is watched from its ``hello``) has its requests aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import signal
+import sys
+import time
+from functools import partial
+
+from server.lifecycle import die_with_parent, pid_watch
+
+log = logging.getLogger("qwen_vl.engine")
+
+EXIT_LOAD_FAILED = 1
+
+
+class _Req:
+    """A request of an API server: its preparation task, queue place, engine id and the
+    choices still running."""
+
+    def __init__(self, task, reservation, uid: str, left: int):
+        self.task, self.reservation, self.uid, self.left = task, reservation, uid, left
+
+
+class _Api:
+    """One API server as the engine knows it."""
+
+    def __init__(self, ident: bytes, pid: int):
+        self.ident, self.pid = ident, pid
+        self.requests: dict[str, _Req] = {}
+        self.outbox: list = []
+        self.watch: int | None = None
+
+
+class EngineCore:
+    def __init__(self, settings, addr: str, ready=None):
+        self.settings, self.addr, self.ready = settings, addr, ready
+        self.engine = None
+        self.epoch = f"{os.getpid()}-{time.time_ns()}"
+        self.apis: dict[bytes, _Api] = {}
+        self.reservations: dict[int, object] = {}
+        self.tickets: dict[int, object] = {}
+        self._ids = itertools.count(1)
+        self._flush_pending = False
+        self._stop = asyncio.Event()
+        from server.ratelimit import Limiter
+        self.limiter = Limiter()
+
+    # --- lifetime ------------------------------------------------------------------------
+    async def run(self) -> int:
+        import zmq
+        import zmq.asyncio
+        from server.startup import engine_factory
+        from server.load_errors import describe_load_error
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_signal_handler(signal.SIGUSR1, self._stop.set)
+        ctx = zmq.asyncio.Context()
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.SNDHWM, 0)  # never drop a message for a slow API server
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(self.addr)
+        receiver = asyncio.create_task(self._receive())
+        try:
+            self.engine = await asyncio.to_thread(engine_factory(self.settings))
+        except Exception as e:
+            log.debug("model load traceback", exc_info=True)
+            log.error("model failed to load: %s", describe_load_error(e, self.settings.model_path))
+            return EXIT_LOAD_FAILED
+        log.info("engine core ready (pid %d): serving %s", os.getpid(), self.engine.model_id)
+        if self.ready is not None:  # the supervisor's pipe
+            self.ready.send_bytes(b"ready")
+            self.ready.close()
+        for api in self.apis.values():
+            self._send(api.ident, "ready", self._info())
+        beat = asyncio.create_task(self._heartbeat())
+        await self._stop.wait()
+        beat.cancel()
+        receiver.cancel()
+        await self.engine.shutdown(self.settings.shutdown_timeout)
+        ctx.destroy(linger=0)
+        return 0
+
+    def _info(self) -> dict:
+        e = self.engine
+        return {"model_id": e.model_id, "max_model_len": e.max_model_len,
+                "vocab_size": e.vocab_size, "supports_video": e.supports_video,
+                "opens_think": bool(getattr(e, "opens_think", False)),
+                "pid": os.getpid(), "epoch": self.epoch}
+
+    async def _heartbeat(self):
+        from server.messages import HEARTBEAT_S
+        while True:
+            healthy = self.engine.healthy
+            for api in self.apis.values():
+                self._send(api.ident, "hb", healthy, self.epoch)
+            await asyncio.sleep(HEARTBEAT_S)
+
+    # --- sending -------------------------------------------------------------------------
+    def _send(self, ident: bytes, *fields):
+        from server.messages import pack
+        self.sock.send_multipart([ident, pack(*fields)], copy=False)
+
+    def _post(self, api: _Api, rid: str, item):
+        """On the loop: one event item (``Sink``) for ``rid``; sent with the others of this
+        loop turn in one ``out`` message (``_flush``)."""
+        from server.messages import encode_error, encode_outputs
+        if isinstance(item, BaseException):
+            api.requests.pop(rid, None)
+            wire = encode_error(item)
+        elif isinstance(item, tuple):  # ("p", tokens): the prefill was scheduled
+            wire = list(item)
+        else:
+            wire = encode_outputs(item)
+        api.outbox.append([rid, wire])
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self):
+        self._flush_pending = False
+        for api in self.apis.values():
+            if api.outbox:
+                self._send(api.ident, "out", api.outbox)
+                api.outbox = []
+
+    # --- receiving -----------------------------------------------------------------------
+    async def _receive(self):
+        from server.messages import unpack
+        while True:
+            frames = await self.sock.recv_multipart(copy=False)
+            ident, msg, extra = frames[0].bytes, unpack(frames[1].buffer), frames[2:]
+            try:
+                self._dispatch(ident, msg, extra)
+            except Exception:  # a malformed message must not stop the engine
+                log.exception("bad message from API server %r", ident)
+
+    def _dispatch(self, ident: bytes, msg: list, extra: list):
+        kind = msg[0]
+        if kind == "hello":
+            self._hello(ident, msg[2])
+            return
+        api = self.apis.get(ident)
+        if api is None:  # an API server that has not said hello to this engine yet
+            return
+        if kind == "gen":
+            self._generate(api, msg[1], msg[2], msg[3], extra)
+        elif kind == "abort":
+            self._abort(api, msg[1])
+        elif kind == "call":
+            asyncio.ensure_future(self._call(api, msg[1], msg[2], msg[3], extra))
+        elif kind == "cast":
+            self._cast(msg[1], msg[2])
+
+    def _hello(self, ident: bytes, pid: int):
+        old = self.apis.get(ident)
+        if old is not None and old.pid == pid:
+            if self.engine is not None:
+                self._send(ident, "ready", self._info())
+            return
+        if old is not None:
+            self._api_gone(old)
+        api = self.apis[ident] = _Api(ident, pid)
+        api.watch = pid_watch(self.loop, pid, partial(self._api_died, api))
+        log.info("API server %s (pid %d) connected", ident.decode(), pid)
+        if self.engine is not None:
+            self._send(ident, "ready", self._info())
+
+    def _api_died(self, api: _Api):
+        log.warning("API server %s (pid %d) exited: aborting its %d request(s)",
+                    api.ident.decode(), api.pid, len(api.requests))
+        if self.apis.get(api.ident) is api:
+            del self.apis[api.ident]
+        self._api_gone(api)
+
+    def _api_gone(self, api: _Api):
+        for rid in list(api.requests):
+            self._abort(api, rid)
+
+    # --- requests ------------------------------------------------------------------------
+    def _generate(self, api: _Api, rid: str, res_id: int, wire: dict, frames: list):
+        from server.engine.output import Sink
+        from server.messages import decode_request
+        uid = f"{api.ident.decode()}/{rid}"
+        reservation = self.reservations.pop(res_id, None) or _Released()
+        try:
+            req = decode_request(wire, frames)
+        except Exception as exc:
+            reservation.release()
+            log.exception("undecodable request")
+            self._post(api, rid, exc)
+            return
+        req.request_id = uid
+        post = partial(self._post, api, rid)
+        req.on_prefill = lambda n: self.loop.call_soon_threadsafe(post, ("p", n))
+        sink = Sink(self.loop, partial(self._deliver, api, rid))
+        task = asyncio.ensure_future(self.engine.submit(req, reservation, sink))
+        api.requests[rid] = _Req(task, reservation, uid, req.params.n)
+
+        def submitted(t):
+            if t.cancelled():
+                return
+            if t.exception() is not None:
+                self._post(api, rid, t.exception())
+        task.add_done_callback(submitted)
+
+    def _deliver(self, api: _Api, rid: str, item):
+        """A request's events from the output thread (on the loop); its bookkeeping ends
+        with its last choice's finish or its error."""
+        r = api.requests.get(rid)
+        if r is None:  # aborted meanwhile
+            return
+        if isinstance(item, BaseException):
+            r.left = 0
+        else:
+            r.left -= sum(1 for o in item if o.finish_reason is not None)
+        if r.left <= 0:
+            api.requests.pop(rid, None)
+            r.reservation.release()
+        self._post(api, rid, item)
+
+    def _abort(self, api: _Api, rid: str):
+        r = api.requests.pop(rid, None)
+        if r is None:
+            return
+        if not r.task.done():
+            r.task.cancel()  # still preparing (template, grammar, pixels): stop that work
+        r.reservation.release()
+        self.engine.abort(r.uid)
+
+    # --- calls ---------------------------------------------------------------------------
+    async def _call(self, api: _Api, call_id: int, method: str, args, frames: list):
+        from server.messages import decode_request, encode_error, encode_result
+        try:
+            if method == "reserve":
+                res_id = next(self._ids)
+                self.reservations[res_id] = self.engine.reserve()
+                value = res_id
+            elif method == "count":
+                value = await self.engine.count(decode_request(args, frames))
+            elif method == "geometry":
+                req = decode_request(args, frames)
+                value = self.engine.image_geometry(req.images)
+            elif method == "detokenize":
+                value = await self.engine.detokenize(args)
+            elif method == "stats":
+                value = {**self.engine.stats(), "engine_healthy": int(self.engine.healthy)}
+            elif method == "admit":
+                value = self._admit(*args)
+            else:
+                raise ValueError(f"unknown call {method!r}")
+            self._send(api.ident, "reply", call_id, True, encode_result(method, value))
+        except Exception as exc:
+            if not hasattr(exc, "envelope"):
+                log.exception("call %s failed", method)
+            self._send(api.ident, "reply", call_id, False, encode_error(exc))
+
+    def _admit(self, name: str, limits: list, cost: int, seqs: int) -> int:
+        from server.keys import ApiKey, KeyLimits
+        key = ApiKey(name, b"", KeyLimits(*limits))
+        ticket = self.limiter.admit(key, cost, seqs=seqs)
+        tid = next(self._ids)
+        self.tickets[tid] = ticket
+        return tid
+
+    def _cast(self, method: str, args):
+        if method == "release":
+            r = self.reservations.pop(args, None)
+            if r is not None:
+                r.release()
+        elif method == "finish":
+            tid, tokens = args
+            t = self.tickets.pop(tid, None)
+            if t is not None:
+                t.finish(tokens)
+
+
+class _Released:
+    """The reservation of a request whose place was already given back."""
+
+    def release(self):
+        pass
+
+
+def main(argv: list[str], addr: str, ready, parent_pid: int) -> None:
+    """The process's entry point (``multiprocessing`` spawn target)."""
+    die_with_parent(parent_pid)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from server.config_errors import load_or_exit
+    from server.logs import setup_logging
+    settings = load_or_exit(argv)
+    setup_logging(settings.log_level, settings.log_format)
+    code = asyncio.run(EngineCore(settings, addr, ready).run())
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,324 @@
+"""The API server's handle on the engine-core process: ``EngineClient`` implements
+``server.engine.interface.Engine`` over ZeroMQ (``server.messages``), without torch.
+
+One DEALER socket, owned by the event loop.  ``generate`` sends the request (its pixels
+as raw frames) and reads its events from a queue that ``_receive`` fills from the
+engine's ``out`` batches (one message per engine step for all of this API server's
+requests).  Leaving the iteration early sends ``abort``.  ``reserve``, ``count``,
+``image_geometry``, ``detokenize`` and ``stats`` are calls with a reply; the per-key
+limits (``limiter``) are kept by the engine too, so that they hold across API servers.
+
+Engine faults: the engine's pid (from its ``ready``) is watched with a pidfd, and every
+message counts as a heartbeat.  When the engine exits (killed, out of memory) or is
+silent for ``HEARTBEAT_LOST_S``, every open request is answered at once with a 503
+(``ENGINE_GONE``: a stream ends with an error event and ``[DONE]``), every pending call
+fails the same way, and ``healthy`` is False until an engine says ``ready`` again (the
+supervisor restarts it; ``hello`` is repeated until then).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+
+from server.engine.interface import EngineRequest, read_outputs
+from server.errors import APIError, ServiceUnavailable
+from server.lifecycle import pid_watch
+from server.messages import (HEARTBEAT_LOST_S, decode_error, decode_outputs, decode_result,
+                             encode_request, is_error, pack, unpack)
+
+log = logging.getLogger("qwen_vl.client")
+
+ENGINE_GONE = "The engine stopped while serving this request; retry it."
+HELLO_EVERY_S = 0.2
+
+
+class _Reservation:
+    def __init__(self, client: "EngineClient", res_id: int):
+        self.client, self.res_id, self.held = client, res_id, True
+
+    def release(self):
+        if self.held:
+            self.held = False
+            self.client._cast("release", self.res_id)
+
+
+class _Ticket:
+    """A key's place and token charge, kept by the engine (``server.ratelimit.Ticket``)."""
+
+    def __init__(self, client: "EngineClient", tid: int | None):
+        self.client, self.tid = client, tid
+
+    def finish(self, tokens_used: int | None = None):
+        if self.tid is not None:
+            self.client._cast("finish", [self.tid, tokens_used])
+            self.tid = None
+
+
+class RemoteLimiter:
+    """``server.ratelimit.Limiter``'s ``admit``, answered by the engine's limiter."""
+
+    def __init__(self, client: "EngineClient"):
+        self.client = client
+
+    async def admit(self, key, cost: int, seqs: int = 1) -> _Ticket:
+        from server.keys import KeyLimits
+        lim = key.limits
+        if lim == KeyLimits():  # nothing to count: no round trip
+            return _Ticket(self.client, None)
+        tid = await self.client._call("admit", [key.name, [lim.requests_per_minute,
+                                                            lim.tokens_per_minute,
+                                                            lim.max_concurrent], cost, seqs])
+        return _Ticket(self.client, tid)
+
+
+class EngineClient:
+    """Implements ``server.engine.interface.Engine`` for one API server."""
+
+    def __init__(self, addr: str, api_id: str):
+        import zmq
+        import zmq.asyncio
+        self._zmq = zmq
+        self.addr, self.api_id = addr, api_id
+        self._ctx = zmq.asyncio.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.IDENTITY, api_id.encode())
+        self._sock.setsockopt(zmq.SNDHWM, 0)
+        self._sock.setsockopt(zmq.RCVHWM, 0)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        # queue nothing while no engine is there: a hello sent then is dropped (and
+        # repeated), not delivered in a heap to the next engine
+        self._sock.setsockopt(zmq.IMMEDIATE, 1)
+        self._sock.connect(addr)
+        self._ids = itertools.count(1)
+        self._open: dict[str, tuple[asyncio.Queue, object]] = {}  # rid -> (queue, stats hook)
+        self._calls: dict[int, tuple[asyncio.Future, str]] = {}
+        self._ready = asyncio.Event()
+        self._info: dict = {}
+        self._healthy = False
+        self._epoch: str | None = None
+        self._last_heard = time.monotonic()
+        self._pidfd: int | None = None
+        self._closed_with: BaseException | None = None
+        self.limiter = RemoteLimiter(self)
+        self._tasks = [asyncio.ensure_future(self._receive()),
+                       asyncio.ensure_future(self._keepalive())]
+
+    async def wait_ready(self) -> "EngineClient":
+        await self._ready.wait()
+        return self
+
+    # --- Engine ---------------------------------------------------------------------------
+    @property
+    def model_id(self) -> str:
+        return self._info["model_id"]
+
+    @property
+    def max_model_len(self) -> int:
+        return self._info["max_model_len"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self._info["vocab_size"]
+
+    @property
+    def supports_video(self) -> bool:
+        return self._info["supports_video"]
+
+    @property
+    def opens_think(self) -> bool:
+        return self._info["opens_think"]
+
+    @property
+    def healthy(self) -> bool:
+        return self._ready.is_set() and self._healthy
+
+    async def reserve(self) -> _Reservation:
+        return _Reservation(self, await self._call("reserve", None))
+
+    async def generate(self, request: EngineRequest, reservation):
+        rid = f"{next(self._ids)}"
+        q: asyncio.Queue = asyncio.Queue()
+        if not self._ready.is_set():
+            reservation.release()
+            raise ServiceUnavailable(ENGINE_GONE)
+        if self._closed_with is not None:
+            reservation.release()
+            raise self._closed_with
+        wire, frames = encode_request(request)
+        self._open[rid] = (q, request.on_prefill)
+        res_id = reservation.res_id
+        reservation.held = False  # the engine holds it now: released there
+        self._sock.send_multipart([pack("gen", rid, res_id, wire), *frames], copy=False)
+        remaining = request.params.n
+        try:
+            async for out in read_outputs(q):
+                if out.finish_reason is not None:
+                    remaining -= 1
+                yield out
+                if not remaining:
+                    break
+        finally:
+            if self._open.pop(rid, None) is not None and remaining and self._ready.is_set():
+                self._send("abort", rid)
+
+    async def image_geometry(self, images):
+        wire, frames = encode_request(EngineRequest("geometry", [], images, _params()))
+        return await self._call("geometry", wire, frames)
+
+    async def count(self, request: EngineRequest):
+        wire, frames = encode_request(request)
+        return await self._call("count", wire, frames)
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        return await self._call("detokenize", list(token_ids))
+
+    async def refresh_stats(self) -> None:
+        """The engine's figures, fetched for a /metrics scrape (``stats`` returns them)."""
+        try:
+            self._stats = await asyncio.wait_for(self._call("stats", None), 5)
+        except (APIError, asyncio.TimeoutError):
+            self._stats = {}
+
+    def stats(self) -> dict:
+        return dict(getattr(self, "_stats", {}))
+
+    def close_requests(self, exc: BaseException) -> int:
+        self._closed_with = exc
+        return self._fail_open(exc)
+
+    async def shutdown(self, timeout: float) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self._pidfd is not None:
+            self._unwatch()
+        self._ctx.destroy(linger=0)
+
+    # --- transport ------------------------------------------------------------------------
+    def _send(self, *fields):
+        self._sock.send_multipart([pack(*fields)], copy=False)
+
+    def _cast(self, method: str, args) -> None:
+        if self._ready.is_set():
+            self._send("cast", method, args)
+
+    async def _call(self, method: str, args, frames: list = ()):
+        if not self._ready.is_set():
+            raise ServiceUnavailable("The engine is not ready; retry shortly.")
+        call_id = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = (fut, method)
+        try:
+            self._sock.send_multipart([pack("call", call_id, method, args), *frames],
+                                      copy=False)
+            return await fut
+        finally:
+            self._calls.pop(call_id, None)
+
+    async def _keepalive(self):
+        """``hello`` until an engine is ready (and again after it restarts); then watch
+        for silence."""
+        while True:
+            if not self._ready.is_set():
+                try:
+                    await self._sock.send_multipart(
+                        [pack("hello", self.api_id, os.getpid())], flags=self._zmq.NOBLOCK)
+                except self._zmq.Again:  # no engine yet
+                    pass
+            elif time.monotonic() - self._last_heard > HEARTBEAT_LOST_S:
+                self._lost("the engine sent nothing for %.0f s" % HEARTBEAT_LOST_S)
+            await asyncio.sleep(HELLO_EVERY_S)
+
+    async def _receive(self):
+        while True:
+            frames = await self._sock.recv_multipart(copy=False)
+            self._last_heard = time.monotonic()
+            try:
+                self._handle(unpack(frames[0].buffer))
+            except Exception:
+                log.exception("bad message from the engine")
+
+    def _handle(self, msg: list):
+        kind = msg[0]
+        if kind == "out":
+            for rid, item in msg[1]:
+                entry = self._open.get(rid)
+                if entry is None:
+                    continue  # aborted: the engine learns it at its next message
+                q, on_prefill = entry
+                if is_error(item):
+                    q.put_nowait(decode_error(item))
+                elif item and item[0] == "p":
+                    if on_prefill is not None:
+                        on_prefill(item[1])
+                else:
+                    q.put_nowait(decode_outputs(item))
+        elif kind == "reply":
+            _, call_id, ok, value = msg
+            entry = self._calls.get(call_id)
+            if entry is not None and not entry[0].done():
+                fut, method = entry
+                if ok:
+                    fut.set_result(decode_result(method, value))
+                else:
+                    fut.set_exception(decode_error(value))
+        elif kind == "hb":
+            self._healthy = bool(msg[1])
+            if msg[2] != self._epoch and self._ready.is_set():
+                self._lost("the engine restarted")
+        elif kind == "ready":
+            self._ready_from(msg[1])
+
+    def _ready_from(self, info: dict):
+        if self._ready.is_set() and info["epoch"] == self._epoch:
+            return
+        self._info, self._epoch, self._healthy = info, info["epoch"], True
+        self._watch(info["pid"])
+        self._ready.set()
+        log.info("engine ready (pid %d)", info["pid"])
+
+    def _watch(self, pid: int):
+        if self._pidfd is not None:
+            self._unwatch()
+        self._pidfd = pid_watch(asyncio.get_running_loop(), pid,
+                                lambda: self._lost(f"the engine (pid {pid}) exited",
+                                                   watched=True))
+
+    def _unwatch(self):
+        try:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+        except (OSError, RuntimeError):
+            pass
+        self._pidfd = None
+
+    def _lost(self, why: str, watched: bool = False):
+        """The engine is gone: answer everything open now, wait for the next one."""
+        if not self._ready.is_set():
+            return
+        if watched:
+            self._pidfd = None  # closed by pid_watch
+        elif self._pidfd is not None:
+            self._unwatch()
+        self._ready.clear()
+        self._healthy = False
+        n = self._fail_open(ServiceUnavailable(ENGINE_GONE))
+        log.error("%s: %d open request(s) answered with 503; waiting for it to come back",
+                  why, n)
+
+    def _fail_open(self, exc: BaseException) -> int:
+        n = len(self._open)
+        for q, _ in list(self._open.values()):
+            q.put_nowait(exc)
+        for fut, _ in list(self._calls.values()):
+            if not fut.done():
+                fut.set_exception(ServiceUnavailable(ENGINE_GONE))
+        return n
+
+
+def _params():
+    from server.engine.interface import SamplingParams
+    return SamplingParams()

@@ -1,0 +1,37 @@
+"""Process lifetime helpers shared by the supervisor, the engine-core process and the API
+servers (no torch): children that die with their parent, and a process's exit seen at
+once on an event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Linux: SIGKILL this process when its parent (``parent_pid``) dies: a supervisor
+    killed with -9 must not leave its children serving.  Elsewhere a no-op."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent was already gone before prctl
+        os._exit(1)
+
+
+def pid_watch(loop: asyncio.AbstractEventLoop, pid: int, on_exit) -> int | None:
+    """Call ``on_exit()`` on ``loop`` when process ``pid`` ends (a pidfd: at once, no
+    polling); returns the fd (to close), None where pidfds are missing."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+    def fire():
+        loop.remove_reader(fd)
+        os.close(fd)
+        on_exit()
+    loop.add_reader(fd, fire)
+    return fd
