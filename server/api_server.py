@@ -20,7 +20,7 @@ import threading
 
 import uvicorn
 
-from server.lifecycle import die_with_parent
+from server.lifecycle import die_with_parent, name_process
 
 EXIT_STARTUP_FAILED = 3
 
@@ -68,6 +68,7 @@ def main(argv: list[str], addr: str, sock, index: int, parent_pid: int) -> None:
     """The process's entry point (``multiprocessing`` spawn target): serve ``sock``, with
     the engine-core process at ``addr``."""
     die_with_parent(parent_pid)
+    name_process(f"qwen-vl-api{index}")
     from server.app import create_app
     from server.clients import guarded_protocol
     from server.config_errors import load_or_exit
@@ -79,7 +80,8 @@ def main(argv: list[str], addr: str, sock, index: int, parent_pid: int) -> None:
     async def connect():
         return await EngineClient(addr, f"api{index}").wait_ready()
 
-    app = create_app(settings, connect)
+    # X-Api-Server on every response: which process answered (logs, the fault tests)
+    app = create_app(settings, connect, tags=[(b"x-api-server", f"api{index}".encode())])
     # log_config=None: uvicorn's loggers go through our handler (text or JSON)
     server = GuardedServer(uvicorn.Config(
         app, log_level=settings.log_level, log_config=None, access_log=False,

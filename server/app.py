@@ -1,7 +1,8 @@
 """The FastAPI app factory and its thin routes.
 
 ``create_app(settings, engine_factory)`` returns an app that starts listening at once;
-``engine_factory`` (which loads the model, in a thread) runs in the lifespan, and until
+``engine_factory`` (which loads the model, in a thread; or, a coroutine function, connects
+to the engine-core process) runs in the lifespan, and until
 it returns ``/health`` and the ``/v1`` routes answer 503.  If it fails, one line says why
 (``server.load_errors``) and ``on_load_error(reason)`` is called: the launcher uses it
 to stop the process with a non-zero status, so a supervisor sees the failure.  Routes take a typed request,
@@ -67,7 +68,8 @@ def media_policy(s: Settings) -> MediaPolicy:
 
 
 def create_app(settings: Settings, engine_factory: Callable[[], object],
-               on_load_error: Callable[[str], None] | None = None) -> FastAPI:
+               on_load_error: Callable[[str], None] | None = None,
+               tags: tuple = ()) -> FastAPI:
     state = _State()
     fetcher = MediaFetcher(media_policy(settings))
     metrics = Metrics(lambda: state.engine.stats() if state.engine else {})
@@ -297,7 +299,8 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(BodyDeadline, timeout=settings.body_timeout)
     app.add_middleware(RequestLog, metrics=metrics, access_log=settings.access_log,
-                       quiet_paths=() if settings.log_health_checks else ("/health",))
+                       quiet_paths=() if settings.log_health_checks else ("/health",),
+                       tags=tags)
     app.state.runtime = state
 
     def close_requests():

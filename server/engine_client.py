@@ -25,6 +25,7 @@ import os
 import time
 
 from server.engine.interface import EngineRequest, read_outputs
+from server.engine.output import Sink
 from server.errors import APIError, ServiceUnavailable
 from server.lifecycle import pid_watch
 from server.messages import (HEARTBEAT_LOST_S, decode_error, decode_outputs, decode_result,
@@ -75,6 +76,125 @@ class RemoteLimiter:
         return _Ticket(self.client, tid)
 
 
+class _Entry:
+    """A request as this API server's output stage sees it (``OutputStage`` reads
+    ``seqs``, ``sink``, ``stream``, ``held``, ``held_at``, ``reservation``)."""
+
+    def __init__(self, seqs, sink, stream: bool):
+        self.seqs, self.sink, self.stream = seqs, sink, stream
+        self.held, self.held_at = [], None
+        self.reservation = _NoReservation()
+
+
+class _NoReservation:
+    def release(self):
+        pass
+
+
+class _StepLogprobs:
+    """``sampler.LogprobRows.entry`` over the rows of a received step, each with the
+    width it was packed with."""
+
+    def __init__(self, rows: list):
+        self.rows = rows
+
+    def entry(self, i: int, k: int):
+        width, r = self.rows[i]
+        w = 2 + width
+        return r[1], [int(t) for t in r[2:2 + k]], r[w:w + k]
+
+
+class _NoFaults:
+    def tick(self, stage: str = "forward"):
+        pass
+
+
+class StepOutput:
+    """This API server's output stage: a thread that reads the engine's ``step`` messages
+    from their own socket and hands them to ``server.engine.output.OutputStage`` (text,
+    stop strings, logprob JSON, one delivery per event loop per wake-up), the code the
+    single process ran, now beside the HTTP layer instead of beside the model.  A stop
+    string tells the engine to drop its row (``stop``)."""
+
+    def __init__(self, client: "EngineClient", addr: str, tokenizer_json: str):
+        from tokenizers import Tokenizer
+        from server.engine.output import OutputStage, token_bytes, token_text
+        self.client, self.addr = client, addr
+        self.detok = Tokenizer.from_str(tokenizer_json)
+        self.faults = _NoFaults()
+        self.token_text = lambda t: token_text(self.detok, t)
+        self.token_bytes = lambda t: token_bytes(self.detok, t)
+        self.entries: dict[str, _Entry] = {}  # rid -> entry (loop adds, thread reads)
+        self._stopping = False
+        self.stage = OutputStage(self, self._closed, thread=False)
+        import threading
+        self._thread = threading.Thread(target=self._run, name="api-output", daemon=True)
+        self._thread.start()
+
+    def _note_failure(self):  # OutputStage's health hook: the engine keeps the circuit
+        pass
+
+    def _closed(self, seq):
+        self.client._loop.call_soon_threadsafe(self.client._stop_choice, seq.request_id,
+                                               seq.index)
+
+    def close(self):
+        self._stopping = True
+
+    def _run(self):
+        import zmq
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.client.api_id.encode())
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.addr)
+        stage = self.stage
+        while not self._stopping:
+            if not sock.poll(200):
+                continue
+            msgs = []
+            while True:
+                try:
+                    msgs.append(unpack(sock.recv(zmq.NOBLOCK)))
+                except zmq.Again:
+                    break
+            pending: dict[int, tuple] = {}
+            order: list = []
+            for _, records in msgs:
+                rows, tokens, finishes, hides, lps = [], [], [], [], []
+                for rid, index, token, finish, hide, lp, head in records:
+                    e = self.entries.get(rid)
+                    if e is None:  # the client left: the engine drops it at its next step
+                        continue
+                    if index < 0:
+                        stage._process(("fail", [e], decode_error(lp)), pending, order)
+                        continue
+                    s = e.seqs[index]
+                    if head is not None:
+                        s.prompt_len, s.cached_tokens, s.image_tokens, s.video_tokens = head
+                    rows.append(s)
+                    tokens.append(token)
+                    finishes.append(finish)
+                    hides.append(hide)
+                    lps.append(lp)
+                if rows:
+                    stage._process(("step", rows, tokens, finishes, hides,
+                                    _StepLogprobs(lps) if any(lps) else None), pending, order)
+            stage._flush(order)
+        sock.close(0)
+
+    def open(self, rid: str, request, sink) -> None:
+        from server.engine.sequence import Sequence
+        p = request.params
+        seqs = [Sequence(request_id=rid, index=i, prompt_len=0, params=p,
+                         tokenizer=self.detok, eos_ids=set(), sink=None)
+                for i in range(p.n)]
+        e = _Entry(seqs, sink, request.stream)
+        for s in seqs:
+            s.sink = e
+        self.entries[rid] = e
+
+
 class EngineClient:
     """Implements ``server.engine.interface.Engine`` for one API server."""
 
@@ -104,6 +224,8 @@ class EngineClient:
         self._pidfd: int | None = None
         self._closed_with: BaseException | None = None
         self.limiter = RemoteLimiter(self)
+        self._loop = asyncio.get_running_loop()
+        self.output: StepOutput | None = None  # made at the first ready
         self._tasks = [asyncio.ensure_future(self._receive()),
                        asyncio.ensure_future(self._keepalive())]
 
@@ -150,6 +272,7 @@ class EngineClient:
             raise self._closed_with
         wire, frames = encode_request(request)
         self._open[rid] = (q, request.on_prefill)
+        self.output.open(rid, request, Sink(self._loop, q.put_nowait))
         res_id = reservation.res_id
         reservation.held = False  # the engine holds it now: released there
         self._sock.send_multipart([pack("gen", rid, res_id, wire), *frames], copy=False)
@@ -162,6 +285,7 @@ class EngineClient:
                 if not remaining:
                     break
         finally:
+            self.output.entries.pop(rid, None)
             if self._open.pop(rid, None) is not None and remaining and self._ready.is_set():
                 self._send("abort", rid)
 
@@ -191,6 +315,8 @@ class EngineClient:
         return self._fail_open(exc)
 
     async def shutdown(self, timeout: float) -> None:
+        if self.output is not None:
+            self.output.close()
         for t in self._tasks:
             t.cancel()
         if self._pidfd is not None:
@@ -200,6 +326,10 @@ class EngineClient:
     # --- transport ------------------------------------------------------------------------
     def _send(self, *fields):
         self._sock.send_multipart([pack(*fields)], copy=False)
+
+    def _stop_choice(self, rid: str, index: int) -> None:
+        if self._ready.is_set() and rid in self._open:
+            self._send("stop", rid, index)
 
     def _cast(self, method: str, args) -> None:
         if self._ready.is_set():
@@ -276,6 +406,8 @@ class EngineClient:
         if self._ready.is_set() and info["epoch"] == self._epoch:
             return
         self._info, self._epoch, self._healthy = info, info["epoch"], True
+        if self.output is None:
+            self.output = StepOutput(self, self.addr + "-out", info["tokenizer"])
         self._watch(info["pid"])
         self._ready.set()
         log.info("engine ready (pid %d)", info["pid"])

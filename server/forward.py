@@ -1,5 +1,12 @@
 """Ray-free pieces of the replica setup (issue 15), kept apart so they test without Ray.
 
+* ``front_app(settings, keys, relay)`` is the replicas' front door, the ASGI app that
+  ``server.cluster`` serves with our own uvicorn (the single-process server's
+  ``guarded_protocol``: header deadline, connections per address).  It keeps the single
+  process's guards for slow and unknown clients: the body deadline (408), the body cap
+  (413) and, before any body byte is read, the API key (401); then it buffers the body
+  and hands the request to ``relay`` (which forwards it to a replica).  The replica checks
+  the key again, with everything that goes with it (per-key limits, operator routes).
 * ``RawRequest`` is one HTTP request as the front door received it (method, path, query,
   headers, body): plain data that crosses a process boundary by pickling.
 * ``call_app(app, raw)`` runs our own ASGI app in-process on that request and yields the
@@ -17,8 +24,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import signal
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
+
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+
+from server.clients import BodyDeadline
+from server.errors import APIError, PayloadTooLarge, RequestTimeout, Unauthorized
+from server.keys import KeyStore
+from server.middleware import BodyLimit
 
 
 @dataclass
@@ -39,6 +56,92 @@ class ResponseHead:
         key = name.lower().encode()
         return next((v.decode("latin-1") for k, v in self.headers if k.lower() == key), None)
 
+
+def error_response(err: APIError) -> JSONResponse:
+    """``err`` in OpenAI's envelope, as the app's error handlers render it."""
+    return JSONResponse(err.envelope(), status_code=err.status, headers=err.headers)
+
+
+# --- the front door ----------------------------------------------------------------------
+
+# ``relay(raw, receive)``: the response to ``raw``; ``receive`` is the connection's
+# (after the body: it says ``http.disconnect`` when the client leaves)
+RelayFn = Callable[[RawRequest, Callable[[], Awaitable[dict]]], Awaitable[Response]]
+
+
+def front_app(settings, keys: KeyStore, relay: RelayFn,
+              background: list[Callable[[], Awaitable[None]]] = ()):
+    """The front door's ASGI app.  Outermost first, as in ``create_app``: the body
+    deadline (``--body-timeout``: 408, connection closed), the body cap
+    (``--max-body-bytes``: 413), then ``FrontDoor``.  ``background`` are coroutine
+    functions run for the app's life (started by its lifespan, cancelled at its end)."""
+    jobs = [keys.watch] if keys.path else []  # a key file edited on disk: reloaded here too
+    door = FrontDoor(keys, relay, [*jobs, *background])
+    return BodyDeadline(BodyLimit(door, settings.max_body_bytes), settings.body_timeout)
+
+
+class FrontDoor:
+    """Reads a request's body only from a caller with a valid key, then relays it.
+
+    A request that carries a body (``Content-Length`` > 0 or ``Transfer-Encoding``) and
+    no valid ``Authorization: Bearer`` key is answered 401 from its headers alone, so an
+    unknown client cannot hold the server open by trickling a body.  Requests without a
+    body go to a replica as they are (the app there decides which routes need a key,
+    exactly as the single process does)."""
+
+    def __init__(self, keys: KeyStore, relay: RelayFn,
+                 background: list[Callable[[], Awaitable[None]]] = ()):
+        self.keys, self.relay, self.background = keys, relay, list(background)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            return await self._lifespan(receive, send)
+        if scope["type"] != "http":  # websockets: no route takes them
+            return
+        request = Request(scope, receive)
+        if _has_body(scope) and self.keys.enabled and self._key(request) is None:
+            response = error_response(Unauthorized("Incorrect or missing API key."))
+        else:
+            try:
+                body = await request.body()
+            except HTTPException as e:  # BodyLimit's 413, BodyDeadline's 408
+                err = PayloadTooLarge if e.status_code == 413 else RequestTimeout
+                response = error_response(err(str(e.detail)))
+            except ClientDisconnect:  # gone before its body arrived: nobody to answer
+                return
+            else:
+                raw = RawRequest(scope["method"], scope["path"], scope["query_string"],
+                                 list(scope["headers"]), body)
+                response = await self.relay(raw, request.receive)
+        await response(scope, receive, send)
+
+    def _key(self, request: Request):
+        given = request.headers.get("authorization", "")  # as the app's own auth reads it
+        token = given[7:].strip() if given.lower().startswith("bearer ") else ""
+        return self.keys.authenticate(token)
+
+    async def _lifespan(self, receive, send):
+        await receive()  # lifespan.startup
+        tasks = [asyncio.create_task(job()) for job in self.background]
+        if self.keys.path and hasattr(signal, "SIGHUP"):  # as the app: SIGHUP reloads keys
+            try:
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.keys.reload)
+            except (RuntimeError, ValueError):  # not the main thread (an in-process test)
+                pass
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        for task in tasks:
+            task.cancel()
+        await send({"type": "lifespan.shutdown.complete"})
+
+
+def _has_body(scope) -> bool:
+    headers = dict(scope["headers"])
+    return headers.get(b"content-length", b"0") not in (b"", b"0") or (
+        b"transfer-encoding" in headers)
+
+
+# --- a replica's side ------------------------------------------------------------------
 
 async def call_app(app, raw: RawRequest, extra_headers: list[tuple[bytes, bytes]] = ()
                    ) -> AsyncIterator[ResponseHead | bytes]:

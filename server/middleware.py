@@ -63,9 +63,14 @@ class BodyLimit:
 
 
 class RequestLog:
-    def __init__(self, app, metrics, access_log: bool = True, quiet_paths=("/health",)):
+    """The access log line, the request metrics and ``X-Request-Id`` (plus ``tags``: the
+    answering process's own headers, e.g. ``X-Api-Server``) on every response."""
+
+    def __init__(self, app, metrics, access_log: bool = True, quiet_paths=("/health",),
+                 tags: tuple = ()):
         self.app, self.metrics = app, metrics
         self.access_log, self.quiet_paths = access_log, frozenset(quiet_paths)
+        self.tags = list(tags)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -81,7 +86,7 @@ class RequestLog:
             if msg["type"] == "http.response.start":
                 status = msg["status"]
                 msg.setdefault("headers", [])
-                msg["headers"] = list(msg["headers"]) + [(b"x-request-id", rid.encode())]
+                msg["headers"] = [*msg["headers"], (b"x-request-id", rid.encode()), *self.tags]
             await send(msg)
 
         try:

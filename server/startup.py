@@ -12,8 +12,9 @@ import os
 log = logging.getLogger("qwen_vl.startup")
 
 
-def engine_factory(settings):
-    """Load the model and start the engine: the only place a launcher touches torch."""
+def engine_factory(settings, **engine_kw):
+    """Load the model and start the engine: the only place a launcher touches torch.
+    ``engine_kw`` go to ``AsyncEngine`` (the engine-core process's ``output``)."""
     def build():
         from server.load_errors import check_model_path
         check_model_path(settings.model_path, timeout=settings.fetch_timeout)
@@ -25,7 +26,7 @@ def engine_factory(settings):
         oom_at = os.environ.get("QWEN_VL_FAULT_OOM_AT")
         return AsyncEngine(load_model(settings), settings,
                            fault_oom_at=int(oom_at) if oom_at else None,
-                           fault=os.environ.get("QWEN_VL_FAULT"))
+                           fault=os.environ.get("QWEN_VL_FAULT"), **engine_kw)
     return build
 
 

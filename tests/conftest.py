@@ -108,6 +108,9 @@ def tiny_model(request) -> str:
 
 
 _STARTED: list[RunningServer] = []  # every server of the run, in start order
+# API_SERVERS=2 ./tests/run.sh tests/test_api.py ...: every server with that many API-server
+# processes (the default: the server's own, 1)
+API_SERVERS = os.environ.get("API_SERVERS", "")
 
 
 def start_server(model, log_path: Path, *flags: str, env: dict | None = None,
@@ -115,6 +118,8 @@ def start_server(model, log_path: Path, *flags: str, env: dict | None = None,
     """``python -m server`` on ``model`` at a free port (small images), logging to
     ``log_path``; returns once ``/health`` says ok.  The benches start theirs here too."""
     port = free_port()
+    if API_SERVERS and "--api-server-count" not in flags:
+        flags = (*flags, "--api-server-count", API_SERVERS)
     cmd = [sys.executable, "-m", "server", "--model-path", str(model),
            "--host", "127.0.0.1", "--port", str(port), *SMALL_IMAGES, *flags]
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -5,9 +5,13 @@ and that a plain launch never imports Ray.
 
 End to end: ``./launch_api.sh --replicas 2`` with the tiny model on CPU, driven by the
 ``openai`` SDK (streamed and not, with images) until both replicas (``X-Replica``) have
-answered; ``/health``, ``/v1/models``, ``/docs`` and ``/metrics`` through the proxy; then
-one replica's process is killed under a running stream (which ends with a 503 error
+answered; ``/health``, ``/v1/models``, ``/docs`` and ``/metrics`` through the front door;
+then one replica's process is killed under a running stream (which ends with a 503 error
 event, never a hang), 20 more requests all succeed, and Ray brings a new replica up.
+A second cluster (``--routing affinity``, with an API key and 2 s client deadlines)
+keeps conversations on one replica, and its front door treats slow and unauthenticated
+clients as the single process does (issue 31): 401 before the body, 408 for a stalled
+body or silent headers, 413 over the body cap.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,11 +115,12 @@ async def test_call_app_relays_response_and_tells_the_app_when_the_caller_leaves
 
 
 def test_plain_launch_never_imports_ray():
-    """Without --replicas/--ray-address, ``python -m server``'s main runs to uvicorn
-    without Ray in sys.modules."""
-    code = ("import sys, uvicorn, server.__main__ as m\n"
-            "uvicorn.Server.run = lambda self, *a, **kw: print('RAY' if 'ray' in sys.modules "
-            "else 'NO-RAY')\n"
+    """Without --replicas/--ray-address, ``python -m server``'s main runs to its
+    supervisor, and an API-server process's module loads, without Ray in sys.modules."""
+    code = ("import sys, server.supervisor as sup, server.__main__ as m\n"
+            "import server.api_server\n"
+            "sup.Supervisor.run = lambda self: print('RAY' if 'ray' in sys.modules "
+            "else 'NO-RAY') or 0\n"
             "m.main(['--model-path', 'nowhere', '--port', '1'])\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
@@ -248,16 +254,118 @@ def test_two_replicas_serve_survive_a_killed_replica_and_come_back(cluster):
     assert fresh, "no new replica within 90 s"
 
 
-def test_affinity_routing_keeps_a_conversation_on_one_replica(start_cluster):
+KEY = "sk-cluster-1234"
+DEADLINE_S = 2.0  # --body-timeout and --header-timeout of the guarded cluster
+
+
+@pytest.fixture(scope="module")
+def guarded(start_cluster):
+    """The second cluster (one more Ray cluster would cost its start-up again): affinity
+    routing, an API key, short client deadlines."""
+    return start_cluster("--routing", "affinity", "--api-key", KEY,
+                         "--body-timeout", str(DEADLINE_S), "--header-timeout", str(DEADLINE_S))
+
+
+def test_affinity_routing_keeps_a_conversation_on_one_replica(guarded):
     """``--routing affinity`` (Ray Serve's custom request router): the turns of one
     conversation (same system prompt and first image) all land on one replica, while
     different conversations spread over both."""
     from openai import OpenAI
-    url = start_cluster("--routing", "affinity")
-    client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    client = OpenAI(base_url=guarded + "/v1", api_key=KEY, max_retries=0, timeout=120)
     owners = {ask(client, i, stream=False, system=f"You are shop bot {i}.")[0]
               for i in range(16)}
     assert len(owners) == 2, owners
     turns = {ask(client, i, stream=i % 2 == 0, system="You help with order 77.",
                  image_seed=3)[0] for i in range(8)}
     assert len(turns) == 1, turns
+
+
+def _first_answer(data: bytes) -> tuple[int, dict] | None:
+    """The first HTTP answer in ``data`` (status, error envelope), None until complete
+    (a 408 may follow it on the same connection)."""
+    head, sep, rest = data.partition(b"\r\n\r\n")
+    length = re.search(rb"content-length: (\d+)", head, re.I)
+    if not sep or not length or len(rest) < int(length.group(1)):
+        return None
+    return int(head.split(b" ")[1]), json.loads(rest[:int(length.group(1))])["error"]
+
+
+async def _exchange(port: int, payload: bytes, trickle: bool = False,
+                    until_close: bool = True, limit: float = 20):
+    """Send ``payload`` on a fresh connection (then a byte every 0.5 s if ``trickle``) and
+    read the answer, then (``until_close``) until the server closes the connection;
+    returns (status, error envelope, seconds to the answer, seconds to the close or None)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    t0 = time.perf_counter()
+    writer.write(payload)
+
+    async def dribble():
+        while True:
+            await asyncio.sleep(0.5)
+            writer.write(b" ")
+            await writer.drain()
+
+    dribbler = asyncio.create_task(dribble()) if trickle else None
+    data, answered, closed = b"", None, None
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), limit):
+            data += chunk
+            if answered is None and _first_answer(data):
+                answered = time.perf_counter() - t0
+                if not until_close:
+                    break
+        else:
+            closed = time.perf_counter() - t0
+    except OSError:  # a reset after the answer: closed all the same
+        closed = time.perf_counter() - t0
+    except asyncio.TimeoutError:
+        pass
+    finally:
+        if dribbler:
+            dribbler.cancel()
+        writer.close()
+    answer = _first_answer(data)
+    assert answer is not None, data
+    return (*answer, answered, closed)
+
+
+def test_front_door_guards_slow_and_unauthenticated_clients(guarded):
+    """Issue 31: the replicas' front door is the single process's.  A 1 MB upload
+    without a valid key gets 401 from its headers alone (and, trickling on, is cut at
+    the header deadline); a keyed body that stalls gets 408 at --body-timeout; a
+    connection that sends nothing gets 408 at --header-timeout; a body over
+    --max-body-bytes gets 413 from its Content-Length."""
+    port = int(guarded.rsplit(":", 1)[1])
+
+    def upload(auth: str = "", length: int = 1_000_000) -> bytes:
+        return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{auth}"
+                f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+                '{"model": "qwen3-vl", ').encode()
+
+    async def main():
+        return await asyncio.gather(
+            _exchange(port, upload(), trickle=True),
+            _exchange(port, upload("Authorization: Bearer sk-wrong\r\n"), until_close=False),
+            _exchange(port, upload(f"Authorization: Bearer {KEY}\r\n")),
+            _exchange(port, b""),
+            _exchange(port, upload(f"Authorization: Bearer {KEY}\r\n", 100 * 2 ** 20),
+                      until_close=False))
+
+    missing, wrong, stalled, silent, huge = asyncio.run(main())
+    for status, err, answered, closed in (missing, wrong):
+        assert (status, err["code"]) == (401, "invalid_api_key")
+        assert answered < 1.0, answered  # not after the body (it never comes)
+    assert missing[3] is not None and missing[3] < DEADLINE_S + 5, missing
+    status, err, answered, closed = stalled
+    assert (status, err["code"]) == (408, "request_timeout")
+    assert DEADLINE_S - 0.5 <= answered < DEADLINE_S + 5 and closed is not None, stalled
+    status, err, answered, closed = silent
+    assert (status, err["code"]) == (408, "request_timeout")
+    assert DEADLINE_S - 0.5 <= answered < DEADLINE_S + 5 and closed is not None, silent
+    assert (huge[0], huge[1]["code"]) == (413, "payload_too_large") and huge[2] < 1.0, huge
+    # the same door still lets keyed requests and key-less health probes through
+    assert httpx.get(guarded + "/health").json() == {"status": "ok"}
+    ok = httpx.post(guarded + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                    json={"model": "qwen3-vl", "max_tokens": 2,
+                          "messages": [{"role": "user", "content": "hi"}]}, timeout=60)
+    assert ok.status_code == 200 and ok.headers["x-replica"], ok.text

@@ -184,7 +184,7 @@ def test_token_bytes_are_the_real_bytes(tok):
     """Logprob ``bytes``: byte-level tokens map back to their raw bytes, so the tokens of a
     sentence split inside characters (rare CJK and emoji, in either vocabulary) concatenate
     to its exact UTF-8."""
-    from server.engine.core import _BYTE_OF_CHAR
+    from server.engine.output import _BYTE_OF_CHAR
     text = "您好，我的订单什么时候到？😀🚚 龘𠜎"
     ids = tok.encode(text, add_special_tokens=False).ids
     pieces = [bytes(_BYTE_OF_CHAR[c] for c in tok.id_to_token(i)) for i in ids]

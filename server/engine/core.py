@@ -70,7 +70,7 @@ from server.engine.fairqueue import FairQueue
 from server.engine.interface import (EngineRequest, ImageGeometry, ImageInput, Output,
                                      PromptCount, read_outputs)
 from server.engine.kv_budget import KVBudget
-from server.engine.output import OutputStage, Sink
+from server.engine.output import OutputStage, Sink, token_bytes, token_text
 from server.engine.prompt import Prepared, PromptBuilder
 from server.engine.sampler import SamplingState, stream_key
 from server.engine.sequence import Sequence
@@ -878,28 +878,11 @@ def _video_processor(loaded):
     return proc
 
 
-def _byte_alphabet() -> dict[str, int]:
-    """GPT-2's printable stand-ins for the 256 byte values (used by byte-level BPE)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
-
-
-_BYTE_OF_CHAR = _byte_alphabet()
-
-
 class AsyncEngine:
     """Implements ``server.engine.interface.Engine``."""
 
     def __init__(self, loaded, settings, *, fault_oom_at: int | None = None,
-                 fault: str | None = None):
+                 fault: str | None = None, output=None):
         self.settings = settings
         self.model = loaded.model
         self.device = loaded.device
@@ -944,7 +927,9 @@ class AsyncEngine:
             except BaseException:  # a failed startup check: the grammar workers would hold
                 self.grammars.close()  # the process at exit (multiprocessing joins them)
                 raise
-        self.output = OutputStage(self)
+        # where sampled tokens become events: here (``OutputStage``), or, in the
+        # engine-core process, sent raw to the API servers (``proc.RemoteOutput``)
+        self.output = (output or OutputStage)(self)
         # request ids whose client left; read by the sequential scheduler's stopping
         # criterion while generate() blocks the worker.  The worker itself learns of an
         # abort from the inbox, where it is queued behind the request's own entry.
@@ -1004,7 +989,7 @@ class AsyncEngine:
             if remaining:
                 self.abort(request.request_id)
 
-    async def submit(self, request: EngineRequest, reservation, sink) -> None:
+    async def submit(self, request: EngineRequest, reservation, sink) -> Entry:
         """Prepare ``request`` (``_prepare_async``) and queue it; its events go to ``sink``
         (``output.Sink``: lists of ``Output``, or an ``APIError``).  Raises what the
         preparation raises (the reservation is then released); ``generate`` and the
@@ -1017,9 +1002,10 @@ class AsyncEngine:
         if self._closed_with is not None:  # shutting down: no new work
             reservation.release()
             raise self._closed_with
-        self._inbox.put(Entry(request.request_id, prepared, sink, reservation,
-                              key=request.key, stream=request.stream,
-                              on_prefill=request.on_prefill))
+        entry = Entry(request.request_id, prepared, sink, reservation, key=request.key,
+                      stream=request.stream, on_prefill=request.on_prefill)
+        self._inbox.put(entry)
+        return entry
 
     def abort(self, request_id: str) -> None:
         """The client of a submitted request left: the engine drops it at its next step."""
@@ -1122,19 +1108,10 @@ class AsyncEngine:
         return out
 
     def token_text(self, token_id: int) -> str:
-        return self.detok.decode([token_id], skip_special_tokens=False)
+        return token_text(self.detok, token_id)
 
     def token_bytes(self, token_id: int) -> list[int]:
-        """The token's raw bytes: Qwen's byte-level BPE spells each byte as one character
-        of GPT-2's byte alphabet, so a token holding half a character still has its real
-        bytes here (its decoded text would only be U+FFFD)."""
-        piece = self.detok.id_to_token(token_id)
-        if piece is None:
-            return []
-        try:
-            return [_BYTE_OF_CHAR[ch] for ch in piece]
-        except KeyError:  # an added/special token is stored as plain text
-            return list(piece.encode())
+        return token_bytes(self.detok, token_id)
 
     def close_requests(self, exc: BaseException) -> int:
         """End every open request with ``exc`` (called on the event loop when a SIGTERM's

@@ -46,6 +46,40 @@ class Sink:
         self.loop.call_soon_threadsafe(self.put, item)
 
 
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's printable stand-ins for the 256 byte values (used by byte-level BPE)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _byte_alphabet()
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def token_bytes(tokenizer, token_id: int) -> list[int]:
+    """The token's raw bytes: Qwen's byte-level BPE spells each byte as one character of
+    GPT-2's byte alphabet, so a token holding half a character still has its real bytes
+    here (its decoded text would only be U+FFFD)."""
+    piece = tokenizer.id_to_token(token_id)
+    if piece is None:
+        return []
+    try:
+        return [_BYTE_OF_CHAR[ch] for ch in piece]
+    except KeyError:  # an added/special token is stored as plain text
+        return list(piece.encode())
+
+
 class _TokenCache(dict):
     """A token's text and bytes by id, decoded once per server (logprobs ask for the same
     few thousand tokens over and over); a hit is a plain dict lookup."""
@@ -90,13 +124,19 @@ def _deliver(pairs):
 
 
 class OutputStage:
-    def __init__(self, engine):
-        self.engine = engine
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
+    """``on_closed(seq)``, when given, is called (on the output thread) for each choice a
+    stop string closed: the engine-core process's model thread cannot read ``stopped``
+    from another process, so the API server tells it (``EngineClient``)."""
+
+    def __init__(self, engine, on_closed=None, *, thread: bool = True):
+        self.engine, self.on_closed = engine, on_closed
         self._tokens = _TokenCache(engine)  # id -> (text, bytes), this thread
         self._json_writer = None             # per-id JSON fragments, this thread
-        self._thread = threading.Thread(target=self._run, name="engine-output", daemon=True)
-        self._thread.start()
+        if thread:  # else the caller's own thread feeds ``_process`` and ``_flush``
+            self._q: queue.SimpleQueue = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._run, name="engine-output",
+                                            daemon=True)
+            self._thread.start()
 
     # --- model thread ----------------------------------------------------------------
     def _logprob_json(self):
@@ -168,6 +208,9 @@ class OutputStage:
                         # closed, and emit drops it): this row alone
                         lp = self._write_logprobs([s], [tokens[i]], _Row(lps, i))[0]
                 o = s.emit(tokens[i], lp, finishes[i], hides[i])
+                if self.on_closed is not None and s.stopped and not finishes[i] \
+                        and o is not None and o.finish_reason == "stop":
+                    self.on_closed(s)
             except Exception as exc:  # this request only
                 log.exception("output stage failed", exc_info=exc)
                 self.engine._note_failure()

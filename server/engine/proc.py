@@ -26,24 +26,154 @@ import asyncio
 import itertools
 import logging
 import os
+import queue
 import signal
 import sys
+import threading
 import time
 from functools import partial
 
-from server.lifecycle import die_with_parent, pid_watch
+from server.lifecycle import die_with_parent, name_process, pid_watch
 
 log = logging.getLogger("qwen_vl.engine")
 
 EXIT_LOAD_FAILED = 1
+SWITCH_INTERVAL_S = 0.0005
+UNSENT_RETRY_S = 0.02  # a step for an API server not connected yet is retried this often ...
+UNSENT_DROP_S = 10.0   # ... and dropped after this long (that API server is gone)
+
+
+class RemoteSink:
+    """A request's sink in the engine-core process: where its events go (an API server and
+    its request id).  Called with ``Output`` lists or an error (the sequential scheduler,
+    queue timeouts), it posts them through the event loop; the batching scheduler's steps
+    bypass it (``RemoteOutput``)."""
+
+    def __init__(self, loop, post, ident: bytes, rid: str):
+        self.loop, self.post, self.ident, self.rid = loop, post, ident, rid
+
+    def __call__(self, item):
+        self.loop.call_soon_threadsafe(self.post, item)
+
+
+class RemoteOutput:
+    """The engine-core process's output stage (``AsyncEngine(output=...)``): no text here.
+    Each step's rows go raw to the API server of their request (``server.messages``
+    ``step``): per row ``[rid, choice, token, finish, hide, logprob row, header]`` (the
+    logprob row is the step's host copy, ``sampler.LogprobRows``; the header, on a row's
+    first token only, is its prompt, cached, image and video token counts).  The API
+    server's ``OutputStage`` detokenises, applies stop strings and writes logprob JSON.
+    A thread of its own owns the ROUTER socket the API servers read steps from, so a step
+    never waits for the event loop; it sends what waits in one message per API server."""
+
+    def __init__(self, addr: str):
+        self.addr = addr
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._bound = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-output", daemon=True)
+
+    def __call__(self, engine) -> "RemoteOutput":  # AsyncEngine's output factory
+        self._thread.start()
+        self._bound.wait(10)
+        return self
+
+    def put_step(self, rows, tokens: list[int], finishes: list, hides: list[bool], lps):
+        self._q.put(("step", rows, tokens, finishes, hides, lps))
+
+    def put_fail(self, entries, err):
+        self._q.put(("fail", entries, err))
+
+    def stop(self):
+        self._q.put(None)
+
+    def _run(self):
+        import zmq
+        sock = zmq.Context.instance().socket(zmq.ROUTER)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.LINGER, 0)
+        # an API server whose step socket is not connected yet (just started, or the
+        # engine just restarted) raises instead of losing the step: kept and retried
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # as the request socket's
+        sock.bind(self.addr)
+        self._bound.set()
+        unsent: dict[bytes, tuple[float, list]] = {}  # ident -> (since, records)
+        while True:
+            try:
+                items = [self._q.get(timeout=UNSENT_RETRY_S if unsent else None)]
+            except queue.Empty:
+                items = []
+            while True:
+                try:
+                    items.append(self._q.get_nowait())
+                except queue.Empty:
+                    break
+            if None in items:
+                sock.close(0)
+                return
+            out = self._records(items)
+            now = time.monotonic()
+            for ident, (since, records) in list(unsent.items()):
+                out.setdefault(ident, [])[:0] = records  # first: they are older
+            unsent.clear()
+            for ident, records in out.items():
+                try:
+                    sock.send_multipart([ident, pack_step(records)], copy=False)
+                except zmq.ZMQError:  # EHOSTUNREACH: not connected (yet, or any more)
+                    since = unsent.get(ident, (now, None))[0]
+                    if now - since < UNSENT_DROP_S:
+                        unsent[ident] = (since, records)
+                    else:
+                        log.warning("dropping %d step record(s) for API server %r: not "
+                                    "connected for %.0f s", len(records), ident, UNSENT_DROP_S)
+
+    @staticmethod
+    def _records(items) -> dict[bytes, list]:
+        from server.messages import encode_error
+        out: dict[bytes, list] = {}
+        for item in items:
+            if item[0] == "fail":
+                _, entries, err = item
+                for e in entries:
+                    for s in e.seqs:
+                        s.stopped = True
+                    out.setdefault(e.sink.ident, []).append(
+                        [e.sink.rid, -1, None, None, None, encode_error(err), None])
+                continue
+            _, rows, tokens, finishes, hides, lps = item
+            for i, s in enumerate(rows):
+                if s.stopped:  # aborted, or closed by a stop string: nobody reads it
+                    continue
+                sink = s.sink.sink
+                lp = [lps.k, lps.host[i]] if lps is not None and s.params.logprobs else None
+                head = None
+                if not s.announced:
+                    s.announced = True
+                    head = [s.prompt_len, s.cached_tokens, s.image_tokens, s.video_tokens]
+                out.setdefault(sink.ident, []).append(
+                    [sink.rid, s.index, tokens[i], finishes[i], hides[i], lp, head])
+        return out
+
+
+def pack_step(records: list) -> bytes:
+    from server.messages import pack
+    return pack("step", records)
 
 
 class _Req:
     """A request of an API server: its preparation task, queue place, engine id and the
     choices still running."""
 
-    def __init__(self, task, reservation, uid: str, left: int):
-        self.task, self.reservation, self.uid, self.left = task, reservation, uid, left
+    def __init__(self, task, reservation, uid: str):
+        self.task, self.reservation, self.uid = task, reservation, uid
+
+    def finished(self) -> bool:
+        """Every choice ended (the model's finish, a stop string, or a failure)."""
+        t = self.task
+        if not t.done() or t.cancelled() or t.exception() is not None:
+            return False
+        seqs = t.result().seqs
+        return bool(seqs) and all(s.finished for s in seqs)
 
 
 class _Api:
@@ -83,10 +213,14 @@ class EngineCore:
         self.sock.setsockopt(zmq.SNDHWM, 0)  # never drop a message for a slow API server
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # a restarted API server reconnects under its old identity: it takes it over (the
+        # dead one's connection may not be gone yet; ZeroMQ would ignore the new one)
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.sock.bind(self.addr)
         receiver = asyncio.create_task(self._receive())
         try:
-            self.engine = await asyncio.to_thread(engine_factory(self.settings))
+            self.engine = await asyncio.to_thread(engine_factory(
+                self.settings, output=RemoteOutput(self.addr + "-out")))
         except Exception as e:
             log.debug("model load traceback", exc_info=True)
             log.error("model failed to load: %s", describe_load_error(e, self.settings.model_path))
@@ -110,7 +244,8 @@ class EngineCore:
         return {"model_id": e.model_id, "max_model_len": e.max_model_len,
                 "vocab_size": e.vocab_size, "supports_video": e.supports_video,
                 "opens_think": bool(getattr(e, "opens_think", False)),
-                "pid": os.getpid(), "epoch": self.epoch}
+                "pid": os.getpid(), "epoch": self.epoch,
+                "tokenizer": e.detok.to_str()}
 
     async def _heartbeat(self):
         from server.messages import HEARTBEAT_S
@@ -118,6 +253,7 @@ class EngineCore:
             healthy = self.engine.healthy
             for api in self.apis.values():
                 self._send(api.ident, "hb", healthy, self.epoch)
+            self._sweep()
             await asyncio.sleep(HEARTBEAT_S)
 
     # --- sending -------------------------------------------------------------------------
@@ -171,6 +307,8 @@ class EngineCore:
             self._generate(api, msg[1], msg[2], msg[3], extra)
         elif kind == "abort":
             self._abort(api, msg[1])
+        elif kind == "stop":
+            self._stop_choice(api, msg[1], msg[2])
         elif kind == "call":
             asyncio.ensure_future(self._call(api, msg[1], msg[2], msg[3], extra))
         elif kind == "cast":
@@ -203,7 +341,6 @@ class EngineCore:
 
     # --- requests ------------------------------------------------------------------------
     def _generate(self, api: _Api, rid: str, res_id: int, wire: dict, frames: list):
-        from server.engine.output import Sink
         from server.messages import decode_request
         uid = f"{api.ident.decode()}/{rid}"
         reservation = self.reservations.pop(res_id, None) or _Released()
@@ -217,9 +354,9 @@ class EngineCore:
         req.request_id = uid
         post = partial(self._post, api, rid)
         req.on_prefill = lambda n: self.loop.call_soon_threadsafe(post, ("p", n))
-        sink = Sink(self.loop, partial(self._deliver, api, rid))
+        sink = RemoteSink(self.loop, post, api.ident, rid)
         task = asyncio.ensure_future(self.engine.submit(req, reservation, sink))
-        api.requests[rid] = _Req(task, reservation, uid, req.params.n)
+        api.requests[rid] = _Req(task, reservation, uid)
 
         def submitted(t):
             if t.cancelled():
@@ -228,20 +365,21 @@ class EngineCore:
                 self._post(api, rid, t.exception())
         task.add_done_callback(submitted)
 
-    def _deliver(self, api: _Api, rid: str, item):
-        """A request's events from the output thread (on the loop); its bookkeeping ends
-        with its last choice's finish or its error."""
+    def _stop_choice(self, api: _Api, rid: str, index: int):
+        """A stop string closed choice ``index`` (seen by the API server): its row leaves
+        the batch at the next step."""
         r = api.requests.get(rid)
-        if r is None:  # aborted meanwhile
-            return
-        if isinstance(item, BaseException):
-            r.left = 0
-        else:
-            r.left -= sum(1 for o in item if o.finish_reason is not None)
-        if r.left <= 0:
-            api.requests.pop(rid, None)
-            r.reservation.release()
-        self._post(api, rid, item)
+        if r is not None and r.task.done() and not r.task.cancelled() \
+                and r.task.exception() is None:
+            seqs = r.task.result().seqs
+            if 0 <= index < len(seqs):
+                seqs[index].stopped = True
+
+    def _sweep(self):
+        """Forget requests whose choices have all ended (their last events are sent)."""
+        for api in self.apis.values():
+            for rid in [rid for rid, r in api.requests.items() if r.finished()]:
+                del api.requests[rid]
 
     def _abort(self, api: _Api, rid: str):
         r = api.requests.pop(rid, None)
@@ -309,12 +447,18 @@ class _Released:
 def main(argv: list[str], addr: str, ready, parent_pid: int) -> None:
     """The process's entry point (``multiprocessing`` spawn target)."""
     die_with_parent(parent_pid)
+    name_process("qwen-vl-engine")
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from server.config_errors import load_or_exit
     from server.logs import setup_logging
     settings = load_or_exit(argv)
     setup_logging(settings.log_level, settings.log_format)
+    # the model thread holds the GIL between its torch calls; every other thread here
+    # (a request arriving, its template and tokens, a step going out) waits for it up to
+    # the switch interval, 5 ms by default, several times per request: measured on the
+    # 2-core box, that wait cost a quarter of the batch (47 rows per step instead of 61)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     code = asyncio.run(EngineCore(settings, addr, ready).run())
     logging.shutdown()
     sys.stdout.flush()

@@ -55,6 +55,7 @@ class Sequence:
         self.key: tuple[int, int] = (0, 0)       # random stream key (server.engine.sampler)
         self.matcher = None  # xgrammar matcher of a constrained row (server.engine.structured)
         self.cached_tokens = 0  # prompt tokens the prefix cache served (set at admission)
+        self.announced = False  # its counts were sent to the API server (engine process)
         self._stream = DecodeStream(skip_special_tokens=True)
 
     @property

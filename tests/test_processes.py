@@ -1,0 +1,240 @@
+"""The server's processes (issue 31): a supervisor, one engine-core process and
+``--api-server-count`` API servers on one port (``server.supervisor``).
+
+Faults: the engine core killed mid-stream (every open request answered within 5 s,
+``/health`` 503, then a new engine and traffic again); one of two API servers killed
+(the other's requests unaffected, a new one takes its place).  State that must hold
+across API servers: per-key limits, queue places, ``/metrics`` totals.  Messages at
+the boundary: the codec round trip (``server.messages``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from server import messages
+from server.engine.interface import EngineRequest, ImageInput, Output, SamplingParams, TokenLogprob
+from server.errors import QueueTimeout, RateLimited
+
+LONG = {"model": "qwen3-vl", "messages": [{"role": "user", "content": "Tell a story."}],
+        "max_tokens": 3000, "ignore_eos": True, "temperature": 0}
+
+
+def engine_pid(srv) -> int:
+    """The engine core's pid, from its own log line (the latest, after a restart)."""
+    pids = re.findall(r"engine core ready \(pid (\d+)\)", srv.log())
+    return int(pids[-1])
+
+
+def wait_for(cond, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def health(srv) -> int:
+    try:
+        return httpx.get(srv.url + "/health", timeout=2, trust_env=False).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+# --- the codec ---------------------------------------------------------------------------
+
+def test_request_round_trip_keeps_every_field_and_the_pixels():
+    """An ``EngineRequest`` through ``encode_request``/``decode_request`` (as the engine
+    receives it: the pixel frames as buffers) is the same request, pixel for pixel."""
+    from server.engine.structured import GrammarSpec
+    rng = np.random.default_rng(0)
+    pic = Image.fromarray(rng.integers(0, 255, (30, 41, 3), dtype=np.uint8))
+    params = SamplingParams(max_tokens=7, temperature=0.3, stop=["\n"], seed=5, n=2,
+                            logprobs=True, top_logprobs=3, logit_bias={17: -2.5},
+                            grammar=GrammarSpec.json_schema({"type": "object"}))
+    req = EngineRequest("r1", [{"role": "user", "content": [{"type": "image"}]}],
+                        [ImageInput(pic, 4096, 65536, "sha:abc")], params,
+                        tools=[{"type": "function", "function": {"name": "f"}}],
+                        key="shop", cache_salt="s1", stream=False)
+    wire, frames = messages.encode_request(req)
+    header = messages.unpack(messages.pack("gen", "1", 9, wire))
+    back = messages.decode_request(header[3], [memoryview(bytes(f)) for f in frames])
+    assert back.params == params and back.messages == req.messages and back.tools == req.tools
+    assert (back.key, back.cache_salt, back.stream) == ("shop", "s1", False)
+    im = back.images[0]
+    assert (im.min_pixels, im.max_pixels, im.digest) == (4096, 65536, "sha:abc")
+    assert np.array_equal(np.asarray(im.image), np.asarray(pic))
+
+
+def test_outputs_and_errors_round_trip():
+    """Outputs (logprobs as wire JSON or as ``TokenLogprob``) and typed errors come back
+    as they were sent: the client renders the same envelope, status and headers."""
+    outs = [Output(0, "hé", [5, 6], "stop", 10, 2, ['{"token":"x"}'], cached_tokens=4,
+                   image_tokens=3, video_tokens=1),
+            Output(1, "", [7], None, 10, 1, [TokenLogprob("a", -0.5, [("a", -0.5, [97])],
+                                                          [97], 7, [7])])]
+    wire = messages.unpack(messages.pack("out", [["r", messages.encode_outputs(outs)]]))
+    assert messages.decode_outputs(wire[1][0][1]) == outs
+    for err in (RateLimited("slow down", retry_after=3),
+                QueueTimeout("waited", retry_after=2)):
+        back = messages.decode_error(messages.unpack(messages.pack(
+            messages.encode_error(err)))[0])
+        assert type(back) is type(err) and back.envelope() == err.envelope()
+        assert back.status == err.status and back.headers == err.headers
+    assert messages.decode_error(messages.encode_error(KeyError("x"))).status == 500
+
+
+# --- faults ------------------------------------------------------------------------------
+
+def test_engine_killed_mid_stream_answers_everyone_then_comes_back(server_factory):
+    """SIGKILL to the engine core while a stream and a plain request run: both are
+    answered within 5 s (an error event and [DONE]; a 503 envelope), /health turns 503,
+    the supervisor starts a new engine, and the next request is served."""
+    srv = server_factory("--shutdown-timeout", "5")
+    http = httpx.Client(base_url=srv.url, timeout=60, trust_env=False)
+    lines: list[str] = []
+    killed: list[float] = []
+
+    def stream():
+        with http.stream("POST", "/v1/chat/completions", json={**LONG, "stream": True}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                    if len(lines) == 3:
+                        os.kill(engine_pid(srv), signal.SIGKILL)
+                        killed.append(time.monotonic())
+
+    with ThreadPoolExecutor(2) as ex:
+        plain = ex.submit(http.post, "/v1/chat/completions", json=LONG)
+        ex.submit(stream).result()
+        ended = time.monotonic()
+        r = plain.result()
+        plain_ended = time.monotonic()
+    assert ended - killed[0] < 5 and plain_ended - killed[0] < 5
+    assert lines[-1] == "data: [DONE]", lines[-3:]
+    assert json.loads(lines[-2][6:])["error"]["code"] == "service_unavailable", lines[-2]
+    assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable"
+    wait_for(lambda: health(srv) == 503, 5, "/health 503 after the engine died")
+    wait_for(lambda: health(srv) == 200, 90, "/health 200 again (a new engine)")
+    again = http.post("/v1/chat/completions", json={**LONG, "max_tokens": 5})
+    assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 5
+    log = srv.log()
+    assert "starting a new one (restart 1 of 5)" in log, log[-3000:]
+    assert srv.proc.poll() is None
+
+
+def test_engine_that_keeps_dying_ends_the_server_with_status_4(server_factory):
+    """``--engine-restarts 0``: the first engine death ends the server (exit 4), for the
+    operator's supervisor (systemd, Docker) to act on."""
+    srv = server_factory("--engine-restarts", "0")
+    os.kill(engine_pid(srv), signal.SIGKILL)
+    assert srv.proc.wait(timeout=30) == 4
+    assert "giving up (exit 4)" in srv.log()
+
+
+def test_one_api_server_killed_loses_only_its_own_requests(server_factory):
+    """Two API servers; streams on both; SIGKILL one of them.  The other's streams run to
+    their end untouched, the engine aborts the dead one's rows, a new API server takes
+    its place and both serve again."""
+    srv = server_factory("--api-server-count", "2")
+    req = {**LONG, "max_tokens": 400, "stream": True}
+    victim: list[str] = []
+    results: dict[int, tuple] = {}
+
+    def stream(i: int):
+        lines, server = [], None
+        try:
+            with httpx.stream("POST", srv.url + "/v1/chat/completions", json=req, timeout=60,
+                              trust_env=False) as r:
+                server = r.headers["x-api-server"]
+                for line in r.iter_lines():
+                    if line:
+                        lines.append(line)
+                        if len(lines) == 20 and not victim and server == "api0":
+                            victim.append(server)
+                            os.kill(api_pid(srv, 0), signal.SIGKILL)
+        except httpx.HTTPError as e:
+            results[i] = (server, "cut", repr(e))
+            return
+        results[i] = (server, lines[-1], lines[-2])
+
+    def api_pid(srv, index: int) -> int:
+        return int(re.findall(rf"API server api{index} \(pid (\d+)\) connected", srv.log())[-1])
+
+    for _ in range(8):  # connections are spread by the kernel: until both servers have some
+        results.clear()
+        victim.clear()
+        with ThreadPoolExecutor(12) as ex:
+            list(ex.map(stream, range(12)))
+        if victim and {s for s, *_ in results.values()} == {"api0", "api1"}:
+            break
+    assert victim, f"no stream landed on api0: {results}"
+    served_by = {s for s, *_ in results.values()}
+    assert served_by == {"api0", "api1"}, results
+    for server, last, before in results.values():
+        if server == "api1":  # untouched: ran to max_tokens
+            assert last == "data: [DONE]", (last, before)
+            assert json.loads(before[6:])["choices"][0]["finish_reason"] == "length", before
+        else:
+            assert last == "cut" or "error" in before, (server, last, before)
+    wait_for(lambda: "API server 0" in srv.log() and "starting a new one" in srv.log(), 10,
+             "the supervisor replaces the dead API server")
+    log = srv.log()
+    assert re.search(r"API server api0 \(pid \d+\) exited: aborting its [1-9]\d* request",
+                     log), log[-3000:]
+    seen = set()
+    wait_for(lambda: seen.update([httpx.post(
+        srv.url + "/v1/chat/completions", json={**LONG, "max_tokens": 2}, trust_env=False,
+        timeout=30, headers={"connection": "close"}).headers["x-api-server"]]) or seen == {
+        "api0", "api1"}, 60, "both API servers serve again")
+
+
+# --- state across API servers ------------------------------------------------------------
+
+def served_by_both(srv, send, tries: int = 40) -> list[httpx.Response]:
+    """``send()`` on fresh connections until both API servers have answered one."""
+    out = []
+    for _ in range(tries):
+        out.append(send())
+        if {r.headers.get("x-api-server") for r in out} >= {"api0", "api1"}:
+            return out
+    raise AssertionError("the kernel never picked the second API server")
+
+
+def test_key_limits_and_metrics_hold_across_api_servers(server_factory, tmp_path):
+    """A key allowed 6 requests a minute, its requests spread over two API servers: the
+    7th is refused whichever server takes it (the count lives in the engine core), and
+    /metrics on one server counts the requests both answered."""
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys:\n  - name: shop\n    key: sk-shop\n    requests_per_minute: 6\n"
+                    "  - name: ops\n    key: sk-ops\n    operator: true\n")
+    srv = server_factory("--api-server-count", "2", "--api-key-file", str(keys))
+
+    def send():
+        return httpx.post(srv.url + "/v1/chat/completions", trust_env=False, timeout=30,
+                          headers={"authorization": "Bearer sk-shop", "connection": "close"},
+                          json={**LONG, "max_tokens": 2})
+    answers = served_by_both(srv, send, tries=6)
+    while len(answers) < 6:
+        answers.append(send())
+    assert [r.status_code for r in answers] == [200] * 6
+    refused = [send() for _ in range(4)]
+    assert {r.status_code for r in refused} == {429}, [r.text for r in refused]
+    assert all(r.json()["error"]["code"] == "rate_limit_exceeded" for r in refused)
+    metrics = httpx.get(srv.url + "/metrics", headers={"authorization": "Bearer sk-ops"},
+                        trust_env=False).text
+    ok = re.search(r'qwen_vl_key_requests_total\{key="shop",status="200"\} (\S+)', metrics)
+    limited = re.search(r'qwen_vl_key_rate_limited_total\{key="shop"\} (\S+)', metrics)
+    assert ok and float(ok.group(1)) == 6 and limited and float(limited.group(1)) == 4, metrics
+    assert re.search(r"qwen_vl_decode_steps_total \d", metrics)  # the engine's own figures
