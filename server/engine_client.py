@@ -30,6 +30,7 @@ from server.errors import APIError, ServiceUnavailable
 from server.lifecycle import pid_watch
 from server.messages import (HEARTBEAT_LOST_S, decode_error, decode_outputs, decode_result,
                              encode_request, is_error, pack, unpack)
+from server.textprep import THREAD_CHARS, TextPrep, text_chars
 
 log = logging.getLogger("qwen_vl.client")
 
@@ -226,6 +227,7 @@ class EngineClient:
         self.limiter = RemoteLimiter(self)
         self._loop = asyncio.get_running_loop()
         self.output: StepOutput | None = None  # made at the first ready
+        self.textprep: TextPrep | None = None  # likewise
         self._tasks = [asyncio.ensure_future(self._receive()),
                        asyncio.ensure_future(self._keepalive())]
 
@@ -264,12 +266,15 @@ class EngineClient:
     async def generate(self, request: EngineRequest, reservation):
         rid = f"{next(self._ids)}"
         q: asyncio.Queue = asyncio.Queue()
-        if not self._ready.is_set():
+        try:
+            if not self._ready.is_set():
+                raise ServiceUnavailable(ENGINE_GONE)
+            if self._closed_with is not None:
+                raise self._closed_with
+            await self._tokenise(request)
+        except BaseException:
             reservation.release()
-            raise ServiceUnavailable(ENGINE_GONE)
-        if self._closed_with is not None:
-            reservation.release()
-            raise self._closed_with
+            raise
         wire, frames = encode_request(request)
         self._open[rid] = (q, request.on_prefill)
         self.output.open(rid, request, Sink(self._loop, q.put_nowait))
@@ -294,8 +299,19 @@ class EngineClient:
         return await self._call("geometry", wire, frames)
 
     async def count(self, request: EngineRequest):
+        await self._tokenise(request)
         wire, frames = encode_request(request)
         return await self._call("count", wire, frames)
+
+    async def _tokenise(self, request: EngineRequest) -> None:
+        """The chat template and the tokens, here rather than in the engine's process
+        (``server.textprep``); a long text on a worker thread, off this event loop."""
+        if self.textprep is None:
+            return
+        if text_chars(request) > THREAD_CHARS:
+            await asyncio.to_thread(self.textprep.prepare, request)
+        else:
+            self.textprep.prepare(request)
 
     async def detokenize(self, token_ids: list[int]) -> str:
         return await self._call("detokenize", list(token_ids))
@@ -408,6 +424,7 @@ class EngineClient:
         self._info, self._epoch, self._healthy = info, info["epoch"], True
         if self.output is None:
             self.output = StepOutput(self, self.addr + "-out", info["tokenizer"])
+            self.textprep = TextPrep.from_info(info)
         self._watch(info["pid"])
         self._ready.set()
         log.info("engine ready (pid %d)", info["pid"])

@@ -114,6 +114,7 @@ def encode_request(req: EngineRequest) -> tuple[dict, list]:
             "params": [getattr(p, f) for f in _PARAM_FIELDS], "grammar": grammar,
             "key": req.key, "salt": req.cache_salt, "stream": req.stream,
             "prompt": req.prompt, "prompt_ids": req.prompt_token_ids,
+            "pieces": None if req.pieces is None else [req.pieces.ids, req.pieces.kinds],
             "images": images, "videos": videos}, frames
 
 
@@ -138,9 +139,14 @@ def decode_request(d: dict, frames: list) -> EngineRequest:
             arr = np.frombuffer(_buffer(next(frames)), dtype=np.uint8).reshape(shape)
             videos.append(VideoInput(DecodedVideo(arr, fps, indices, total, duration),
                                      lo, hi, digest))
+    pieces = d.get("pieces")
+    if pieces is not None:
+        from server.textprep import PromptPieces
+        pieces = PromptPieces(*pieces)
     return EngineRequest(d["id"], d["messages"], images, params, tools=d["tools"],
                          key=d["key"], cache_salt=d["salt"], stream=d["stream"],
-                         prompt=d["prompt"], prompt_token_ids=d["prompt_ids"], videos=videos)
+                         prompt=d["prompt"], prompt_token_ids=d["prompt_ids"], videos=videos,
+                         pieces=pieces)
 
 
 def _buffer(frame):

@@ -202,14 +202,24 @@ def test_one_api_server_killed_loses_only_its_own_requests(server_factory):
 
 # --- state across API servers ------------------------------------------------------------
 
-def served_by_both(srv, send, tries: int = 40) -> list[httpx.Response]:
-    """``send()`` on fresh connections until both API servers have answered one."""
-    out = []
+def connection_per_server(srv, headers: dict, tries: int = 10) -> dict[str, httpx.Client]:
+    """A keep-alive connection held on each API server: the kernel hands a new connection
+    to either process (they share the socket), and it stays with that one.  Opened 8 at
+    a time (``GET /health`` tells which process took it) until both have one."""
+    found: dict[str, httpx.Client] = {}
     for _ in range(tries):
-        out.append(send())
-        if {r.headers.get("x-api-server") for r in out} >= {"api0", "api1"}:
-            return out
-    raise AssertionError("the kernel never picked the second API server")
+        clients = [httpx.Client(base_url=srv.url, headers=headers, trust_env=False, timeout=30)
+                   for _ in range(8)]
+        with ThreadPoolExecutor(8) as ex:
+            names = list(ex.map(lambda c: c.get("/health").headers["x-api-server"], clients))
+        for name, c in zip(names, clients):
+            if name not in found:
+                found[name] = c
+            else:
+                c.close()
+        if set(found) >= {"api0", "api1"}:
+            return found
+    raise AssertionError(f"the kernel never gave the second API server a connection: {found}")
 
 
 def test_key_limits_and_metrics_hold_across_api_servers(server_factory, tmp_path):
@@ -221,15 +231,15 @@ def test_key_limits_and_metrics_hold_across_api_servers(server_factory, tmp_path
                     "  - name: ops\n    key: sk-ops\n    operator: true\n")
     srv = server_factory("--api-server-count", "2", "--api-key-file", str(keys))
 
-    def send():
-        return httpx.post(srv.url + "/v1/chat/completions", trust_env=False, timeout=30,
-                          headers={"authorization": "Bearer sk-shop", "connection": "close"},
-                          json={**LONG, "max_tokens": 2})
-    answers = served_by_both(srv, send, tries=6)
-    while len(answers) < 6:
-        answers.append(send())
-    assert [r.status_code for r in answers] == [200] * 6
-    refused = [send() for _ in range(4)]
+    conns = connection_per_server(srv, {"authorization": "Bearer sk-shop"})
+
+    def send(server: str) -> httpx.Response:
+        r = conns[server].post("/v1/chat/completions", json={**LONG, "max_tokens": 2})
+        assert r.headers["x-api-server"] == server
+        return r
+    answers = [send(server) for server in ("api0", "api1") * 3]
+    assert [r.status_code for r in answers] == [200] * 6, [r.text for r in answers]
+    refused = [send(server) for server in ("api0", "api1") * 2]
     assert {r.status_code for r in refused} == {429}, [r.text for r in refused]
     assert all(r.json()["error"]["code"] == "rate_limit_exceeded" for r in refused)
     metrics = httpx.get(srv.url + "/metrics", headers={"authorization": "Bearer sk-ops"},

@@ -95,6 +95,9 @@ class EngineRequest:
     prompt_token_ids: list[int] | None = None
     # in order of appearance; video parts are {"type": "video"} in ``messages``
     videos: list[VideoInput] = field(default_factory=list)
+    # the prompt already rendered and tokenised by an API server (``server.textprep``
+    # ``PromptPieces``); ``messages``, ``tools`` and ``prompt`` are then empty
+    pieces: Any = None
 
 
 @dataclass

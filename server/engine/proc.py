@@ -245,7 +245,7 @@ class EngineCore:
                 "vocab_size": e.vocab_size, "supports_video": e.supports_video,
                 "opens_think": bool(getattr(e, "opens_think", False)),
                 "pid": os.getpid(), "epoch": self.epoch,
-                "tokenizer": e.detok.to_str()}
+                "tokenizer": e.detok.to_str(), **e.builder.template_spec()}
 
     async def _heartbeat(self):
         from server.messages import HEARTBEAT_S

@@ -16,6 +16,13 @@ the pixels (and re-counts, should the processor disagree).  ``build`` does both.
 engine compiles a request's grammar between the two.  ``count`` is ``plan`` without the
 context check, for ``/tokenize``: the same ids ``finish`` would run, no cache touched.
 
+The prompt is tokenised in pieces, cut at the vision slots (``server.textprep.split_slots``:
+the ids are those of the whole string, the slots being added tokens), and the pieces are
+expanded with each image's placeholder run and each video's frame text (``_expand``); a
+processor that counts otherwise than ``plan`` re-expands, it does not re-tokenise.  Behind
+API servers the pieces arrive made (``EngineRequest.pieces``, ``server.textprep``): the
+template is rendered and the text tokenised there, and this process only expands them.
+
 Image identity: ``Prepared.image_keys`` holds one key per image, in order:
 ``"<digest>:<min_pixels>:<max_pixels>"``, where the digest is the hash of the image's bytes
 as received (``ImageInput.digest``, from ``server.media``) or, for an image handed over
@@ -46,7 +53,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import threading
 from dataclasses import dataclass, field
 
@@ -60,13 +66,10 @@ from server.engine.interface import (EngineRequest, ImageGeometry, ImageInput, P
 from server.engine.lru import ByteLRU
 from server.engine.transfer import to_device
 from server.errors import ContextLengthExceeded, InternalError, InvalidRequest
-
-IMAGE_PAD = "<|image_pad|>"
-# the chat template writes "<|vision_start|><|video_pad|><|vision_end|>" for a video part;
-# Qwen's processor replaces the <|video_pad|> (only: the template's own markers stay around
+# the template's placeholders and the cut at them, shared with the API servers' TextPrep;
+# Qwen's processor replaces a <|video_pad|> (only: the template's own markers stay around
 # it) with one "<t seconds><|vision_start|><|video_pad|>...<|vision_end|>" per frame pair
-VIDEO_PAD = "<|video_pad|>"
-_SLOTS = re.compile(re.escape(IMAGE_PAD) + "|" + re.escape(VIDEO_PAD))
+from server.textprep import IMAGE_PAD, VIDEO_PAD, split_slots
 
 log = logging.getLogger("qwen_vl.engine")
 
@@ -128,15 +131,16 @@ class Prepared:
 
 @dataclass
 class Plan:
-    """What ``plan`` found: the template split at the images and videos (``kinds``: "image"
-    or "video" per slot, in order), the images' token counts (None when the processor
-    cannot count ahead), the videos' prompt text and grids, and the token ids."""
-    pieces: list[str]
+    """What ``plan`` found: the prompt's token ids between its vision slots (``pieces``;
+    ``kinds``: "image" or "video" per slot, in order), the images' token counts (None when
+    the processor cannot count ahead), the videos' prompt tokens and grids, and the whole
+    prompt's ids (``pieces`` expanded)."""
+    pieces: list[list[int]]
     image_tokens: list[int] | None
     input_ids: torch.Tensor | None
     params: SamplingParams
     kinds: list[str] = field(default_factory=list)
-    video_fills: list[tuple[str, tuple[int, int, int]]] = field(default_factory=list)
+    video_fills: list[tuple[list[int], tuple[int, int, int]]] = field(default_factory=list)
 
 
 class PromptBuilder:
@@ -205,12 +209,10 @@ class PromptBuilder:
         if req.prompt_token_ids is not None:
             ids = self._given_ids(req.prompt_token_ids)
             return Plan([], [], ids, self._fill_max_tokens(req.params, ids.shape[1]))
-        pieces, kinds = self._render(req)
-        videos = [self._video_fill(v) for v in req.videos]
-        counts = [self._image_tokens(im) for im in req.images]
+        pieces, kinds, videos, counts = self._pieces(req)
         if None in counts:  # the processor cannot count ahead: finish() checks
             return Plan(pieces, None, None, req.params, kinds, videos)
-        ids = self._tokenize(pieces, kinds, counts, videos)
+        ids = self._expand(pieces, kinds, counts, videos)
         return Plan(pieces, counts, ids, self._fill_max_tokens(req.params, ids.shape[1]),
                     kinds, videos)
 
@@ -220,14 +222,30 @@ class PromptBuilder:
         cache read or written: a count of one tenant's images is no hit for another."""
         if req.prompt_token_ids is not None:
             return PromptCount(self._given_ids(req.prompt_token_ids)[0].tolist(), 0)
-        pieces, kinds = self._render(req)
-        videos = [self._video_fill(v) for v in req.videos]
-        counts = [self._image_tokens(im) for im in req.images]
+        pieces, kinds, videos, counts = self._pieces(req)
         if None in counts:
             counts = [int(g.prod()) // self.merge ** 2 for g in self._images(req.images)[1]]
-        ids = self._tokenize(pieces, kinds, counts, videos)
+        ids = self._expand(pieces, kinds, counts, videos)
         return PromptCount(ids[0].tolist(), sum(counts),
                            sum(self.videos.tokens(g) for _, g in videos))
+
+    def _pieces(self, req: EngineRequest):
+        """The prompt's token pieces and slot kinds (rendered and tokenised here, or on
+        the API server: ``req.pieces``), its videos' fills, its images' token counts."""
+        if req.videos and self.videos is None:
+            raise InvalidRequest("Video input is not enabled on this server.",
+                                 param="messages")
+        with self._renders_lock:  # a prompt rendered here or on an API server
+            self.renders += 1
+        if req.pieces is not None:
+            pieces, kinds = req.pieces.ids, req.pieces.kinds
+            if kinds.count("image") != len(req.images) or kinds.count("video") != len(req.videos):
+                raise InternalError("the API server's prompt slots do not match its media")
+        else:
+            pieces, kinds = self._render(req)
+        videos = [self._video_fill(v) for v in req.videos]
+        counts = [self._image_tokens(im) for im in req.images]
+        return pieces, kinds, videos, counts
 
     def _given_ids(self, ids: list[int]) -> torch.Tensor:
         """A prompt given as token ids: (1, L).  Image and video placeholders are refused:
@@ -239,32 +257,43 @@ class PromptBuilder:
                                  param="prompt")
         return t
 
-    def _render(self, req: EngineRequest) -> tuple[list[str], list[str]]:
-        """The chat template's text (or the plain prompt), split at the image placeholders
-        and the videos' slots; and the kind of each slot, in order."""
-        with self._renders_lock:
-            self.renders += 1
-        text = req.prompt if req.prompt is not None else self.processor.apply_chat_template(
-            req.messages, tokenize=False, add_generation_prompt=True, tools=req.tools)
-        kinds = ["image" if m.group(0) == IMAGE_PAD else "video" for m in _SLOTS.finditer(text)]
-        pieces = _SLOTS.split(text)
-        if kinds.count("image") != len(req.images) or kinds.count("video") != len(req.videos):
-            raise InvalidRequest("Message text may not contain the image or video placeholder "
-                                 "tokens.", param="prompt" if req.prompt is not None
-                                 else "messages")
-        if req.videos and self.videos is None:
-            raise InvalidRequest("Video input is not enabled on this server.",
-                                 param="messages")
-        return pieces, kinds
+    def _render(self, req: EngineRequest) -> tuple[list[list[int]], list[str]]:
+        """The chat template's text (or the plain prompt), cut at the image placeholders
+        and the videos' slots (``server.textprep.split_slots``) and tokenised piece by
+        piece; and the kind of each slot, in order."""
+        if req.prompt is not None:
+            text, param = req.prompt, "prompt"
+        else:
+            text, param = self.processor.apply_chat_template(
+                req.messages, tokenize=False, add_generation_prompt=True,
+                tools=req.tools), "messages"
+        parts, kinds = split_slots(text, len(req.images), len(req.videos), param)
+        with self._tokenizer_lock:
+            ids = self.tokenizer(parts, add_special_tokens=False)["input_ids"]
+        return ids, kinds
 
-    def _video_fill(self, v: VideoInput) -> tuple[str, tuple[int, int, int]]:
-        """A video's prompt text (a timestamp and a run of placeholders per frame pair, as
-        Qwen's processor writes it) and its grid, from its size and budget alone."""
+    def template_spec(self) -> dict:
+        """What an API server needs to render prompts as ``_render`` does
+        (``server.textprep.TextPrep``): the processor's chat template (None where it has
+        no single one) and the special-token variables it renders with."""
+        template = getattr(self.processor, "chat_template", None)
+        if isinstance(template, dict):
+            template = template.get("default")
+        tokens = {k: [str(t) for t in v] if isinstance(v, (list, tuple)) else str(v)
+                  for k, v in self.tokenizer.special_tokens_map.items()}
+        return {"chat_template": template if isinstance(template, str) else None,
+                "template_vars": tokens}
+
+    def _video_fill(self, v: VideoInput) -> tuple[list[int], tuple[int, int, int]]:
+        """A video's prompt tokens (a timestamp and a run of placeholders per frame pair,
+        as Qwen's processor writes it) and its grid, from its size and budget alone."""
         d = v.video
         t, h, w = d.frames.shape[:3]
         grid = self.videos.grid(t, h, w, v.min_pixels, v.max_pixels)
-        return self.videos.placeholder(grid, self.videos.timestamps(d.frame_indices,
-                                                                    d.fps)), grid
+        text = self.videos.placeholder(grid, self.videos.timestamps(d.frame_indices, d.fps))
+        with self._tokenizer_lock:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids, grid
 
     def finish(self, req: EngineRequest, plan: Plan) -> Prepared:
         """Preprocess the images and videos; ``req.params`` may carry the compiled grammar
@@ -272,7 +301,7 @@ class PromptBuilder:
         keys = [image_key(im, req.cache_salt) for im in req.images]
         pixel_values, grids = self._cached_images(req.images, keys) if req.images else (None, None)
         counts = [int(g.prod()) // self.merge ** 2 for g in grids] if req.images else []
-        ids = plan.input_ids if counts == plan.image_tokens else self._tokenize(
+        ids = plan.input_ids if counts == plan.image_tokens else self._expand(
             plan.pieces, plan.kinds, counts, plan.video_fills)
         mm = (ids == self.image_token_id).int() + 2 * (ids == self.video_token_id).int()
         prepared = Prepared(
@@ -408,16 +437,16 @@ class PromptBuilder:
         g = self.geometry(im)
         return None if g is None else g.tokens
 
-    def _tokenize(self, pieces: list[str], kinds: list[str], counts: list[int],
-                  videos: list[tuple[str, tuple]]) -> torch.Tensor:
-        expanded = [pieces[0]]
+    def _expand(self, pieces: list[list[int]], kinds: list[str], counts: list[int],
+                videos: list[tuple[list[int], tuple]]) -> torch.Tensor:
+        """The prompt's ids, (1, L): the pieces with each image's placeholder run (its
+        token count) and each video's fill between them."""
+        ids = list(pieces[0])
         images, fills = iter(counts), iter(videos)
         for kind, rest in zip(kinds, pieces[1:]):
-            expanded.append((IMAGE_PAD * next(images) if kind == "image" else next(fills)[0])
-                            + rest)
-        with self._tokenizer_lock:
-            return self.tokenizer("".join(expanded), add_special_tokens=False,
-                                  return_tensors="pt")["input_ids"]
+            ids += [self.image_token_id] * next(images) if kind == "image" else next(fills)[0]
+            ids += rest
+        return torch.tensor([ids], dtype=torch.long)
 
     def _fill_max_tokens(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
         room = self.max_model_len - prompt_len
