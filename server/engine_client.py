@@ -28,8 +28,9 @@ from server.engine.interface import EngineRequest, read_outputs
 from server.engine.output import Sink
 from server.errors import APIError, ServiceUnavailable
 from server.lifecycle import pid_watch
-from server.messages import (HEARTBEAT_LOST_S, decode_error, decode_outputs, decode_result,
-                             encode_request, is_error, pack, unpack)
+from server.messages import (FAILED, HEARTBEAT_LOST_S, PREFILLED, decode_error,
+                             decode_outputs, decode_result, encode_request, is_error, pack,
+                             unpack)
 from server.textprep import THREAD_CHARS, TextPrep, text_chars
 
 log = logging.getLogger("qwen_vl.client")
@@ -45,7 +46,8 @@ class _Reservation:
     def release(self):
         if self.held:
             self.held = False
-            self.client._cast("release", self.res_id)
+            if self.res_id is not None:  # a deferred one was never taken
+                self.client._cast("release", self.res_id)
 
 
 class _Ticket:
@@ -149,7 +151,6 @@ class StepOutput:
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.addr)
-        stage = self.stage
         while not self._stopping:
             if not sock.poll(200):
                 continue
@@ -159,30 +160,41 @@ class StepOutput:
                     msgs.append(unpack(sock.recv(zmq.NOBLOCK)))
                 except zmq.Again:
                     break
-            pending: dict[int, tuple] = {}
-            order: list = []
-            for _, records in msgs:
-                rows, tokens, finishes, hides, lps = [], [], [], [], []
-                for rid, index, token, finish, hide, lp, head in records:
-                    e = self.entries.get(rid)
-                    if e is None:  # the client left: the engine drops it at its next step
-                        continue
-                    if index < 0:
-                        stage._process(("fail", [e], decode_error(lp)), pending, order)
-                        continue
-                    s = e.seqs[index]
-                    if head is not None:
-                        s.prompt_len, s.cached_tokens, s.image_tokens, s.video_tokens = head
-                    rows.append(s)
-                    tokens.append(token)
-                    finishes.append(finish)
-                    hides.append(hide)
-                    lps.append(lp)
-                if rows:
-                    stage._process(("step", rows, tokens, finishes, hides,
-                                    _StepLogprobs(lps) if any(lps) else None), pending, order)
-            stage._flush(order)
+            self.feed(msgs)
         sock.close(0)
+
+    def feed(self, msgs: list) -> None:
+        """The records of received ``step`` messages, in order: a prefill notice to its
+        request's hook, an error or the rows to ``OutputStage`` (one delivery each)."""
+        stage = self.stage
+        pending: dict[int, tuple] = {}
+        order: list = []
+        for _, records in msgs:
+            rows, tokens, finishes, hides, lps = [], [], [], [], []
+            for rid, index, token, finish, hide, lp, head in records:
+                e = self.entries.get(rid)
+                if e is None:  # the client left: the engine drops it at its next step
+                    continue
+                if index == PREFILLED:  # the key pays for the prompt from now on
+                    hook = self.client._open.get(rid, (None, None))[1]
+                    if hook is not None:
+                        hook(token)  # RequestStats.prefilled: one attribute write
+                    continue
+                if index == FAILED:
+                    stage._process(("fail", [e], decode_error(lp)), pending, order)
+                    continue
+                s = e.seqs[index]
+                if head is not None:
+                    s.prompt_len, s.cached_tokens, s.image_tokens, s.video_tokens = head
+                rows.append(s)
+                tokens.append(token)
+                finishes.append(finish)
+                hides.append(hide)
+                lps.append(lp)
+            if rows:
+                stage._process(("step", rows, tokens, finishes, hides,
+                                _StepLogprobs(lps) if any(lps) else None), pending, order)
+        stage._flush(order)
 
     def open(self, rid: str, request, sink) -> None:
         from server.engine.sequence import Sequence
@@ -260,7 +272,9 @@ class EngineClient:
     def healthy(self) -> bool:
         return self._ready.is_set() and self._healthy
 
-    async def reserve(self) -> _Reservation:
+    async def reserve(self, deferred: bool = False) -> _Reservation:
+        if deferred:  # the engine takes the place when ``gen`` arrives (res_id None)
+            return _Reservation(self, None)
         return _Reservation(self, await self._call("reserve", None))
 
     async def generate(self, request: EngineRequest, reservation):
@@ -394,12 +408,9 @@ class EngineClient:
                 entry = self._open.get(rid)
                 if entry is None:
                     continue  # aborted: the engine learns it at its next message
-                q, on_prefill = entry
+                q = entry[0]
                 if is_error(item):
                     q.put_nowait(decode_error(item))
-                elif item and item[0] == "p":
-                    if on_prefill is not None:
-                        on_prefill(item[1])
                 else:
                     q.put_nowait(decode_outputs(item))
         elif kind == "reply":

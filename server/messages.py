@@ -26,11 +26,21 @@ Engine -> API server:
   engine's pid and its ``epoch`` (a new one after every engine restart).
 * ``out``    ``[[rid, item], ...]``: everything the engine produced for this API server
   since its last ``out``: one message per engine step (not per token, not per request).
-  An item is a list of ``Output`` tuples (``encode_outputs``), an error
-  (``encode_error``) or ``["p", tokens]`` (the prompt's prefill was scheduled: the key
-  pays for it from now on).
+  An item is a list of ``Output`` tuples (``encode_outputs``) or an error
+  (``encode_error``): the sequential scheduler's events, and errors before a request
+  reaches the batch.
 * ``reply``  ``[call_id, ok, value]``: ``value`` is the result, or an encoded error.
 * ``hb``     ``[healthy, epoch]``: a heartbeat every ``HEARTBEAT_S``.
+
+Engine -> API server, on a second ROUTER socket (``<addr>-out``) written by the engine's
+output thread, read by the API server's (``StepOutput``):
+
+* ``step``   ``[[rid, choice, token, finish, hide, logprob row, header], ...]``: the
+  batching engine's rows of one step (or a few) for this API server, raw tokens; the
+  header (prompt, cached, image and video tokens) on a row's first token only.  A
+  ``choice`` of ``FAILED`` is the request's error (encoded in the logprob place), of
+  ``PREFILLED`` the notice that its prefill was scheduled (``token``: the prompt's
+  tokens; the key pays for them from now on).
 """
 
 from __future__ import annotations
@@ -44,6 +54,8 @@ from server import errors
 from server.engine.interface import (EngineRequest, ImageGeometry, ImageInput, Output,
                                      PromptCount, SamplingParams, TokenLogprob, VideoInput)
 
+# a step record's choice index for a request's error, and for its prefill notice
+FAILED, PREFILLED = -1, -2
 HEARTBEAT_S = 0.25  # the engine's heartbeat period ...
 HEARTBEAT_LOST_S = 10.0  # ... and how long without any message an engine counts as hung
 

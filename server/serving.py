@@ -398,15 +398,20 @@ class ChatService:
                 stats.grounding_images = await self._geometry(images)
             return {"messages": messages, "images": images, "videos": videos,
                     "tools": _tools(req)}
-        return await self.launch(req, request_id, stats, params, load, key=key, salt=salt)
+        media = any(not isinstance(part, p.TextPart) for m in req.messages
+                    if isinstance(m.content, list) for part in m.content)
+        return await self.launch(req, request_id, stats, params, load, key=key, salt=salt,
+                                 media=media)
 
     async def launch(self, req: p.SamplingRequest, request_id: str, stats: RequestStats,
-                     params: SamplingParams, load, *, key: str = "",
-                     salt: str = "") -> AsyncIterator[Output]:
+                     params: SamplingParams, load, *, key: str = "", salt: str = "",
+                     media: bool = False) -> AsyncIterator[Output]:
         """A queue place (429 before any work), then ``load()`` (the ``EngineRequest``'s
         prompt fields: messages, images, tools or a plain prompt; fetching the images),
-        then the engine; returns its output stream, its first event already in."""
-        reservation = await _maybe(self.engine.reserve())
+        then the engine; returns its output stream, its first event already in.  Without
+        ``media`` there is no work before the engine: the place may be taken there
+        (``Engine.reserve(deferred=True)``)."""
+        reservation = await _maybe(self.engine.reserve(deferred=not media))
         try:
             fields = await load()
         except BaseException:

@@ -392,11 +392,16 @@ def test_queue_full_is_429_before_any_image_is_fetched(server_factory):
             time.sleep(0.02)
         r = httpx.post(api, timeout=30, json={"model": "qwen3-vl", "max_tokens": 2,
                                               "messages": image_msg(url)})
+        # a text request takes its place where the engine is (no media to fetch first):
+        # the same 429
+        text = httpx.post(api, timeout=30, json={**long, "max_tokens": 2})
         lines.close()                                # leave: frees the slot for the waiter
     waiter.join(120)
     host.shutdown()
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
     assert r.json()["error"]["type"] == "rate_limit_error"
+    assert text.status_code == 429 and int(text.headers["retry-after"]) >= 1, text.text
+    assert text.json()["error"]["type"] == "rate_limit_error"
     # at once: a queued request would have waited for the slot, held until after this
     # answer, and its image would have been fetched first
     assert hits == []

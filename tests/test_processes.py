@@ -74,6 +74,76 @@ def test_request_round_trip_keeps_every_field_and_the_pixels():
     im = back.images[0]
     assert (im.min_pixels, im.max_pixels, im.digest) == (4096, 65536, "sha:abc")
     assert np.array_equal(np.asarray(im.image), np.asarray(pic))
+    from server.textprep import PromptPieces
+    req.pieces, req.messages, req.tools = PromptPieces([[1, 2], [3]], ["image"]), [], None
+    wire, frames = messages.encode_request(req)
+    back = messages.decode_request(messages.unpack(messages.pack(wire))[0], frames)
+    assert back.pieces == req.pieces and back.messages == [] and back.tools is None
+
+
+def test_prefill_notice_and_errors_travel_with_the_steps():
+    """The engine's output thread turns a prefill notice (from the model thread) and a
+    failure into step records; the API server's ``StepOutput`` hands the notice to the
+    request's hook (the key pays for the prompt from then on) and the error to its
+    stream, each only for a request it still has open."""
+    import asyncio
+    import queue
+    from server.engine.proc import RemoteOutput, pack_step
+    from server.engine_client import StepOutput
+    from server.errors import Overloaded
+
+    class RemoteSink:
+        ident, rid = b"api0", "8"
+    entry = type("E", (), {"seqs": [], "sink": RemoteSink()})()
+    records = RemoteOutput._records([("prefill", b"api0", "7", 321),
+                                     ("prefill", b"api0", "gone", 5),
+                                     ("fail", [entry], Overloaded(retry_after=1))])
+    assert records == {b"api0": [
+        ["7", messages.PREFILLED, 321, None, None, None, None],
+        ["gone", messages.PREFILLED, 5, None, None, None, None],
+        ["8", messages.FAILED, None, None, None,
+         messages.encode_error(Overloaded(retry_after=1)), None]]}
+
+    async def api_side():
+        heard, events = [], queue.SimpleQueue()
+        client = type("C", (), {"api_id": "api0", "_loop": asyncio.get_running_loop(),
+                                "_open": {"7": (None, heard.append), "8": (None, None)}})()
+        from tokenizers import Tokenizer, models
+        tok = Tokenizer(models.WordLevel({"a": 0}, unk_token="a")).to_str()
+        out = StepOutput(client, "ipc:///nonexistent-test-socket", tok)
+        try:
+            req = EngineRequest("x", [], [], SamplingParams(n=1))
+            from server.engine.output import Sink
+            for rid in ("7", "8"):
+                out.open(rid, req, Sink(asyncio.get_running_loop(), events.put))
+            out.feed([messages.unpack(pack_step(records[b"api0"]))])
+            await asyncio.sleep(0.05)  # deliveries go through the loop
+        finally:
+            out.close()
+        return heard, events
+    heard, events = asyncio.run(api_side())
+    assert heard == [321]  # "gone" is not open here: nobody to charge
+    got = events.get_nowait()
+    assert isinstance(got, Overloaded) and got.headers == {"Retry-After": "1"}, got
+
+
+def test_output_thread_failure_ends_the_engine_process(tmp_path):
+    """Should the engine's output thread ever fail, no step would reach an API server
+    again: the process exits (for the supervisor to restart it) instead of hanging every
+    open request."""
+    code = ("import time\n"
+            "from server.engine.proc import RemoteOutput\n"
+            f"out = RemoteOutput('ipc://{tmp_path}/out')\n"
+            "out._records = lambda items: 1 / 0\n"
+            "out(None)\n"
+            "out.put_prefill(b'api0', '1', 3)\n"
+            "time.sleep(30)\n")
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 70, proc.stderr[-2000:]
+    assert "output thread failed" in proc.stderr
 
 
 def test_outputs_and_errors_round_trip():

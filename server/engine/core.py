@@ -962,7 +962,8 @@ class AsyncEngine:
         self._consecutive_failures += 1
         self._last_failure = time.monotonic()
 
-    def reserve(self) -> _Reservation:
+    def reserve(self, deferred: bool = False) -> _Reservation:
+        # in this process a place costs no round trip: ``deferred`` changes nothing
         # a request that will take a free batch slot at the next step is not queued
         free = max(0, getattr(self.scheduler, "max_num_seqs", 1) - self.scheduler.num_running)
         with self._lock:

@@ -163,8 +163,11 @@ class Engine(Protocol):
     @property
     def healthy(self) -> bool: ...
 
-    def reserve(self) -> Reservation:
-        """A queue place, or raise ``Overloaded`` (429) at once."""
+    def reserve(self, deferred: bool = False) -> Reservation:
+        """A queue place, or raise ``Overloaded`` (429) at once.  ``deferred``: the caller
+        does no work before ``generate`` (no media to fetch), so an engine in another
+        process may take the place when the request reaches it, a round trip less; its
+        429 then comes from ``generate``."""
 
     def generate(self, request: EngineRequest, reservation: Reservation) -> AsyncIterator[Output]:
         ...

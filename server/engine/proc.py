@@ -38,6 +38,7 @@ from server.lifecycle import die_with_parent, name_process, pid_watch
 log = logging.getLogger("qwen_vl.engine")
 
 EXIT_LOAD_FAILED = 1
+EXIT_OUTPUT_FAILED = 70  # any status but the load failure's: the supervisor restarts it
 SWITCH_INTERVAL_S = 0.0005
 UNSENT_RETRY_S = 0.02  # a step for an API server not connected yet is retried this often ...
 UNSENT_DROP_S = 10.0   # ... and dropped after this long (that API server is gone)
@@ -70,7 +71,8 @@ class RemoteOutput:
         self.addr = addr
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._bound = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="engine-output", daemon=True)
+        self._thread = threading.Thread(target=self._guarded, name="engine-output",
+                                        daemon=True)
 
     def __call__(self, engine) -> "RemoteOutput":  # AsyncEngine's output factory
         self._thread.start()
@@ -83,8 +85,24 @@ class RemoteOutput:
     def put_fail(self, entries, err):
         self._q.put(("fail", entries, err))
 
+    def put_prefill(self, ident: bytes, rid: str, tokens: int):
+        """From the model thread: ``rid``'s prefill was scheduled (``on_prefill``); it
+        goes with the step's records, not through the event loop."""
+        self._q.put(("prefill", ident, rid, tokens))
+
     def stop(self):
         self._q.put(None)
+
+    def _guarded(self):
+        """``_run``; should it ever fail, no step would reach an API server again and
+        every open request would hang: the process exits instead, a fault like any other
+        (the API servers answer 503, the supervisor starts a new engine)."""
+        try:
+            self._run()
+        except BaseException:
+            log.exception("the engine's output thread failed: exiting for a restart")
+            logging.shutdown()
+            os._exit(EXIT_OUTPUT_FAILED)
 
     def _run(self):
         import zmq
@@ -129,16 +147,20 @@ class RemoteOutput:
 
     @staticmethod
     def _records(items) -> dict[bytes, list]:
-        from server.messages import encode_error
+        from server.messages import FAILED, PREFILLED, encode_error
         out: dict[bytes, list] = {}
         for item in items:
+            if item[0] == "prefill":
+                _, ident, rid, tokens = item
+                out.setdefault(ident, []).append([rid, PREFILLED, tokens, None, None, None, None])
+                continue
             if item[0] == "fail":
                 _, entries, err = item
                 for e in entries:
                     for s in e.seqs:
                         s.stopped = True
                     out.setdefault(e.sink.ident, []).append(
-                        [e.sink.rid, -1, None, None, None, encode_error(err), None])
+                        [e.sink.rid, FAILED, None, None, None, encode_error(err), None])
                 continue
             _, rows, tokens, finishes, hides, lps = item
             for i, s in enumerate(rows):
@@ -219,8 +241,9 @@ class EngineCore:
         self.sock.bind(self.addr)
         receiver = asyncio.create_task(self._receive())
         try:
-            self.engine = await asyncio.to_thread(engine_factory(
-                self.settings, output=RemoteOutput(self.addr + "-out")))
+            self.output = RemoteOutput(self.addr + "-out")
+            self.engine = await asyncio.to_thread(engine_factory(self.settings,
+                                                                 output=self.output))
         except Exception as e:
             log.debug("model load traceback", exc_info=True)
             log.error("model failed to load: %s", describe_load_error(e, self.settings.model_path))
@@ -268,8 +291,6 @@ class EngineCore:
         if isinstance(item, BaseException):
             api.requests.pop(rid, None)
             wire = encode_error(item)
-        elif isinstance(item, tuple):  # ("p", tokens): the prefill was scheduled
-            wire = list(item)
         else:
             wire = encode_outputs(item)
         api.outbox.append([rid, wire])
@@ -343,7 +364,13 @@ class EngineCore:
     def _generate(self, api: _Api, rid: str, res_id: int, wire: dict, frames: list):
         from server.messages import decode_request
         uid = f"{api.ident.decode()}/{rid}"
-        reservation = self.reservations.pop(res_id, None) or _Released()
+        try:
+            # a deferred place (res_id None) is taken now: a full queue answers 429 here
+            reservation = (self.engine.reserve() if res_id is None
+                           else self.reservations.pop(res_id, None) or _Released())
+        except Exception as exc:
+            self._post(api, rid, exc)
+            return
         try:
             req = decode_request(wire, frames)
         except Exception as exc:
@@ -353,7 +380,7 @@ class EngineCore:
             return
         req.request_id = uid
         post = partial(self._post, api, rid)
-        req.on_prefill = lambda n: self.loop.call_soon_threadsafe(post, ("p", n))
+        req.on_prefill = partial(self.output.put_prefill, api.ident, rid)
         sink = RemoteSink(self.loop, post, api.ident, rid)
         task = asyncio.ensure_future(self.engine.submit(req, reservation, sink))
         api.requests[rid] = _Req(task, reservation, uid)
