@@ -105,7 +105,9 @@ class TextPrep:
         else:
             text, param = self.render(request.messages, request.tools), "messages"
         parts, kinds = split_slots(text, len(request.images), len(request.videos), param)
-        ids = [e.ids for e in self.tokenizer.encode_batch(parts, add_special_tokens=False)]
+        # one piece at a time: encode_batch hands the pieces to a thread pool, whose
+        # wake-ups cost more than these few short texts on a busy box
+        ids = [self.tokenizer.encode(t, add_special_tokens=False).ids for t in parts]
         return PromptPieces(ids, kinds)
 
     def prepare(self, request) -> None:

@@ -14,7 +14,8 @@ Contract:
   weights: per layer, ``add_rms_norm`` -> one q/k/v GEMM -> ``qk_norm_rope`` ->
   ``paged_attention`` (writes the new keys/values, reads the blocks) -> o GEMM ->
   ``add_rms_norm`` -> one gate/up GEMM -> ``silu_mul`` -> down GEMM, the pieces being the
-  custom ops of server/engine/kernels.py.  Its reference twin is the model's own layers
+  custom ops of server/engine/kernels.py (on the torch backend, outside torch.compile,
+  their references called directly: ``kernels.ops()``).  Its reference twin is the model's own layers
   (``ModelRunner.decode_hidden`` with ``fused=False``); tests compare the two and
   ``generate()`` token for token.
 """
@@ -24,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from server.engine import kernels as K
+from server.engine import kernels
 
 
 _NORMS = ("Qwen3VLTextRMSNorm", "Qwen3VLMoeTextRMSNorm")
@@ -116,15 +117,16 @@ class FusedDecoder:
                  q_start: torch.Tensor, kv_len: torch.Tensor) -> torch.Tensor:
         """``h`` ``[B, H]`` embeddings, ``cos``/``sin`` ``[B, D]`` -> final hidden ``[B, H]``."""
         residual = None
+        op = kernels.ops()  # the custom ops, or their references called directly
         for i, w in enumerate(self.layers):
             if residual is None:
-                residual, x = h, K.rms_norm(h, w.ln1, w.eps)
+                residual, x = h, op.rms_norm(h, w.ln1, w.eps)
             else:
-                x, residual = K.add_rms_norm(h, residual, w.ln1, w.eps)
-            q, k, v = K.qk_norm_rope(torch.mm(x, w.qkv), w.qn, w.kn, cos, sin, w.qk_eps,
+                x, residual = op.add_rms_norm(h, residual, w.ln1, w.eps)
+            q, k, v = op.qk_norm_rope(torch.mm(x, w.qkv), w.qn, w.kn, cos, sin, w.qk_eps,
                                      self.heads, self.kv_heads)
-            o = K.paged_attention(q, k, v, self.kp[i], self.vp[i], ctx.slots, ctx.rows,
+            o = op.paged_attention(q, k, v, self.kp[i], self.vp[i], ctx.slots, ctx.rows,
                                   q_start, kv_len, ctx.mask, self.scale)
-            x, residual = K.add_rms_norm(torch.mm(o, w.o), residual, w.ln2, w.eps)
-            h = torch.mm(K.silu_mul(torch.mm(x, w.gate_up)), w.down)
-        return K.add_rms_norm(h, residual, self.norm, self.norm_eps)[0]
+            x, residual = op.add_rms_norm(torch.mm(o, w.o), residual, w.ln2, w.eps)
+            h = torch.mm(op.silu_mul(torch.mm(x, w.gate_up)), w.down)
+        return op.add_rms_norm(h, residual, self.norm, self.norm_eps)[0]
