@@ -85,6 +85,8 @@ def main():
     ap.add_argument("--compiled", action="store_true",
                     help="count the torch.compile'd step's kernels instead of aten ops")
     args = ap.parse_args()
+    from server.engine import kernels
+    kernels.call_directly(False)  # one op per fused piece, as a GPU's step dispatches them
     s = Settings(model_path=args.model_path, kernels=args.kernels, max_num_seqs=args.batch)
     engine = AsyncEngine(load_model(s), s)
     runner, layers = engine.runner, engine.model.config.get_text_config().num_hidden_layers

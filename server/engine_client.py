@@ -4,9 +4,12 @@
 One DEALER socket, owned by the event loop.  ``generate`` sends the request (its pixels
 as raw frames) and reads its events from a queue that ``_receive`` fills from the
 engine's ``out`` batches (one message per engine step for all of this API server's
-requests).  Leaving the iteration early sends ``abort``.  ``reserve``, ``count``,
-``image_geometry``, ``detokenize`` and ``stats`` are calls with a reply; the per-key
-limits (``limiter``) are kept by the engine too, so that they hold across API servers.
+requests).  Leaving the iteration early sends ``abort``.  Before sending, the chat
+template is rendered and the text tokenised here (``server.textprep``).  ``reserve``
+(unless deferred: a text request's place is taken by the engine as ``gen`` arrives),
+``count``, ``image_geometry``, ``detokenize`` and ``stats`` are calls with a reply; the
+per-key limits (``limiter``) are kept by the engine too, so that they hold across API
+servers.
 
 Engine faults: the engine's pid (from its ``ready``) is watched with a pidfd, and every
 message counts as a heartbeat.  When the engine exits (killed, out of memory) or is
@@ -24,7 +27,7 @@ import logging
 import os
 import time
 
-from server.engine.interface import EngineRequest, read_outputs
+from server.engine.interface import ChoiceEvents, EngineRequest, NoReservation
 from server.engine.output import Sink
 from server.errors import APIError, ServiceUnavailable
 from server.lifecycle import pid_watch
@@ -36,17 +39,25 @@ from server.textprep import THREAD_CHARS, TextPrep, text_chars
 log = logging.getLogger("qwen_vl.client")
 
 ENGINE_GONE = "The engine stopped while serving this request; retry it."
+EXIT_OUTPUT_FAILED = 70  # as the engine's (server.engine.proc): the supervisor restarts it
 HELLO_EVERY_S = 0.2
 
 
 class _Reservation:
-    def __init__(self, client: "EngineClient", res_id: int):
-        self.client, self.res_id, self.held = client, res_id, True
+    """A queue place held by the engine under ``res_id``, valid for the engine of
+    ``epoch`` only (a restarted engine numbers its places afresh); ``res_id`` None: a
+    deferred place, taken when the request reaches the engine."""
+
+    def __init__(self, client: "EngineClient", res_id: int | None, epoch: str | None = None):
+        self.client, self.res_id, self.epoch, self.held = client, res_id, epoch, True
+
+    def stale(self) -> bool:
+        return self.res_id is not None and self.epoch != self.client._epoch
 
     def release(self):
         if self.held:
             self.held = False
-            if self.res_id is not None:  # a deferred one was never taken
+            if self.res_id is not None and not self.stale():
                 self.client._cast("release", self.res_id)
 
 
@@ -86,12 +97,7 @@ class _Entry:
     def __init__(self, seqs, sink, stream: bool):
         self.seqs, self.sink, self.stream = seqs, sink, stream
         self.held, self.held_at = [], None
-        self.reservation = _NoReservation()
-
-
-class _NoReservation:
-    def release(self):
-        pass
+        self.reservation = NoReservation()
 
 
 class _StepLogprobs:
@@ -131,7 +137,7 @@ class StepOutput:
         self._stopping = False
         self.stage = OutputStage(self, self._closed, thread=False)
         import threading
-        self._thread = threading.Thread(target=self._run, name="api-output", daemon=True)
+        self._thread = threading.Thread(target=self._guarded, name="api-output", daemon=True)
         self._thread.start()
 
     def _note_failure(self):  # OutputStage's health hook: the engine keeps the circuit
@@ -143,6 +149,17 @@ class StepOutput:
 
     def close(self):
         self._stopping = True
+
+    def _guarded(self):
+        """``_run``; should it ever fail, no step would reach this API server's requests
+        again (while the engine's heartbeats still say all is well): the process exits
+        instead, losing only its own requests, and the supervisor starts another."""
+        try:
+            self._run()
+        except BaseException:
+            log.exception("this API server's output thread failed: exiting for a restart")
+            logging.shutdown()
+            os._exit(EXIT_OUTPUT_FAILED)
 
     def _run(self):
         import zmq
@@ -275,17 +292,23 @@ class EngineClient:
     async def reserve(self, deferred: bool = False) -> _Reservation:
         if deferred:  # the engine takes the place when ``gen`` arrives (res_id None)
             return _Reservation(self, None)
-        return _Reservation(self, await self._call("reserve", None))
+        epoch = self._epoch
+        res_id = await self._call("reserve", None)
+        return _Reservation(self, res_id, epoch)
 
     async def generate(self, request: EngineRequest, reservation):
         rid = f"{next(self._ids)}"
         q: asyncio.Queue = asyncio.Queue()
         try:
-            if not self._ready.is_set():
+            epoch = self._epoch
+            await self._tokenise(request)
+            # checked after the await: an engine lost meanwhile has failed the open
+            # requests without this one, and its successor knows neither the request
+            # nor the place an old engine gave it
+            if not self._ready.is_set() or self._epoch != epoch or reservation.stale():
                 raise ServiceUnavailable(ENGINE_GONE)
             if self._closed_with is not None:
                 raise self._closed_with
-            await self._tokenise(request)
         except BaseException:
             reservation.release()
             raise
@@ -295,17 +318,13 @@ class EngineClient:
         res_id = reservation.res_id
         reservation.held = False  # the engine holds it now: released there
         self._sock.send_multipart([pack("gen", rid, res_id, wire), *frames], copy=False)
-        remaining = request.params.n
+        events = ChoiceEvents(q, request.params.n)
         try:
-            async for out in read_outputs(q):
-                if out.finish_reason is not None:
-                    remaining -= 1
+            async for out in events:
                 yield out
-                if not remaining:
-                    break
         finally:
             self.output.entries.pop(rid, None)
-            if self._open.pop(rid, None) is not None and remaining and self._ready.is_set():
+            if self._open.pop(rid, None) is not None and events.left and self._ready.is_set():
                 self._send("abort", rid)
 
     async def image_geometry(self, images):

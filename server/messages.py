@@ -13,7 +13,9 @@ API server -> engine (``kind``):
   once the model is loaded.  The engine watches ``pid`` and aborts all of that API
   server's requests when it dies.
 * ``gen``    ``[rid, reservation, request]`` + frames: start a request
-  (``encode_request``); its events come back in ``out`` batches under ``rid``.
+  (``encode_request``); its events come back in ``out`` batches under ``rid``.  A
+  ``reservation`` of None (a text request: nothing fetched first) asks the engine to
+  take the queue place now (429 in ``out`` when full).
 * ``abort``  ``[rid]``: the client left; the engine drops the request.
 * ``call``   ``[call_id, method, args]`` (+ frames for ``count``): a request/reply call
   (``reserve``, ``count``, ``detokenize``, ``geometry``, ``stats``, ``admit``);

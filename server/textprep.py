@@ -74,8 +74,6 @@ class TextPrep:
         self.chat_template = chat_template
         self.template_vars = template_vars
         self._render_jinja = render_jinja_template
-        ids = [self.tokenizer.token_to_id(t) for t in (IMAGE_PAD, VIDEO_PAD)]
-        self.placeholder_ids = {i for i in ids if i is not None}
 
     @classmethod
     def from_info(cls, info: dict) -> "TextPrep | None":
@@ -105,17 +103,16 @@ class TextPrep:
         else:
             text, param = self.render(request.messages, request.tools), "messages"
         parts, kinds = split_slots(text, len(request.images), len(request.videos), param)
-        # one piece at a time: encode_batch hands the pieces to a thread pool, whose
-        # wake-ups cost more than these few short texts on a busy box
-        ids = [self.tokenizer.encode(t, add_special_tokens=False).ids for t in parts]
+        # (encode_batch releases the GIL: a long text on a worker thread leaves the loop be)
+        ids = [e.ids for e in self.tokenizer.encode_batch(parts, add_special_tokens=False)]
         return PromptPieces(ids, kinds)
 
     def prepare(self, request) -> None:
         """Fill ``request.pieces`` (and drop what the engine no longer needs to see:
         the messages and tools, the plain prompt).  A prompt given as token ids is left
         as it is (the engine checks it)."""
-        if request.prompt_token_ids is not None:
-            return
+        if request.prompt_token_ids is not None or request.pieces is not None:
+            return  # ids given, or prepared already (the messages are gone by then)
         request.pieces = self.pieces(request)
         request.messages, request.tools, request.prompt = [], None, None
 

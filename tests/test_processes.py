@@ -318,3 +318,34 @@ def test_key_limits_and_metrics_hold_across_api_servers(server_factory, tmp_path
     limited = re.search(r'qwen_vl_key_rate_limited_total\{key="shop"\} (\S+)', metrics)
     assert ok and float(ok.group(1)) == 6 and limited and float(limited.group(1)) == 4, metrics
     assert re.search(r"qwen_vl_decode_steps_total \d", metrics)  # the engine's own figures
+
+
+def test_a_place_from_an_engine_that_has_since_restarted_is_not_used(tmp_path):
+    """A queue place numbered by an engine that restarted while the request fetched its
+    images means nothing to the new engine (which numbers its own from 1): the request
+    gets a 503 at once, and the place is neither sent nor released there."""
+    import asyncio
+    from server.engine_client import EngineClient
+    from server.errors import ServiceUnavailable
+
+    async def run():
+        client = EngineClient(f"ipc://{tmp_path}/engine", "api0")
+        sent = []
+        client._cast = lambda *a: sent.append(a)
+        client._send = lambda *a: sent.append(a)
+        try:
+            client._epoch = "old"
+            client._ready.set()
+            place = await client.reserve(deferred=True)
+            assert not place.stale()  # taken by whichever engine the request reaches
+            from server.engine_client import _Reservation
+            old = _Reservation(client, 7, "old")
+            client._epoch = "new"  # the engine restarted
+            assert old.stale()
+            with pytest.raises(ServiceUnavailable):
+                await anext(client.generate(
+                    EngineRequest("r", [], [], SamplingParams(), prompt_token_ids=[1]), old))
+            assert not old.held and sent == []  # nothing went to the new engine
+        finally:
+            await client.shutdown(1)
+    asyncio.run(run())

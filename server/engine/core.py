@@ -67,8 +67,8 @@ from tokenizers import Tokenizer
 from server.engine.kv_pool import BlockManager, KVPool, chain_keys
 from server.engine.runner import ModelRunner, PrefillChunk, prefill_bucket
 from server.engine.fairqueue import FairQueue
-from server.engine.interface import (EngineRequest, ImageGeometry, ImageInput, Output,
-                                     PromptCount, read_outputs)
+from server.engine.interface import (ChoiceEvents, EngineRequest, ImageGeometry,
+                                     ImageInput, Output, PromptCount)
 from server.engine.kv_budget import KVBudget
 from server.engine.output import OutputStage, Sink, token_bytes, token_text
 from server.engine.prompt import Prepared, PromptBuilder
@@ -80,6 +80,9 @@ from server.errors import (APIError, InternalError, InvalidRequest, Overloaded, 
                            ServiceUnavailable)
 
 log = logging.getLogger("qwen_vl.engine")
+# a prompt an API server tokenised, up to this many tokens, is prepared on the engine's
+# event loop (see AsyncEngine._prepare_async); a longer one still takes a prep thread
+INLINE_PREP_TOKENS = 8192
 
 UNHEALTHY_AFTER = 3      # consecutive failed batch steps make /health 503 ...
 HEALTH_COOLDOWN_S = 30.0  # ... until this long without a new failure (then traffic may retry)
@@ -976,18 +979,14 @@ class AsyncEngine:
         q: asyncio.Queue = asyncio.Queue()
         await self.submit(request, reservation, Sink(asyncio.get_running_loop(), q.put_nowait))
         self._open.add(q)
-        remaining = request.params.n
+        events = ChoiceEvents(q, request.params.n)
         try:
-            async for out in read_outputs(q):
-                if out.finish_reason is not None:
-                    remaining -= 1
+            async for out in events:
                 yield out
-                if not remaining:
-                    break
         finally:
             self._open.discard(q)
             reservation.release()
-            if remaining:
+            if events.left:
                 self.abort(request.request_id)
 
     async def submit(self, request: EngineRequest, reservation, sink) -> Entry:
@@ -1018,11 +1017,13 @@ class AsyncEngine:
         preparation thread; (2) the grammar in a compile worker process, within
         --grammar-timeout; (3) image preprocessing on the preparation thread.  Each step
         is abandoned at once when the client leaves (the awaiting task is cancelled).
-        A text prompt an API server has tokenised (``request.pieces``, no pixels) is
-        prepared on the event loop instead: expanding its pieces and the context check
-        take microseconds, less than the two hops through a preparation thread."""
+        A text prompt an API server has tokenised (``request.pieces``, no pixels, up to
+        ``INLINE_PREP_TOKENS``) is prepared on the event loop instead: expanding its
+        pieces and the context check take microseconds, less than the two hops through a
+        preparation thread."""
         loop = asyncio.get_running_loop()
-        inline = request.pieces is not None and not request.images and not request.videos
+        inline = (request.pieces is not None and not request.images and not request.videos
+                  and sum(map(len, request.pieces.ids)) <= INLINE_PREP_TOKENS)
 
         async def step(fn, *args):
             if inline:

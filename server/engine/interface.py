@@ -154,6 +154,13 @@ class Reservation(Protocol):
     def release(self) -> None: ...
 
 
+class NoReservation:
+    """A reservation with no place behind it (given back already, or held elsewhere)."""
+
+    def release(self) -> None:
+        pass
+
+
 class Engine(Protocol):
     model_id: str                        # hub id or path of the loaded model
     max_model_len: int
@@ -240,3 +247,20 @@ async def read_outputs(q: asyncio.Queue) -> AsyncIterator[Output]:
             outs += item
         for out in coalesce(outs):
             yield out
+
+
+class ChoiceEvents:
+    """A request's events (``read_outputs``) until each of its ``n`` choices has
+    finished; ``left`` counts the choices that have not (a caller that stops early, its
+    client gone, aborts the request)."""
+
+    def __init__(self, q: asyncio.Queue, n: int):
+        self.q, self.left = q, n
+
+    async def __aiter__(self) -> AsyncIterator[Output]:
+        async for out in read_outputs(self.q):
+            if out.finish_reason is not None:
+                self.left -= 1
+            yield out
+            if not self.left:
+                return

@@ -187,10 +187,22 @@ class _Reference:
     paged_attention = staticmethod(ref_paged_attention)
 
 
+_direct = True
+
+
+def call_directly(on: bool) -> None:
+    """Whether ``ops()`` may hand out the references themselves (default): off, a step
+    dispatches one custom op per fused piece on the torch backend too, which is what
+    ``bench.step_ops`` counts (the launches a GPU's step makes; the references' own aten
+    ops are the same either way)."""
+    global _direct
+    _direct = on
+
+
 def ops():
-    """The ops a decode step calls now: the custom ops (Triton, or a traced step), else
-    the references directly (``_Reference``)."""
-    if _backend == "torch" and not torch.compiler.is_compiling():
+    """The ops a decode step calls now: the custom ops (Triton, a traced step, or
+    ``call_directly(False)``), else the references directly (``_Reference``)."""
+    if _backend == "torch" and _direct and not torch.compiler.is_compiling():
         return _Reference
     return _CUSTOM
 

@@ -33,12 +33,13 @@ import threading
 import time
 from functools import partial
 
+from server.engine.interface import NoReservation
 from server.lifecycle import die_with_parent, name_process, pid_watch
 
 log = logging.getLogger("qwen_vl.engine")
 
 EXIT_LOAD_FAILED = 1
-EXIT_OUTPUT_FAILED = 70  # any status but the load failure's: the supervisor restarts it
+EXIT_OUTPUT_FAILED = 70  # after "ready": the supervisor restarts an engine that was ready
 SWITCH_INTERVAL_S = 0.0005
 UNSENT_RETRY_S = 0.02  # a step for an API server not connected yet is retried this often ...
 UNSENT_DROP_S = 10.0   # ... and dropped after this long (that API server is gone)
@@ -367,7 +368,7 @@ class EngineCore:
         try:
             # a deferred place (res_id None) is taken now: a full queue answers 429 here
             reservation = (self.engine.reserve() if res_id is None
-                           else self.reservations.pop(res_id, None) or _Released())
+                           else self.reservations.pop(res_id, None) or NoReservation())
         except Exception as exc:
             self._post(api, rid, exc)
             return
@@ -462,13 +463,6 @@ class EngineCore:
             t = self.tickets.pop(tid, None)
             if t is not None:
                 t.finish(tokens)
-
-
-class _Released:
-    """The reservation of a request whose place was already given back."""
-
-    def release(self):
-        pass
 
 
 def main(argv: list[str], addr: str, ready, parent_pid: int) -> None:

@@ -1,7 +1,8 @@
 """Turn an ``EngineRequest`` into model inputs: chat template, image patches, token ids.
 
-Runs on the engine's preparation thread (off the event loop and off the GPU thread).  A
-request's images are preprocessed together, each with its own pixel budget, by the torch
+Runs on the engine's preparation threads (off the event loop and off the GPU thread),
+or, for a text prompt an API server has tokenised already, on the engine's event loop
+(``AsyncEngine._prepare_async``: microseconds, no pixels).  A request's images are preprocessed together, each with its own pixel budget, by the torch
 pipeline (``models.vision_prep``: uint8 patches on the host, ``--image-preprocess torch``;
 ``model_pixels`` normalises them on the model's device when the encoder takes them) or
 one by one by the HF PIL processor (``--image-preprocess pil``, the reference); each
@@ -43,10 +44,12 @@ takes them; see ``_add_videos``) and turns each frame pair into a vision item of
 encodes, caches and positions like an image, as transformers' ``get_rope_index`` splits
 a video's grid at its timestamps.
 
-Thread safety: the engine runs ``plan``/``finish`` on ``--prep-workers`` threads at once.
-The HF fast tokenizer may mutate its Rust backend (padding/truncation state) inside a call,
-and a second thread inside it then raises "Already borrowed": tokenizer calls hold
-``_tokenizer_lock`` (a short hold; the images, the long part, run unlocked).  Template rendering, the image pipeline and the cache are safe to share.
+Thread safety: the engine runs ``plan``/``finish`` on ``--prep-workers`` threads at once
+(and on its event loop, see above).  The HF fast tokenizer may mutate its Rust backend
+(padding/truncation state) inside a call, and a second thread inside it then raises
+"Already borrowed": tokenizer calls hold ``_tokenizer_lock`` (a short hold; the images,
+the long part, run unlocked).  Template rendering, the image pipeline and the cache are
+safe to share.
 """
 
 from __future__ import annotations
