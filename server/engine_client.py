@@ -30,7 +30,7 @@ import time
 from server.engine.interface import ChoiceEvents, EngineRequest, NoReservation
 from server.engine.output import Sink
 from server.errors import APIError, ServiceUnavailable
-from server.lifecycle import pid_watch
+from server.lifecycle import exit_if_it_fails, pid_watch
 from server.messages import (FAILED, HEARTBEAT_LOST_S, PREFILLED, decode_error,
                              decode_outputs, decode_result, encode_request, is_error, pack,
                              unpack)
@@ -39,7 +39,6 @@ from server.textprep import THREAD_CHARS, TextPrep, text_chars
 log = logging.getLogger("qwen_vl.client")
 
 ENGINE_GONE = "The engine stopped while serving this request; retry it."
-EXIT_OUTPUT_FAILED = 70  # as the engine's (server.engine.proc): the supervisor restarts it
 HELLO_EVERY_S = 0.2
 
 
@@ -137,7 +136,9 @@ class StepOutput:
         self._stopping = False
         self.stage = OutputStage(self, self._closed, thread=False)
         import threading
-        self._thread = threading.Thread(target=self._guarded, name="api-output", daemon=True)
+        self._thread = threading.Thread(
+            target=exit_if_it_fails(self._run, "this API server's output thread", log),
+            name="api-output", daemon=True)
         self._thread.start()
 
     def _note_failure(self):  # OutputStage's health hook: the engine keeps the circuit
@@ -149,17 +150,6 @@ class StepOutput:
 
     def close(self):
         self._stopping = True
-
-    def _guarded(self):
-        """``_run``; should it ever fail, no step would reach this API server's requests
-        again (while the engine's heartbeats still say all is well): the process exits
-        instead, losing only its own requests, and the supervisor starts another."""
-        try:
-            self._run()
-        except BaseException:
-            log.exception("this API server's output thread failed: exiting for a restart")
-            logging.shutdown()
-            os._exit(EXIT_OUTPUT_FAILED)
 
     def _run(self):
         import zmq

@@ -1,12 +1,32 @@
 """Process lifetime helpers shared by the supervisor, the engine-core process and the API
-servers (no torch): children that die with their parent, and a process's exit seen at
-once on an event loop."""
+servers (no torch): children that die with their parent, a process's exit seen at once on
+an event loop, and a thread whose failure ends its process."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
+
+# a process that ended itself because a thread it cannot serve without failed; any status
+# after "ready" makes the supervisor start another
+EXIT_THREAD_FAILED = 70
+
+
+def exit_if_it_fails(target, what: str, log: logging.Logger):
+    """``target`` for a thread the process cannot serve without (the engine's and the API
+    servers' output threads): should it ever raise, every open request would wait
+    forever, so the process logs why and exits (``EXIT_THREAD_FAILED``), a fault like any
+    other, for the supervisor to restart it."""
+    def run():
+        try:
+            target()
+        except BaseException:
+            log.exception("%s failed: exiting for a restart", what)
+            logging.shutdown()
+            os._exit(EXIT_THREAD_FAILED)
+    return run
 
 
 def die_with_parent(parent_pid: int) -> None:

@@ -240,9 +240,9 @@ class Settings(BaseSettings):
 
     # --- processes (issue 31) ---------------------------------------------------------------
     api_server_count: int | None = Field(None, ge=1, le=64, description=(
-        "API-server processes (HTTP, auth, limits, media decoding, SSE) in front of the one "
-        "engine-core process, sharing the port. Unset = 1 (measured best on a small box; "
-        "more where cores are free)."))
+        "API-server processes (HTTP, auth, limits, media decoding, the chat template and "
+        "tokens, SSE) in front of the one engine-core process, sharing the port. Unset = 1 "
+        "(measured best on a 2-core box; more where cores are free)."))
     engine_restarts: int = Field(5, ge=0, description=(
         "Times the engine-core process is restarted after it dies (killed, out of memory) "
         "before the server gives up and exits 4 for its supervisor. 0 = exit at once."))

@@ -51,6 +51,22 @@ def health(srv) -> int:
         return 0
 
 
+def healthy_everywhere(srv) -> bool:
+    """/health 200 from every API server (API_SERVERS of them under that variable): each
+    learns of a new engine on its own, a heartbeat apart."""
+    n = int(os.environ.get("API_SERVERS") or 1)
+    seen: dict[str, int] = {}
+    for _ in range(10 * n):  # fresh connections, until each server has answered one
+        try:
+            r = httpx.get(srv.url + "/health", timeout=2, trust_env=False)
+        except httpx.HTTPError:
+            return False
+        seen[r.headers.get("x-api-server", "")] = r.status_code
+        if len(seen) >= n:
+            break
+    return len(seen) >= n and all(code == 200 for code in seen.values())
+
+
 # --- the codec ---------------------------------------------------------------------------
 
 def test_request_round_trip_keeps_every_field_and_the_pixels():
@@ -140,10 +156,11 @@ def test_output_thread_failure_ends_the_engine_process(tmp_path):
             "time.sleep(30)\n")
     import subprocess
     import sys
+    from server.lifecycle import EXIT_THREAD_FAILED
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert proc.returncode == 70, proc.stderr[-2000:]
-    assert "output thread failed" in proc.stderr
+    assert proc.returncode == EXIT_THREAD_FAILED, proc.stderr[-2000:]
+    assert "the engine's output thread failed" in proc.stderr
 
 
 def test_outputs_and_errors_round_trip():
@@ -196,7 +213,7 @@ def test_engine_killed_mid_stream_answers_everyone_then_comes_back(server_factor
     assert json.loads(lines[-2][6:])["error"]["code"] == "service_unavailable", lines[-2]
     assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable"
     wait_for(lambda: health(srv) == 503, 5, "/health 503 after the engine died")
-    wait_for(lambda: health(srv) == 200, 90, "/health 200 again (a new engine)")
+    wait_for(lambda: healthy_everywhere(srv), 90, "/health 200 again (a new engine)")
     again = http.post("/v1/chat/completions", json={**LONG, "max_tokens": 5})
     assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 5
     log = srv.log()

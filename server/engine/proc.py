@@ -34,12 +34,11 @@ import time
 from functools import partial
 
 from server.engine.interface import NoReservation
-from server.lifecycle import die_with_parent, name_process, pid_watch
+from server.lifecycle import die_with_parent, exit_if_it_fails, name_process, pid_watch
 
 log = logging.getLogger("qwen_vl.engine")
 
 EXIT_LOAD_FAILED = 1
-EXIT_OUTPUT_FAILED = 70  # after "ready": the supervisor restarts an engine that was ready
 SWITCH_INTERVAL_S = 0.0005
 UNSENT_RETRY_S = 0.02  # a step for an API server not connected yet is retried this often ...
 UNSENT_DROP_S = 10.0   # ... and dropped after this long (that API server is gone)
@@ -72,8 +71,9 @@ class RemoteOutput:
         self.addr = addr
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._bound = threading.Event()
-        self._thread = threading.Thread(target=self._guarded, name="engine-output",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=exit_if_it_fails(self._run, "the engine's output thread", log),
+            name="engine-output", daemon=True)
 
     def __call__(self, engine) -> "RemoteOutput":  # AsyncEngine's output factory
         self._thread.start()
@@ -93,17 +93,6 @@ class RemoteOutput:
 
     def stop(self):
         self._q.put(None)
-
-    def _guarded(self):
-        """``_run``; should it ever fail, no step would reach an API server again and
-        every open request would hang: the process exits instead, a fault like any other
-        (the API servers answer 503, the supervisor starts a new engine)."""
-        try:
-            self._run()
-        except BaseException:
-            log.exception("the engine's output thread failed: exiting for a restart")
-            logging.shutdown()
-            os._exit(EXIT_OUTPUT_FAILED)
 
     def _run(self):
         import zmq
