@@ -23,6 +23,7 @@ from server import protocol as p
 from server.engine.interface import Output
 from server.errors import APIError, InvalidRequest
 from server.serving import ChatService, RequestStats, usage
+from server.textprep import THREAD_CHARS
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -78,8 +79,9 @@ class CompletionService:
 
         async def load() -> dict:
             return {"prompt_token_ids": ids} if ids is not None else {"prompt": prompt}
-        outputs = await self.chat.launch(req, request_id, stats, params, load, key=key,
-                                         salt=salt)
+        outputs = await self.chat.launch(
+            req, request_id, stats, params, load, key=key, salt=salt,
+            work_first=ids is None and len(prompt) > THREAD_CHARS)  # a long text to tokenise
         return outputs, echo
 
     async def collect(self, req: p.CompletionRequest, request_id: str,

@@ -30,6 +30,7 @@ from server.errors import APIError, InvalidRequest, ModelNotFound
 from server.media import MediaFetcher, PixelBudget, VideoOptions, gather_all, original_size
 from server.metrics import Metrics
 from server.settings import HUB_ID, Settings
+from server.textprep import THREAD_CHARS
 
 log = logging.getLogger("qwen_vl.serving")
 
@@ -401,17 +402,18 @@ class ChatService:
         media = any(not isinstance(part, p.TextPart) for m in req.messages
                     if isinstance(m.content, list) for part in m.content)
         return await self.launch(req, request_id, stats, params, load, key=key, salt=salt,
-                                 media=media)
+                                 work_first=media or req.text_size.chars > THREAD_CHARS)
 
     async def launch(self, req: p.SamplingRequest, request_id: str, stats: RequestStats,
                      params: SamplingParams, load, *, key: str = "", salt: str = "",
-                     media: bool = False) -> AsyncIterator[Output]:
+                     work_first: bool = False) -> AsyncIterator[Output]:
         """A queue place (429 before any work), then ``load()`` (the ``EngineRequest``'s
         prompt fields: messages, images, tools or a plain prompt; fetching the images),
         then the engine; returns its output stream, its first event already in.  Without
-        ``media`` there is no work before the engine: the place may be taken there
-        (``Engine.reserve(deferred=True)``)."""
-        reservation = await _maybe(self.engine.reserve(deferred=not media))
+        ``work_first`` (media to fetch, or a long text to tokenise on an API server:
+        ``server.textprep.THREAD_CHARS``) there is no work before the engine, and the
+        place may be taken there (``Engine.reserve(deferred=True)``)."""
+        reservation = await _maybe(self.engine.reserve(deferred=not work_first))
         try:
             fields = await load()
         except BaseException:

@@ -160,3 +160,43 @@ def _budget() -> tuple[int, int]:
     from tests.conftest import SMALL_IMAGES
     return (int(SMALL_IMAGES[SMALL_IMAGES.index("--min-pixels") + 1]),
             int(SMALL_IMAGES[SMALL_IMAGES.index("--max-pixels") + 1]))
+
+
+@pytest.mark.parametrize("content, deferred", [
+    ("Where is my parcel?", True),                       # nothing to do before the engine
+    ("x" * 20_000, False),                               # a long text to tokenise here
+    ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+      {"type": "text", "text": "damaged?"}], False),     # a photo to fetch and decode
+])
+def test_queue_place_is_taken_first_when_work_comes_before_the_engine(content, deferred):
+    """``launch`` asks for its queue place before any work the request causes on the API
+    server (fetching media, tokenising a long text): a full queue answers 429 before it.
+    A short text has none, and lets the engine take the place as the request arrives."""
+    import asyncio
+    from server import protocol as p
+    from server.errors import Overloaded
+    from server.media import MediaFetcher, MediaPolicy
+    from server.metrics import Metrics
+    from server.serving import ChatService, RequestStats
+    from server.settings import Settings
+    asked = []
+
+    class FullEngine:
+        model_id, vocab_size, supports_video = "fake", 100, False
+
+        def reserve(self, deferred=False):
+            asked.append(deferred)
+            raise Overloaded(retry_after=1)
+
+    async def run():
+        fetcher = MediaFetcher(MediaPolicy())
+        svc = ChatService(FullEngine(), Settings(), fetcher, Metrics(lambda: {}))
+        req = p.ChatCompletionRequest(model="qwen3-vl", messages=[
+            {"role": "user", "content": content}])
+        try:
+            with pytest.raises(Overloaded):
+                await svc.start(req, "chatcmpl-x", RequestStats())
+        finally:
+            await fetcher.aclose()
+    asyncio.run(run())
+    assert asked == [deferred]
