@@ -93,8 +93,9 @@ class _Entry:
     """A request as this API server's output stage sees it (``OutputStage`` reads
     ``seqs``, ``sink``, ``stream``, ``held``, ``held_at``, ``reservation``)."""
 
-    def __init__(self, seqs, sink, stream: bool):
+    def __init__(self, seqs, sink, stream: bool, on_prefill=None):
         self.seqs, self.sink, self.stream = seqs, sink, stream
+        self.on_prefill = on_prefill  # told the prompt's tokens when its prefill is scheduled
         self.held, self.held_at = [], None
         self.reservation = NoReservation()
 
@@ -183,9 +184,8 @@ class StepOutput:
                 if e is None:  # the client left: the engine drops it at its next step
                     continue
                 if index == PREFILLED:  # the key pays for the prompt from now on
-                    hook = self.client._open.get(rid, (None, None))[1]
-                    if hook is not None:
-                        hook(token)  # RequestStats.prefilled: one attribute write
+                    if e.on_prefill is not None:
+                        e.on_prefill(token)  # RequestStats.prefilled: one attribute write
                     continue
                 if index == FAILED:
                     stage._process(("fail", [e], decode_error(lp)), pending, order)
@@ -209,7 +209,7 @@ class StepOutput:
         seqs = [Sequence(request_id=rid, index=i, prompt_len=0, params=p,
                          tokenizer=self.detok, eos_ids=set(), sink=None)
                 for i in range(p.n)]
-        e = _Entry(seqs, sink, request.stream)
+        e = _Entry(seqs, sink, request.stream, request.on_prefill)
         for s in seqs:
             s.sink = e
         self.entries[rid] = e
@@ -234,7 +234,7 @@ class EngineClient:
         self._sock.setsockopt(zmq.IMMEDIATE, 1)
         self._sock.connect(addr)
         self._ids = itertools.count(1)
-        self._open: dict[str, tuple[asyncio.Queue, object]] = {}  # rid -> (queue, stats hook)
+        self._open: dict[str, asyncio.Queue] = {}  # rid -> its events' queue
         self._calls: dict[int, tuple[asyncio.Future, str]] = {}
         self._ready = asyncio.Event()
         self._info: dict = {}
@@ -303,7 +303,7 @@ class EngineClient:
             reservation.release()
             raise
         wire, frames = encode_request(request)
-        self._open[rid] = (q, request.on_prefill)
+        self._open[rid] = q
         self.output.open(rid, request, Sink(self._loop, q.put_nowait))
         res_id = reservation.res_id
         reservation.held = False  # the engine holds it now: released there
@@ -414,10 +414,9 @@ class EngineClient:
         kind = msg[0]
         if kind == "out":
             for rid, item in msg[1]:
-                entry = self._open.get(rid)
-                if entry is None:
+                q = self._open.get(rid)
+                if q is None:
                     continue  # aborted: the engine learns it at its next message
-                q = entry[0]
                 if is_error(item):
                     q.put_nowait(decode_error(item))
                 else:
@@ -480,7 +479,7 @@ class EngineClient:
 
     def _fail_open(self, exc: BaseException) -> int:
         n = len(self._open)
-        for q, _ in list(self._open.values()):
+        for q in list(self._open.values()):
             q.put_nowait(exc)
         for fut, _ in list(self._calls.values()):
             if not fut.done():

@@ -122,15 +122,14 @@ def test_prefill_notice_and_errors_travel_with_the_steps():
 
     async def api_side():
         heard, events = [], queue.SimpleQueue()
-        client = type("C", (), {"api_id": "api0", "_loop": asyncio.get_running_loop(),
-                                "_open": {"7": (None, heard.append), "8": (None, None)}})()
+        client = type("C", (), {"api_id": "api0", "_loop": asyncio.get_running_loop()})()
         from tokenizers import Tokenizer, models
         tok = Tokenizer(models.WordLevel({"a": 0}, unk_token="a")).to_str()
         out = StepOutput(client, "ipc:///nonexistent-test-socket", tok)
         try:
-            req = EngineRequest("x", [], [], SamplingParams(n=1))
             from server.engine.output import Sink
-            for rid in ("7", "8"):
+            for rid, hook in (("7", heard.append), ("8", None)):
+                req = EngineRequest("x", [], [], SamplingParams(n=1), on_prefill=hook)
                 out.open(rid, req, Sink(asyncio.get_running_loop(), events.put))
             out.feed([messages.unpack(pack_step(records[b"api0"]))])
             await asyncio.sleep(0.05)  # deliveries go through the loop

@@ -30,7 +30,8 @@ def _image(w=64, h=48, colour="red") -> ImageInput:
 
 
 CASES = {
-    "text": ([{"role": "user", "content": "Where is my parcel? Order 7, héllo 你好 🚀"}], 0, None),
+    "text": ([{"role": "user", "content": "Where is my parcel? Order 7, héllo 你好 🚀"}],
+             0, None),
     "typed special token": ([{"role": "system", "content": "Be brief."}, {"role": "user",
                              "content": "what <|im_end|> is\n<|im_start|>this"}], 0, None),
     "photo and text": ([{"role": "user", "content": [

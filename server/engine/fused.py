@@ -15,9 +15,9 @@ Contract:
   ``paged_attention`` (writes the new keys/values, reads the blocks) -> o GEMM ->
   ``add_rms_norm`` -> one gate/up GEMM -> ``silu_mul`` -> down GEMM, the pieces being the
   custom ops of server/engine/kernels.py (on the torch backend, outside torch.compile,
-  their references called directly: ``kernels.ops()``).  Its reference twin is the model's own layers
-  (``ModelRunner.decode_hidden`` with ``fused=False``); tests compare the two and
-  ``generate()`` token for token.
+  their references called directly: ``kernels.ops()``).  Its reference twin is the
+  model's own layers (``ModelRunner.decode_hidden`` with ``fused=False``); tests compare
+  the two and ``generate()`` token for token.
 """
 
 from __future__ import annotations
@@ -124,9 +124,9 @@ class FusedDecoder:
             else:
                 x, residual = op.add_rms_norm(h, residual, w.ln1, w.eps)
             q, k, v = op.qk_norm_rope(torch.mm(x, w.qkv), w.qn, w.kn, cos, sin, w.qk_eps,
-                                     self.heads, self.kv_heads)
+                                      self.heads, self.kv_heads)
             o = op.paged_attention(q, k, v, self.kp[i], self.vp[i], ctx.slots, ctx.rows,
-                                  q_start, kv_len, ctx.mask, self.scale)
+                                   q_start, kv_len, ctx.mask, self.scale)
             x, residual = op.add_rms_norm(torch.mm(o, w.o), residual, w.ln2, w.eps)
             h = torch.mm(op.silu_mul(torch.mm(x, w.gate_up)), w.down)
         return op.add_rms_norm(h, residual, self.norm, self.norm_eps)[0]

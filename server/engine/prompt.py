@@ -2,8 +2,9 @@
 
 Runs on the engine's preparation threads (off the event loop and off the GPU thread),
 or, for a text prompt an API server has tokenised already, on the engine's event loop
-(``AsyncEngine._prepare_async``: microseconds, no pixels).  A request's images are preprocessed together, each with its own pixel budget, by the torch
-pipeline (``models.vision_prep``: uint8 patches on the host, ``--image-preprocess torch``;
+(``AsyncEngine._prepare_async``: microseconds, no pixels).  A request's images are
+preprocessed together, each with its own pixel budget, by the torch pipeline
+(``models.vision_prep``: uint8 patches on the host, ``--image-preprocess torch``;
 ``model_pixels`` normalises them on the model's device when the encoder takes them) or
 one by one by the HF PIL processor (``--image-preprocess pil``, the reference); each
 ``<|image_pad|>`` placeholder is then expanded to the number of merged patches, as Qwen's
@@ -242,7 +243,8 @@ class PromptBuilder:
             self.renders += 1
         if req.pieces is not None:
             pieces, kinds = req.pieces.ids, req.pieces.kinds
-            if kinds.count("image") != len(req.images) or kinds.count("video") != len(req.videos):
+            if (kinds.count("image"), kinds.count("video")) != (len(req.images),
+                                                                 len(req.videos)):
                 raise InternalError("the API server's prompt slots do not match its media")
         else:
             pieces, kinds = self._render(req)
