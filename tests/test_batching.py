@@ -323,3 +323,23 @@ async def test_health_trips_on_failed_batches_and_recovers(make_engine, monkeypa
     assert not engine.healthy
     await asyncio.sleep(0.4)
     assert engine.healthy
+
+
+async def test_a_prefilling_request_counts_once(make_engine):
+    """While a prompt prefills in chunks it counts as running and no longer as queued, so
+    the queue keeps its --max-queue places (counted twice, a burst was admitted one place
+    short whenever it landed during a prefill: CI saw 7 of 8)."""
+    engine = make_engine(max_num_seqs=2, max_queue=1, max_num_batched_tokens=16,
+                         prefix_cache=False)
+    seen, real = [], engine.runner.prefill
+
+    def watched(chunks):
+        if engine.scheduler.prefilling:
+            st = engine.stats()
+            seen.append((st["queue_depth"], st["running_seqs"]))
+        return real(chunks)
+    engine.runner.prefill = watched
+    r = EngineRequest("long", [{"role": "user", "content": "parcel " * 40}], [],
+                      SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    await run(engine, r)
+    assert len(seen) > 2 and set(seen) == {(0, 1)}, seen

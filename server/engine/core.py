@@ -200,7 +200,7 @@ class _SchedulerBase:
                                 retry_after=max(1, math.ceil(wait))))
 
     def _start(self, entry: Entry) -> list[Sequence]:
-        entry.reservation.release()  # running now: no longer counts against the queue
+        entry.reservation.release()  # running now (a no-op if already let go at admission)
         p = entry.prepared.params
         entry.seqs = []
         for i in range(p.n):
@@ -460,6 +460,9 @@ class BatchingScheduler(_SchedulerBase):
             if prompt is False:
                 break  # waits for rows to leave rather than over-allocate
             self.waiting.popleft()
+            # a prefilling prompt counts as running (``num_running``): its queue place
+            # goes now, or it would count twice and shrink the queue while it prefills
+            e.reservation.release()
             self.prefilling.append(prompt)
             rows += e.n
             if e.on_prefill is not None:  # the key pays for this prefill from now on
