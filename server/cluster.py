@@ -14,9 +14,9 @@ The layout (issue 31: the replicas sit behind the same door as the single proces
 
 * The launcher's own uvicorn owns ``--host:--port`` (Serve runs no HTTP proxy:
   ``proxy_location="Disabled"``), with the single-process server's guards: the header
-  deadline and the cap on connections per address (``server.clients.guarded_protocol``),
+  deadline and the cap on connections per address (``server.api.clients.guarded_protocol``),
   the body deadline (408), the body cap (413) and the API key checked before any body
-  byte is read (401): ``server.forward.front_app``.  It listens at once; until the
+  byte is read (401): ``server.api.forward.front_app``.  It listens at once; until the
   replicas are up, ``/health`` and every other route answer 503.
 * ``Relay`` forwards each request through the EngineReplica deployment's handle, so the
   request router picks the replica (least loaded by default: Serve's power of two choices
@@ -28,7 +28,7 @@ The layout (issue 31: the replicas sit behind the same door as the single proces
   leaves.  ``/health`` is forwarded too: 200 when a healthy replica answers it.
 * ``EngineReplica`` loads the model in its constructor (so Serve routes nothing to a
   replica before it can answer) and runs the very app ``create_app`` builds for the
-  single-process server, in-process (``server.forward.call_app``): same routes, errors,
+  single-process server, in-process (``server.api.forward.call_app``): same routes, errors,
   SSE, key limits.  Every response carries ``X-Replica`` (the Serve replica id) and
   ``X-Replica-Pid``.  ``check_health`` fails when the engine does, and Ray replaces the
   replica; a replica whose process dies is replaced the same way.
@@ -66,10 +66,10 @@ import uvicorn
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from server import startup
-from server.app import create_app
-from server.clients import guarded_protocol
+from server.api.app import create_app
+from server.api.clients import guarded_protocol
 from server.errors import InternalError, ServiceUnavailable
-from server.forward import (Lifespan, RawRequest, ResponseHead, call_app, error_response,
+from server.api.forward import (Lifespan, RawRequest, ResponseHead, call_app, error_response,
                             front_app, prefix_key, rendezvous_order)
 from server.keys import KeyFileError, KeyStore
 from server.settings import Settings

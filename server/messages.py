@@ -1,5 +1,5 @@
 """The messages between the API-server processes and the engine-core process: the one
-module that defines what crosses the boundary (``server.engine_client`` on the API side,
+module that defines what crosses the boundary (``server.api.engine_client`` on the API side,
 ``server.engine.proc`` on the engine side).  No torch here: both sides import it.
 
 Transport: ZeroMQ over an ``ipc://`` socket.  The engine binds a ROUTER; each API server

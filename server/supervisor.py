@@ -3,7 +3,7 @@ the others, and does no serving itself (no torch, no model, no HTTP).
 
     supervisor ──spawn──> engine core   (server.engine.proc: model, scheduler, KV, caches)
         │                     ^  ZeroMQ ipc (server.messages)
-        └──spawn──> API server x N      (server.api_server: uvicorn on the shared socket)
+        └──spawn──> API server x N      (server.api.api_server: uvicorn on the shared socket)
 
 * The socket is bound here (exit 3 if the port is taken) and handed to every API server:
   they accept from it in turn, so one port serves them all (``--api-server-count``).
@@ -111,7 +111,7 @@ class Supervisor:
         ready_w.close()
 
     def _start_api(self, i: int, sock):
-        from server import api_server
+        from server.api import api_server
         p = self.ctx.Process(target=api_server.main, name=f"qwen-vl-api{i}",
                              args=(self.argv, self.addr, sock, i, os.getpid()))
         p.start()

@@ -1,6 +1,6 @@
 """The chat template and the tokens, on an API server (issue 31): no torch.
 
-An API server in front of an engine-core process (``server.engine_client``) renders each
+An API server in front of an engine-core process (``server.api.engine_client``) renders each
 request's chat template (transformers' torch-free ``render_jinja_template``, with the
 template and special-token variables the engine's processor uses, sent in its ``ready``)
 and tokenises the text with the engine's own Rust tokenizer (the ``tokenizers`` library,

@@ -56,7 +56,7 @@ def _context():
     global _CTX
     if _CTX is None:
         _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(["server.worker_signals", "PIL.Image", "server.media",
+        _CTX.set_forkserver_preload(["server.worker_signals", "PIL.Image", "server.api.media",
                                      "models.video", "av", "xgrammar", "server.engine.structured"])
     return _CTX
 

@@ -365,8 +365,13 @@ def test_test_api_script_fails_on_dead_server():
 
 
 def test_http_layer_never_imports_torch():
-    code = ("import sys, server.app, server.serving, server.protocol, server.media, "
-            "server.engine.interface; assert 'torch' not in sys.modules, 'torch imported'")
+    """Every module of the API side (``server/api/``), with the engine's tensor-free
+    interface and the shared modules it pulls in, imports without torch."""
+    code = ("import importlib, pkgutil, sys, server.api, server.engine.interface\n"
+            "names = [m.name for m in pkgutil.iter_modules(server.api.__path__, 'server.api.')]\n"
+            "assert len(names) >= 15, names\n"
+            "for n in names: importlib.import_module(n)\n"
+            "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 

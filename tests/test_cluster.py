@@ -31,7 +31,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from server.forward import RawRequest, ResponseHead, call_app, prefix_key, rendezvous_order
+from server.api.forward import RawRequest, ResponseHead, call_app, prefix_key, rendezvous_order
 from tests.conftest import ROOT, SMALL_IMAGES, data_url, free_port, png_bytes
 
 
@@ -118,7 +118,7 @@ def test_plain_launch_never_imports_ray():
     """Without --replicas/--ray-address, ``python -m server``'s main runs to its
     supervisor, and an API-server process's module loads, without Ray in sys.modules."""
     code = ("import sys, server.supervisor as sup, server.__main__ as m\n"
-            "import server.api_server\n"
+            "import server.api.api_server\n"
             "sup.Supervisor.run = lambda self: print('RAY' if 'ray' in sys.modules "
             "else 'NO-RAY') or 0\n"
             "m.main(['--model-path', 'nowhere', '--port', '1'])\n")

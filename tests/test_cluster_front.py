@@ -1,6 +1,6 @@
 """Issue 31: the replicas' front door and relay, in-process with fakes (no Ray cluster).
 
-``server.forward.front_app`` is driven as an ASGI app with a fake ``relay``: it reads a
+``server.api.forward.front_app`` is driven as an ASGI app with a fake ``relay``: it reads a
 body only from a caller with a valid key (401 from the headers alone), answers 408 for a
 body that stalls and 413 over the cap, and hands everything else on intact.
 ``server.cluster.Relay`` is driven with a fake deployment handle: a replica that dies
@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 from starlette.responses import Response
 
-from server.forward import RawRequest, ResponseHead, front_app
+from server.api.forward import RawRequest, ResponseHead, front_app
 from server.keys import KeyStore
 
 KEY = "sk-front-1"

@@ -44,7 +44,7 @@ def _app_openapi() -> dict:
     (schemathesis' lazy ``from_fixture`` loader is broken on pytest 9, so the schema has to
     exist at collection time; ``test_live_schema_is_the_fuzzed_one`` checks the live one.)
     """
-    from server.app import create_app
+    from server.api.app import create_app
     from server.settings import Settings
     return create_app(Settings(), lambda: None).openapi()
 

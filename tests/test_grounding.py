@@ -1,7 +1,7 @@
 """Issue 32 point 1: boxes and points mapped back to the customer's own photo.
 
-Unit tests of the forms ``server.grounding`` finds and of the pixel formula, of the
-original size ``server.media`` keeps (EXIF orientation, reduced-scale decodes); then end to
+Unit tests of the forms ``server.api.grounding`` finds and of the pixel formula, of the
+original size ``server.api.media`` keeps (EXIF orientation, reduced-scale decodes); then end to
 end on the shared server through the ``openai`` SDK: a ``json_schema`` response format
 makes the random model write ``bbox_2d`` / ``point_2d`` numbers, and each must come back
 mapped by the formula onto a non-square photo and an EXIF-rotated one, plain and streamed,
@@ -16,9 +16,9 @@ import json
 import pytest
 from PIL import Image
 
-from server import grounding as g
-from server import protocol as p
-from server.media import MediaPolicy, decode_image_bytes, original_size
+from server.api import grounding as g
+from server.api import protocol as p
+from server.api.media import MediaPolicy, decode_image_bytes, original_size
 from tests.conftest import data_url
 
 COORD = {"type": "integer", "minimum": 0, "maximum": 1000}
@@ -136,7 +136,7 @@ def test_original_size_of_a_photo_decoded_at_a_reduced_scale():
 # --------------------------------------------------------------------------- end to end
 
 # sizes off the 32-pixel grid and over the test server's --max-pixels 65536: the model sees
-# each smaller, and the large JPEG is even decoded at a reduced scale (server.media)
+# each smaller, and the large JPEG is even decoded at a reduced scale (server.api.media)
 PHOTOS = {"non-square-png": ("image/png", None, (1001, 299)),
           "exif-rotated-jpeg": ("image/jpeg", 6, (600, 2000))}
 

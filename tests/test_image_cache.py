@@ -121,7 +121,7 @@ def test_image_keys():
 async def test_fetcher_digest_is_the_bytes_hash():
     """``MediaFetcher.load`` returns the image and the hash of the bytes as received: the
     same bytes resent give the same digest, other bytes another."""
-    from server.media import MediaFetcher, MediaPolicy, image_digest
+    from server.api.media import MediaFetcher, MediaPolicy, image_digest
     one, two = png_bytes(64, 48, (10, 20, 30)), png_bytes(64, 48, (10, 20, 31))
     async with MediaFetcher(MediaPolicy()) as fetcher:
         (im1, d1), (_, d1b), (im2, d2) = await asyncio.gather(
@@ -346,10 +346,10 @@ def test_coalesce_keeps_cached_tokens():
 async def test_cached_tokens_flow_from_output_to_usage():
     """A fake engine's ``Output.cached_tokens`` becomes usage.prompt_tokens_details in the
     JSON answer and in the streamed usage chunk."""
-    from server import protocol as p
-    from server.media import MediaFetcher, MediaPolicy
-    from server.metrics import Metrics
-    from server.serving import ChatService, RequestStats
+    from server.api import protocol as p
+    from server.api.media import MediaFetcher, MediaPolicy
+    from server.api.metrics import Metrics
+    from server.api.serving import ChatService, RequestStats
     from server.settings import Settings
 
     class FakeEngine:
@@ -378,7 +378,7 @@ async def test_cached_tokens_flow_from_output_to_usage():
 
 
 def test_engine_stats_metrics_only_when_reported():
-    from server.metrics import Metrics
+    from server.api.metrics import Metrics
     stats = {"queue_depth": 0, "running_seqs": 0, "prefix_cache_query_tokens": 100,
              "prefix_cache_hit_tokens": 60, "image_cache_hits": 3, "image_cache_queries": 5,
              "encoder_cache_hits": 2, "kv_blocks_used": 7, "kv_blocks_free": 25,

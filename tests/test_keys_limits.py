@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from server import protocol as p
+from server.api import protocol as p
 from server.engine.fairqueue import FairQueue
 from server.errors import RateLimited
 from server.keys import ApiKey, KeyFileError, KeyLimits, KeyStore
@@ -313,7 +313,7 @@ def test_estimate_is_an_upper_bound_for_any_text_and_counts_tools(tiny_model, te
     arguments included, whatever the characters (the old 4-characters-a-token rule let
     rare characters through at ~8x the budget)."""
     from models.processor import load_processor
-    from server import protocol as p
+    from server.api import protocol as p
     tok = load_processor(tiny_model)
     tools = [{"type": "function", "function": {"name": "lookup", "description": text,
                                                "parameters": {"type": "object", "properties": {
@@ -337,7 +337,7 @@ def test_estimate_counts_arguments_as_the_template_renders_them(tiny_model):
     """Compact JSON arguments grow when the template re-dumps them (separators, 1e15 as
     1000000000000000.0): the estimate follows the rendering, not the bytes sent."""
     from models.processor import load_processor
-    from server import protocol as p
+    from server.api import protocol as p
     tok = load_processor(tiny_model)
     args = '{"x":[' + ",".join(["1e15"] * 300) + "]}"
     req = p.ChatCompletionRequest(model="m", max_tokens=1, messages=[

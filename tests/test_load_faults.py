@@ -202,12 +202,12 @@ def test_injected_oom_is_503_and_the_server_recovers(fault_outcome):
 async def test_mid_stream_engine_error_ends_the_stream_cleanly():
     """An engine error after the first token: error event, [DONE], and no exception (an
     exception escaping the generator cuts the chunked body short)."""
-    from server import protocol as p
+    from server.api import protocol as p
     from server.engine.interface import Output
     from server.errors import ServiceUnavailable
-    from server.media import MediaFetcher, MediaPolicy
-    from server.metrics import Metrics
-    from server.serving import ChatService, RequestStats
+    from server.api.media import MediaFetcher, MediaPolicy
+    from server.api.metrics import Metrics
+    from server.api.serving import ChatService, RequestStats
     from server.settings import Settings
 
     class FakeEngine:

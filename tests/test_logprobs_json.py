@@ -14,11 +14,11 @@ import httpx
 import pytest
 from pydantic import TypeAdapter
 
-from server import protocol as p
+from server.api import protocol as p
 from server.engine.interface import Output, TokenLogprob
-from server.media import MediaFetcher, MediaPolicy
-from server.metrics import Metrics
-from server.serving import ChatService, RequestStats, deltas, _finish, _message
+from server.api.media import MediaFetcher, MediaPolicy
+from server.api.metrics import Metrics
+from server.api.serving import ChatService, RequestStats, deltas, _finish, _message
 from server.settings import Settings
 
 TOKENS = ["Hello", " world", '"', "\\", "\n", "\x01\x1f", "é", "\ufffd", "😀", "<|im_end|>",
@@ -51,7 +51,7 @@ def entries(rng: random.Random, n: int, k: int, with_ids: bool) -> list[TokenLog
     return out
 
 
-# --- the previous implementation: pydantic models per token (server/serving.py before) ----
+# --- the previous implementation: pydantic models per token (server/api/serving.py before) ----
 
 def old_wire_logprob(lp) -> p.TokenLogprob:
     return p.TokenLogprob.model_construct(

@@ -1,4 +1,4 @@
-"""Tests for server/media.py: decoding, data/file URLs, SSRF refusals and a local HTTP server.
+"""Tests for server/api/media.py: decoding, data/file URLs, SSRF refusals and a local HTTP server.
 
 All network traffic stays on 127.0.0.1; refused addresses are refused before any connection
 (refusal tests use a transport that fails the test if it is ever called).
@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from server.errors import APIError, InvalidRequest, PayloadTooLarge
-from server.media import MediaFetcher, MediaPolicy, decode_image_bytes
+from server.api.media import MediaFetcher, MediaPolicy, decode_image_bytes
 
 PARAM = "messages[1].content[2].image_url.url"
 LOOPBACK = ("127.0.0.1/32",)
@@ -641,7 +641,7 @@ def _slow_decode_job(data, policy, param, max_pixels):
 def test_decode_timeout(monkeypatch, tmp_path):
     """A decode past its budget answers 400 at the budget, not when the decode ends: its
     worker process is killed (counted by the pool, and the decode never finishes)."""
-    import server.media as media
+    import server.api.media as media
 
     monkeypatch.setattr(media, "_decode_job", _slow_decode_job)
     ended = tmp_path / "decode-ended"
@@ -685,7 +685,7 @@ def test_large_image_kept_near_its_budget(fmt):
 def test_request_pixel_budget_is_shared_and_checked_before_decoding():
     """Images of one request draw on one pixel budget; the image that would overdraw it is
     refused from its header, before being decoded."""
-    from server.media import PixelBudget
+    from server.api.media import PixelBudget
     buf = io.BytesIO()
     Image.new("RGB", (3000, 2000), (1, 2, 3)).save(buf, "PNG")
     budget = PixelBudget(10_000_000)

@@ -398,7 +398,7 @@ def test_160k_content_parts_are_counted_before_validation(srv):
     error instead of the count's 400 would show that validation ran over all of them."""
     parts = [{"type": "text", "text": "a"}] * 160_000 + [{"type": "nope"}]
     raw = json.dumps(chat(parts)).encode()
-    from server.body import count_values
+    from server.api.body import count_values
     assert count_values(raw) < 500_000 and len(raw) < 64 * 2**20  # within the other limits
     b = Bystander(srv, post(srv, content=raw)).run().check()
     err = b.refused(400)
@@ -445,9 +445,9 @@ def test_body_upload_cut_is_logged_499(srv):
 def test_sequential_scheduler_refuses_what_it_cannot_honour(tiny_model):
     """Unit test of the service layer with a stand-in engine: each feature model.generate()
     cannot honour is a 400 naming the scheduler."""
-    from server import protocol as p
+    from server.api import protocol as p
     from server.errors import InvalidRequest
-    from server.serving import ChatService
+    from server.api.serving import ChatService
     from server.settings import Settings
 
     class Engine:

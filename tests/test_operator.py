@@ -147,8 +147,8 @@ async def test_access_log_off_and_health_on():
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
 
-    from server.metrics import Metrics
-    from server.middleware import RequestLog
+    from server.api.metrics import Metrics
+    from server.api.middleware import RequestLog
 
     async def ok(request):
         return PlainTextResponse("ok")

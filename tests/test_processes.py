@@ -105,7 +105,7 @@ def test_prefill_notice_and_errors_travel_with_the_steps():
     import asyncio
     import queue
     from server.engine.proc import RemoteOutput, pack_step
-    from server.engine_client import StepOutput
+    from server.api.engine_client import StepOutput
     from server.errors import Overloaded
 
     class RemoteSink:
@@ -341,7 +341,7 @@ def test_a_place_from_an_engine_that_has_since_restarted_is_not_used(tmp_path):
     images means nothing to the new engine (which numbers its own from 1): the request
     gets a 503 at once, and the place is neither sent nor released there."""
     import asyncio
-    from server.engine_client import EngineClient
+    from server.api.engine_client import EngineClient
     from server.errors import ServiceUnavailable
 
     async def run():
@@ -354,7 +354,7 @@ def test_a_place_from_an_engine_that_has_since_restarted_is_not_used(tmp_path):
             client._ready.set()
             place = await client.reserve(deferred=True)
             assert not place.stale()  # taken by whichever engine the request reaches
-            from server.engine_client import _Reservation
+            from server.api.engine_client import _Reservation
             old = _Reservation(client, 7, "old")
             client._epoch = "new"  # the engine restarted
             assert old.stale()

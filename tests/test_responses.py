@@ -1,6 +1,6 @@
 """Issue 33: the Responses API (``POST /v1/responses``) through the real ``openai`` SDK.
 
-Its semantics are chat's (``server.responses`` turns the request into a chat request), so
+Its semantics are chat's (``server.api.responses`` turns the request into a chat request), so
 the tests hold it to the chat route where they can: the same greedy text and the same
 prompt tokens for the same conversation, text or with an image; then the event stream
 (the SDK's types, in order, ending with ``response.completed``), a ``json_schema`` format
@@ -17,10 +17,10 @@ import jsonschema
 import openai
 import pytest
 
-from server import protocol as p
-from server.responses import _Builder
-from server.serving import RequestStats, deltas
-from server.tools import OutputParser
+from server.api import protocol as p
+from server.api.responses import _Builder
+from server.api.serving import RequestStats, deltas
+from server.api.tools import OutputParser
 from tests.conftest import data_url, png_bytes
 
 MODEL = "qwen3-vl"

@@ -109,7 +109,7 @@ def test_api_side_renders_without_torch(tiny_model):
     """The API server's imports, and a prompt rendered and tokenised there: no torch."""
     code = (
         "import sys, json, pathlib\n"
-        "import server.api_server, server.engine_client\n"
+        "import server.api.api_server, server.api.engine_client\n"
         "from server.textprep import TextPrep\n"
         f"d = pathlib.Path({str(tiny_model)!r})\n"
         "tp = TextPrep((d / 'tokenizer.json').read_text(), "
@@ -174,11 +174,11 @@ def test_queue_place_is_taken_first_when_work_comes_before_the_engine(content, d
     server (fetching media, tokenising a long text): a full queue answers 429 before it.
     A short text has none, and lets the engine take the place as the request arrives."""
     import asyncio
-    from server import protocol as p
+    from server.api import protocol as p
     from server.errors import Overloaded
-    from server.media import MediaFetcher, MediaPolicy
-    from server.metrics import Metrics
-    from server.serving import ChatService, RequestStats
+    from server.api.media import MediaFetcher, MediaPolicy
+    from server.api.metrics import Metrics
+    from server.api.serving import ChatService, RequestStats
     from server.settings import Settings
     asked = []
 

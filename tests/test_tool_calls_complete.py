@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from server.tools import OutputParser, parse
+from server.api.tools import OutputParser, parse
 from tests.test_tools_logprobs import MODEL, TOOLS, USER
 
 pytestmark = pytest.mark.timeout(240)

@@ -17,7 +17,7 @@ import httpx
 import jsonschema
 import pytest
 
-from server.tools import OutputParser, parse
+from server.api.tools import OutputParser, parse
 from tests.conftest import grammar_accepts
 
 pytestmark = pytest.mark.timeout(180)
@@ -73,8 +73,8 @@ def test_tool_call_round_trip_with_openai_sdk(client):
 def test_round_trip_messages_render_into_the_template(tiny_model):
     """What serving hands the engine for a tool round trip renders as Qwen's own format."""
     from models.processor import load_processor
-    from server import protocol as p
-    from server.serving import ChatService
+    from server.api import protocol as p
+    from server.api.serving import ChatService
     req = p.ChatCompletionRequest(model=MODEL, tools=TOOLS, messages=USER + [
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": "call_1", "type": "function",

@@ -239,10 +239,10 @@ async def test_decodes_are_queued_in_turns_by_key(clip):
     """A request's images and video decode under its API key's turn in the decode pool
     (``ProcessPool``: a free worker takes the oldest job of the key served longest ago), so
     one key's slow clips do not make another key's photos wait behind all of them."""
-    from server import protocol as p
-    from server.media import MediaFetcher, MediaPolicy
-    from server.metrics import Metrics
-    from server.serving import ChatService
+    from server.api import protocol as p
+    from server.api.media import MediaFetcher, MediaPolicy
+    from server.api.metrics import Metrics
+    from server.api.serving import ChatService
     from server.settings import Settings
 
     class Engine:

@@ -24,7 +24,7 @@ from bench.images import SERVER_BUDGET, synthetic_photo
 from models.tiny import build_image_processor
 from models.vision_prep import TorchImageProcessor, as_uint8_hwc
 from server.engine.interface import EngineRequest, ImageInput, SamplingParams
-from server.media import MediaPolicy, decode_image_bytes
+from server.api.media import MediaPolicy, decode_image_bytes
 
 LEVEL = 2 / 255  # one 8-bit level after rescale (1/255) and normalisation (std 0.5)
 KERNELS = ("uint8", "float")

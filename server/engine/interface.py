@@ -52,7 +52,7 @@ class ImageInput:
     image: Any                           # PIL.Image.Image, RGB
     min_pixels: int
     max_pixels: int
-    # hash of the image's bytes as received (``server.media.image_digest``); "" when there
+    # hash of the image's bytes as received (``server.api.media.image_digest``); "" when there
     # were none (a PIL image from the UI or a test): the engine then hashes the pixels.
     # With the pixel budget it keys the image's cached pixels and KV (``Prepared.image_keys``)
     digest: str = ""
@@ -122,7 +122,7 @@ class Output:
     completion_tokens: int = 0           # so far, for this choice
     # per token its logprob entry: a ``TokenLogprob``, or that entry already written as its
     # wire JSON (a str: the batching engine's output thread writes them, see
-    # ``protocol.LogprobJSON``)
+    # ``server.logprob_json.LogprobJSON``)
     logprobs: list[TokenLogprob | str] | None = None
     # prompt tokens served from the prefix cache (the same on every Output of a choice);
     # reported as usage.prompt_tokens_details.cached_tokens
@@ -192,7 +192,7 @@ class Engine(Protocol):
         the tokenizer does not have."""
 
     def stats(self) -> dict[str, float]:
-        """Figures read on each /metrics scrape (``server.metrics``): ``queue_depth``,
+        """Figures read on each /metrics scrape (``server.api.metrics``): ``queue_depth``,
         ``running_seqs``; cumulative counters ``image_cache_hits``, ``image_cache_queries``
         and, where the engine has them, ``prefix_cache_query_tokens``,
         ``prefix_cache_hit_tokens``, ``encoder_cache_hits``; gauges ``kv_blocks_used``,

@@ -6,7 +6,7 @@ Contract:
   the finish reasons the ids decide, and the host copy of the logprob data) or a failure
   (``put_fail``: entries and the error to send them).  Items are processed in order.
 * The output thread detokenises, applies stop strings (``Sequence.emit``) and writes the
-  logprob entries' JSON (the step's rows at once, ``protocol.LogprobJSON.write``: a
+  logprob entries' JSON (the step's rows at once, ``server.logprob_json.LogprobJSON``: a
   token's logprobs travel as one str, which the serving layer joins), then delivers
   everything it has processed with one ``call_soon_threadsafe`` per event loop (not one
   per request): it drains the queue first, so a slow consumer gets several steps per
@@ -140,10 +140,10 @@ class OutputStage:
 
     # --- model thread ----------------------------------------------------------------
     def _logprob_json(self):
-        """The wire writer, imported on first use: the engine itself runs without the
-        HTTP layer's packages (``bench.gpu_check`` on a GPU image without pydantic)."""
+        """The logprobs' JSON writer, imported on first use: the engine itself runs
+        without pydantic (``bench.gpu_check`` on a GPU image without it)."""
         if self._json_writer is None:
-            from server.protocol import LogprobJSON
+            from server.logprob_json import LogprobJSON
             self._json_writer = LogprobJSON()
         return self._json_writer
 

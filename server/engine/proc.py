@@ -1,7 +1,7 @@
 """The engine-core process: the model, the scheduler, the KV pool, sampling, grammar
 masks and the per-key fair queue, behind a ZeroMQ socket (``server.messages``), with no
 HTTP in it.  Started by the supervisor (``server.supervisor``); the API-server processes
-(``server.api_server``) reach it through ``server.engine_client.EngineClient``.
+(``server.api.api_server``) reach it through ``server.api.engine_client.EngineClient``.
 
 Threads: the model thread and the output thread of ``AsyncEngine`` (unchanged), the
 preparation threads (template, tokens, image pixels), and this module's event loop on the

@@ -27,7 +27,7 @@ template is rendered and the text tokenised there, and this process only expands
 
 Image identity: ``Prepared.image_keys`` holds one key per image, in order:
 ``"<digest>:<min_pixels>:<max_pixels>"``, where the digest is the hash of the image's bytes
-as received (``ImageInput.digest``, from ``server.media``) or, for an image handed over
+as received (``ImageInput.digest``, from ``server.api.media``) or, for an image handed over
 already decoded, a BLAKE2b hash of its mode, size and pixels ("px" prefix, so the two kinds
 never meet).  Equal keys mean equal pixel values and grids; the prefix cache and encoder
 cache key by them.  A request's ``cache_salt`` (its tenant, see ``EngineRequest``) prefixes

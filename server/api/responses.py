@@ -32,10 +32,10 @@ from typing import AsyncIterator
 
 from pydantic import ValidationError
 
-from server import protocol as p
+from server.api import protocol as p
 from server.engine.interface import Output
 from server.errors import APIError, InvalidRequest
-from server.serving import ChatService, RequestStats, deltas
+from server.api.serving import ChatService, RequestStats, deltas
 
 STATELESS = ("This server is stateless: it stores no responses (store is accepted, nothing "
              "is kept); send the whole conversation in input.")

@@ -1,6 +1,6 @@
 """An API-server process: uvicorn and the FastAPI app (HTTP, auth, per-key limits through
 the engine, validation, media fetching and decoding to uint8, SSE), with
-``server.engine_client.EngineClient`` as its engine.  No torch.  Several of them share
+``server.api.engine_client.EngineClient`` as its engine.  No torch.  Several of them share
 one listening socket, made by the supervisor (``server.supervisor``).
 
 ``/health`` and ``/v1`` answer 503 until the engine-core process says it is ready (the
@@ -69,10 +69,10 @@ def main(argv: list[str], addr: str, sock, index: int, parent_pid: int) -> None:
     the engine-core process at ``addr``."""
     die_with_parent(parent_pid)
     name_process(f"qwen-vl-api{index}")
-    from server.app import create_app
-    from server.clients import guarded_protocol
+    from server.api.app import create_app
+    from server.api.clients import guarded_protocol
     from server.config_errors import load_or_exit
-    from server.engine_client import EngineClient
+    from server.api.engine_client import EngineClient
     from server.logs import setup_logging
     settings = load_or_exit(argv)
     setup_logging(settings.log_level, settings.log_format)

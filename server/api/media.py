@@ -17,7 +17,7 @@ errors from :mod:`server.errors`:
 
 The image may be smaller than the photo sent (large ones are decoded at a reduced scale,
 below); ``original_size(image)`` is the photo's own (width, height) after EXIF orientation
-(what ``server.grounding`` maps coordinates to), kept in ``image.info``.
+(what ``server.api.grounding`` maps coordinates to), kept in ``image.info``.
 
 ``MediaFetcher.load(url, param=...)`` returns ``(image, digest)``: the same image and
 ``image_digest`` of the bytes as received (the fetched body, the data URL's decoded bytes or

@@ -32,10 +32,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from server.clients import BodyDeadline
+from server.api.clients import BodyDeadline
 from server.errors import APIError, PayloadTooLarge, RequestTimeout, Unauthorized
 from server.keys import KeyStore
-from server.middleware import BodyLimit
+from server.api.middleware import BodyLimit
 
 
 @dataclass

@@ -19,10 +19,10 @@ import json
 import time
 from typing import AsyncIterator
 
-from server import protocol as p
+from server.api import protocol as p
 from server.engine.interface import Output
 from server.errors import APIError, InvalidRequest
-from server.serving import ChatService, RequestStats, usage
+from server.api.serving import ChatService, RequestStats, usage
 from server.textprep import THREAD_CHARS
 
 DEFAULT_MAX_TOKENS = 16

@@ -241,7 +241,7 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
-    # ours (server.grounding): each message gets a ``grounding`` field with the boxes and
+    # ours (server.api.grounding): each message gets a ``grounding`` field with the boxes and
     # points of its content mapped to the original photo's pixels
     grounding: bool = False
 
@@ -375,7 +375,7 @@ class GroundingPoint(BaseModel):
 
 
 class Grounding(BaseModel):
-    """``message.grounding`` / the final chunk's ``delta.grounding`` (``server.grounding``)."""
+    """``message.grounding`` / the final chunk's ``delta.grounding`` (``server.api.grounding``)."""
     images: list[GroundingImage]
     boxes: list[GroundingBox]
     points: list[GroundingPoint]
@@ -455,7 +455,7 @@ class ChatCompletionChunk(BaseModel):
 
 
 # --- the Responses API (POST /v1/responses) ------------------------------------------------
-# The request's items as the SDK sends them; ``server.responses`` turns them into a chat
+# The request's items as the SDK sends them; ``server.api.responses`` turns them into a chat
 # request (the semantics are chat's) and the chat outputs into ``output`` items and events.
 
 class InputText(_Open):
@@ -685,111 +685,22 @@ class ModelList(BaseModel):
 # --- the logprobs hot path ---------------------------------------------------------------
 # A logprobs response is mostly its logprob objects (1 + top_logprobs per token): building
 # them as the models above and serialising those costs ~15 us per token, as much as the
-# rest of the server's work for that token.  ``LogprobJSON`` writes the same JSON directly,
-# byte for byte what pydantic writes for ``TokenLogprob`` (field order, pydantic's float
-# format, NaN/inf as null): per token id the ``{"token":..,"logprob":`` and ``,"bytes":[..]``
+# rest of the server's work for that token.  ``LogprobJSON`` (``server/logprob_json.py``,
+# shared with the engine's output stage) writes the same JSON directly, byte for byte what
+# pydantic writes for ``TokenLogprob`` (field order, pydantic's float format, NaN/inf as
+# null): per token id the ``{"token":..,"logprob":`` and ``,"bytes":[..]``
 # fragments are written once, and all the floats of a call in one ``to_json``.  The
 # responses keep being built as the models above, with ``content=[]`` standing in for the
 # logprobs, and the written array takes its place (``completion_json`` / ``chunk_json``).
 # tests/test_logprobs_json.py compares the output with the models'.
 
-import pydantic_core  # noqa: E402
+from server.logprob_json import LogprobJSON, _jstr  # noqa: E402,F401  (re-exported)
 
 assert list(TopLogprob.model_fields) == ["token", "logprob", "bytes"]
 assert list(TokenLogprob.model_fields) == ["token", "logprob", "bytes", "top_logprobs"]
 
 _LP_MARK = '"logprobs":{"content":[]}'   # unescaped quotes: never inside a JSON string
 
-
-def _jstr(x) -> str:
-    return pydantic_core.to_json(x).decode()
-
-
-class LogprobJSON:
-    """Writes lists of logprob entries as the JSON array of ``ChoiceLogprobs.content``.
-
-    An entry is either a str, the entry already written (``write``: the batching engine's
-    output thread writes each step's entries, so that a response's logprobs are joined,
-    not built, here), or an object with ``token``, ``logprob``, ``bytes`` (None: the
-    token's UTF-8), ``top`` (``(token, logprob, bytes)`` tuples) and optionally
-    ``token_id`` / ``top_ids``: with ids the fragments are cached per id (one server has
-    one vocabulary).  One instance per thread (the cache is not locked)."""
-
-    def __init__(self):
-        self._by_id: dict[int, tuple[str, str]] = {}
-
-    @staticmethod
-    def _frags(token: str, raw) -> tuple[str, str]:
-        return ('{"token":' + _jstr(token) + ',"logprob":',
-                ',"bytes":' + _jstr(raw if raw is not None else list(token.encode())))
-
-    def _frag(self, tid, token: str, raw) -> tuple[str, str]:
-        if tid is None:
-            return self._frags(token, raw)
-        f = self._by_id.get(tid)
-        if f is None:
-            f = self._by_id[tid] = self._frags(token, raw)
-        return f
-
-    def write(self, items, info) -> list[str]:
-        """The entries of ``items``, ``(token_id, logprob, top_ids, top_logprobs)`` each,
-        written; ``info(id)`` gives a token's ``(text, bytes)`` the first time its id is
-        seen.  All the floats in one ``to_json``, the rest from the per-id fragments."""
-        floats: list[float] = []
-        for _, lp, _, vals in items:
-            floats.append(lp)
-            floats += vals
-        fl = pydantic_core.to_json(floats, inf_nan_mode="null").decode()[1:-1].split(",")
-        by_id, frag = self._by_id, self._frag
-        out = []
-        j = 0
-        for tid, _, ids, _ in items:
-            head, tail = by_id.get(tid) or frag(tid, *info(tid))
-            x = fl[j]
-            j += 1
-            tops = []
-            for i in ids:
-                f = by_id.get(i) or frag(i, *info(i))
-                tops.append(f"{f[0]}{fl[j]}{f[1]}}}")
-                j += 1
-            out.append(f'{head}{x}{tail},"top_logprobs":[{",".join(tops)}]}}')
-        return out
-
-    def array(self, entries) -> str:
-        objs = [e for e in entries if type(e) is not str]
-        if not objs:
-            return "[" + ",".join(entries) + "]"
-        written = iter(self._objects(objs))
-        return "[" + ",".join(e if type(e) is str else next(written) for e in entries) + "]"
-
-    def _objects(self, entries) -> list[str]:
-        floats: list[float] = []
-        for e in entries:
-            floats.append(e.logprob)
-            floats += [t[1] for t in e.top]
-        fl = pydantic_core.to_json(floats, inf_nan_mode="null").decode()[1:-1].split(",")
-        out = []
-        j = 0
-        frag, by_id = self._frag, self._by_id
-        for e in entries:
-            tid, ids = getattr(e, "token_id", None), getattr(e, "top_ids", None)
-            head, tail = frag(tid, e.token, e.bytes)
-            x = fl[j]
-            j += 1
-            if ids is not None and len(ids) == len(e.top):
-                tops = []
-                for i, (t, _, b) in zip(ids, e.top):
-                    f = by_id.get(i) or frag(i, t, b)
-                    tops.append(f"{f[0]}{fl[j]}{f[1]}}}")
-                    j += 1
-            else:
-                tops = []
-                for t, _, b in e.top:
-                    f = self._frags(t, b)
-                    tops.append(f"{f[0]}{fl[j]}{f[1]}}}")
-                    j += 1
-            out.append(f'{head}{x}{tail},"top_logprobs":[{",".join(tops)}]}}')
-        return out
 
 
 def completion_json(c: ChatCompletion, logprobs: list[str]) -> str:

@@ -30,7 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
-from server import protocol as p
+from server.api import protocol as p
 from server.errors import ClientClosedRequest, InvalidRequest, PayloadTooLarge
 
 OFF_LOOP_BYTES = 256 * 1024

@@ -5,7 +5,7 @@ queue place (429 before any image is fetched), fetches and decodes the images, h
 ``EngineRequest`` to the engine and waits for its first event (so that errors before the
 first token are plain JSON errors).  ``collect`` turns the ``Output`` events into one
 ``ChatCompletion``; ``stream`` into SSE lines, ending with ``data: [DONE]``.  Tool calls
-and reasoning are split out of the text by ``server.tools``.  It never touches tensors.
+and reasoning are split out of the text by ``server.api.tools``.  It never touches tensors.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from server import grounding
-from server import protocol as p
-from server import tools as toolparse
+from server.api import grounding
+from server.api import protocol as p
+from server.api import tools as toolparse
 from server.engine.interface import (Engine, EngineRequest, ImageInput, Output, SamplingParams,
                                      VideoInput)
 from server.engine.structured import GrammarSpec, check_cost
 from server.errors import APIError, InvalidRequest, ModelNotFound
-from server.media import MediaFetcher, PixelBudget, VideoOptions, gather_all, original_size
-from server.metrics import Metrics
+from server.api.media import MediaFetcher, PixelBudget, VideoOptions, gather_all, original_size
+from server.api.metrics import Metrics
 from server.settings import HUB_ID, Settings
 from server.textprep import THREAD_CHARS
 

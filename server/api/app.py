@@ -24,22 +24,22 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server import protocol as p
-from server.body import body_reader, chat_body_reader, document_bodies, tokenize_request
-from server.clients import BodyDeadline
-from server.completions import DEFAULT_MAX_TOKENS, CompletionService
-from server.docs import add_offline_docs
+from server.api import protocol as p
+from server.api.body import body_reader, chat_body_reader, document_bodies, tokenize_request
+from server.api.clients import BodyDeadline
+from server.api.completions import DEFAULT_MAX_TOKENS, CompletionService
+from server.api.docs import add_offline_docs
 from server.errors import (APIError, ClientClosedRequest, InternalError, InvalidRequest,
                            NotFound, PayloadTooLarge, PermissionDenied, RequestTimeout,
                            ServiceUnavailable, Unauthorized)
 from server.keys import UNLIMITED_ANONYMOUS, ApiKey, KeyStore
 from server.load_errors import describe_load_error
-from server.media import MediaFetcher, MediaPolicy
-from server.metrics import CONTENT_TYPE, Metrics
-from server.middleware import BodyLimit, RequestLog
+from server.api.media import MediaFetcher, MediaPolicy
+from server.api.metrics import CONTENT_TYPE, Metrics
+from server.api.middleware import BodyLimit, RequestLog
 from server.ratelimit import Limiter, estimate_tokens, video_token_bound
-from server.responses import STATELESS, ResponsesService, response_id, to_chat
-from server.serving import ChatService, RequestStats
+from server.api.responses import STATELESS, ResponsesService, response_id, to_chat
+from server.api.serving import ChatService, RequestStats
 from server.settings import Settings
 
 log = logging.getLogger("qwen_vl.app")

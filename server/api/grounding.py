@@ -37,7 +37,7 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
-from server import protocol as p
+from server.api import protocol as p
 
 _NUM = r"(-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)"
 _SEP = r"\s*,\s*"
