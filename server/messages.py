@@ -32,7 +32,7 @@ Engine -> API server:
   (``encode_error``): the sequential scheduler's events, and errors before a request
   reaches the batch.
 * ``reply``  ``[call_id, ok, value]``: ``value`` is the result, or an encoded error.
-* ``hb``     ``[healthy, epoch]``: a heartbeat every ``HEARTBEAT_S``.
+* ``hb``     ``[healthy, failed_steps, epoch]``: a heartbeat every ``HEARTBEAT_S``.
 
 Engine -> API server, on a second ROUTER socket (``<addr>-out``) written by the engine's
 output thread, read by the API server's (``StepOutput``):
@@ -40,7 +40,8 @@ output thread, read by the API server's (``StepOutput``):
 * ``step``   ``[[rid, choice, token, finish, hide, logprob row, header], ...]``: the
   batching engine's rows of one step (or a few) for this API server, raw tokens; the
   header (prompt, cached, image and video tokens) on a row's first token only.  A
-  ``choice`` of ``FAILED`` is the request's error (encoded in the logprob place), of
+  ``choice`` of ``FAILED`` is the request's error (encoded in the logprob place; the
+  ``token`` place: the engine's ``[healthy, failed_steps]`` after a failed batch step), of
   ``PREFILLED`` the notice that its prefill was scheduled (``token``: the prompt's
   tokens; the key pays for them from now on).
 """

@@ -194,7 +194,7 @@ def test_token_bytes_are_the_real_bytes(tok):
 
 
 def test_cpu_threads_leave_one_core_unless_told(monkeypatch):
-    from server.engine.core import cpu_threads
+    from server.engine.assemble import cpu_threads
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
     assert cpu_threads(None)[0] == 7

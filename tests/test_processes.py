@@ -101,7 +101,9 @@ def test_prefill_notice_and_errors_travel_with_the_steps():
     """The engine's output thread turns a prefill notice (from the model thread) and a
     failure into step records; the API server's ``StepOutput`` hands the notice to the
     request's hook (the key pays for the prompt from then on) and the error to its
-    stream, each only for a request it still has open."""
+    stream, each only for a request it still has open.  A failed batch step's error
+    carries the engine's health, which the API server takes before it answers (a
+    client told 503 finds /health 503, not the heartbeat's older word)."""
     import asyncio
     import queue
     from server.engine.proc import RemoteOutput, pack_step
@@ -113,16 +115,19 @@ def test_prefill_notice_and_errors_travel_with_the_steps():
     entry = type("E", (), {"seqs": [], "sink": RemoteSink()})()
     records = RemoteOutput._records([("prefill", b"api0", "7", 321),
                                      ("prefill", b"api0", "gone", 5),
-                                     ("fail", [entry], Overloaded(retry_after=1))])
+                                     ("fail", [entry], Overloaded(retry_after=1),
+                                      [False, 3])])
     assert records == {b"api0": [
         ["7", messages.PREFILLED, 321, None, None, None, None],
         ["gone", messages.PREFILLED, 5, None, None, None, None],
-        ["8", messages.FAILED, None, None, None,
+        ["8", messages.FAILED, [False, 3], None, None,
          messages.encode_error(Overloaded(retry_after=1)), None]]}
 
     async def api_side():
         heard, events = [], queue.SimpleQueue()
-        client = type("C", (), {"api_id": "api0", "_loop": asyncio.get_running_loop()})()
+        client = type("C", (), {"api_id": "api0", "_loop": asyncio.get_running_loop(),
+                                "_note_health": lambda self, *state: heard.append(
+                                    (*state, events.empty()))})()
         from tokenizers import Tokenizer, models
         tok = Tokenizer(models.WordLevel({"a": 0}, unk_token="a")).to_str()
         out = StepOutput(client, "ipc:///nonexistent-test-socket", tok)
@@ -137,7 +142,8 @@ def test_prefill_notice_and_errors_travel_with_the_steps():
             out.close()
         return heard, events
     heard, events = asyncio.run(api_side())
-    assert heard == [321]  # "gone" is not open here: nobody to charge
+    # "gone" is not open here: nobody to charge; the health came before the error
+    assert heard == [321, (False, 3, True)], heard
     got = events.get_nowait()
     assert isinstance(got, Overloaded) and got.headers == {"Retry-After": "1"}, got
 

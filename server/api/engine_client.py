@@ -188,6 +188,9 @@ class StepOutput:
                         e.on_prefill(token)  # RequestStats.prefilled: one attribute write
                     continue
                 if index == FAILED:
+                    if token is not None:  # the engine's health: known before the error
+                        self.client._loop.call_soon_threadsafe(self.client._note_health,
+                                                               *token)
                     stage._process(("fail", [e], decode_error(lp)), pending, order)
                     continue
                 s = e.seqs[index]
@@ -239,6 +242,7 @@ class EngineClient:
         self._ready = asyncio.Event()
         self._info: dict = {}
         self._healthy = False
+        self._health_at = 0  # the engine's failed steps when ``_healthy`` was reported
         self._epoch: str | None = None
         self._last_heard = time.monotonic()
         self._pidfd: int | None = None
@@ -431,16 +435,24 @@ class EngineClient:
                 else:
                     fut.set_exception(decode_error(value))
         elif kind == "hb":
-            self._healthy = bool(msg[1])
-            if msg[2] != self._epoch and self._ready.is_set():
+            if msg[3] == self._epoch:
+                self._note_health(msg[1], msg[2])
+            if msg[3] != self._epoch and self._ready.is_set():
                 self._lost("the engine restarted")
         elif kind == "ready":
             self._ready_from(msg[1])
+
+    def _note_health(self, healthy: bool, failed_steps: int):
+        """On the loop: the engine's health, from a heartbeat or with a failed step's
+        errors (``proc.health``); a report older than the one held is ignored."""
+        if failed_steps >= self._health_at:
+            self._healthy, self._health_at = bool(healthy), failed_steps
 
     def _ready_from(self, info: dict):
         if self._ready.is_set() and info["epoch"] == self._epoch:
             return
         self._info, self._epoch, self._healthy = info, info["epoch"], True
+        self._health_at = 0
         if self.output is None:
             self.output = StepOutput(self, self.addr + "-out", info["tokenizer"])
             self.textprep = TextPrep.from_info(info)

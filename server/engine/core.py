@@ -17,7 +17,7 @@ Two schedulers run on the worker:
   prefix of the prompt (token ids, image tokens keyed by the image's content) is reused,
   blocks are allocated for the rest of the prompt and promised for ``max_tokens``;
   (3) prefill up to ``--max-num-batched-tokens`` tokens less one per decoding row
-  (``step_token_budget``), over the admitted prompts in order (a long prompt takes
+  (``assemble.step_token_budget``), over the admitted prompts in order (a long prompt takes
   several steps; the images a step's chunks touch are encoded in one call, once, and
   their features sliced per chunk; M-RoPE positions come from the images' spans,
   ``mrope_positions``); prompts that complete sample each choice's first token and
@@ -52,7 +52,6 @@ import dataclasses
 import gc
 import logging
 import math
-import os
 import queue
 import threading
 import time
@@ -62,20 +61,18 @@ from functools import partial
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 
-from server.engine.kv_pool import BlockManager, KVPool, chain_keys
-from server.engine.runner import ModelRunner, PrefillChunk, prefill_bucket
+from server.engine.assemble import assemble
+from server.engine.kv_pool import BlockManager, chain_keys
+from server.engine.runner import PrefillChunk, prefill_bucket
 from server.engine.fairqueue import FairQueue
 from server.engine.interface import (ChoiceEvents, EngineRequest, ImageGeometry,
                                      ImageInput, Output, PromptCount)
-from server.engine.kv_budget import KVBudget
 from server.engine.output import OutputStage, Sink, token_bytes, token_text
-from server.engine.prompt import Prepared, PromptBuilder
+from server.engine.prompt import Prepared
 from server.engine.sampler import SamplingState, stream_key
 from server.engine.sequence import Sequence
-from server.engine.structured import GrammarCache, GrammarLogitsProcessor
-from server.engine.timers import StageTimers
+from server.engine.structured import GrammarLogitsProcessor
 from server.errors import (APIError, InternalError, InvalidRequest, Overloaded, QueueTimeout,
                            ServiceUnavailable)
 
@@ -86,9 +83,6 @@ INLINE_PREP_TOKENS = 8192
 
 UNHEALTHY_AFTER = 3      # consecutive failed batch steps make /health 503 ...
 HEALTH_COOLDOWN_S = 30.0  # ... until this long without a new failure (then traffic may retry)
-STARTUP_GRAPH_BLOCKS = 128  # decode graphs for tables up to this many blocks are captured
-                            # at startup; wider ones on first use
-GRAMMAR_WORKERS = 2       # compile processes: a slow compile leaves one for the others
 
 
 @dataclass
@@ -111,19 +105,6 @@ class Entry:
         return self.prepared.params.n
 
 
-def cpu_threads(configured: int | None) -> tuple[int, str]:
-    """torch's intra-op threads for a model on the CPU, and why.  By default one core is
-    left to the threads around the model (event loop, output thread, preparation): on a
-    small box, intra-op threads that share cores with those wait for the scheduler at
-    every parallel region (measured on 2 cores, tiny model: 1 thread 25k tok/s engine
-    only, 2 threads 11-18k; a larger model's matmuls may want every core: set it)."""
-    if configured:
-        return configured, "--cpu-threads"
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env), "OMP_NUM_THREADS"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) - 1), f"{cores} cores, one left to the serving threads"
 
 
 class _Reservation:
@@ -355,23 +336,6 @@ def mrope_positions(length: int, spans: list[tuple[int, int]],
         at = start + size
     text(length - at)
     return torch.cat(parts, 1), top + 1 - length
-
-
-def step_token_budget(settings, device) -> tuple[int, str]:
-    """Tokens one engine step may process, and why: ``--max-num-batched-tokens``, else
-    the deprecated ``--max-prefill-chunk``, else by device as vLLM's API server does
-    (8,192 on GPUs of >= 70 GiB, 2,048 on smaller ones) and 1,024 on the CPU, where a
-    bigger step only makes running streams wait longer."""
-    if settings.max_num_batched_tokens is not None:
-        return settings.max_num_batched_tokens, "--max-num-batched-tokens"
-    if settings.max_prefill_chunk is not None:
-        log.warning("--max-prefill-chunk is deprecated: it sets --max-num-batched-tokens")
-        return settings.max_prefill_chunk, "--max-prefill-chunk (deprecated)"
-    device = torch.device(device)
-    if device.type != "cuda":
-        return 1024, "default on the CPU"
-    gib = torch.cuda.get_device_properties(device).total_memory / 2**30
-    return (8192 if gib >= 70 else 2048), f"default on a GPU of {gib:.0f} GiB"
 
 
 class BatchingScheduler(_SchedulerBase):
@@ -872,67 +836,16 @@ class SequentialScheduler(_SchedulerBase):
             self.num_running = 0
 
 
-def _video_processor(loaded):
-    """The video preprocessing for a model that takes video (``LoadedModel.supports_video``),
-    from its own video processor settings; None otherwise (video parts get a 400)."""
-    if not loaded.supports_video:
-        log.info("video input: off (the model has no video token, or PyAV is missing)")
-        return None
-    from models.video_prep import TorchVideoProcessor
-    proc = TorchVideoProcessor.from_config(getattr(loaded, "video_config", None) or {})
-    log.info("video input: PyAV decoding, torch preprocessing (no torchvision)")
-    return proc
-
-
 class AsyncEngine:
     """Implements ``server.engine.interface.Engine``."""
 
     def __init__(self, loaded, settings, *, fault_oom_at: int | None = None,
                  fault: str | None = None, output=None):
         self.settings = settings
-        self.model = loaded.model
-        self.device = loaded.device
-        self.model_id = loaded.model_id
-        self.max_model_len = loaded.max_model_len
-        self.supports_video = loaded.supports_video
-        self.vocab_size = self.model.config.get_text_config().vocab_size
-        tok = loaded.processor.tokenizer
-        self.builder = PromptBuilder(loaded.processor, max_model_len=self.max_model_len,
-                                     default_max_tokens=settings.max_new_tokens,
-                                     image_preprocess=settings.image_preprocess,
-                                     device=self.device,
-                                     image_cache_bytes=settings.image_cache_mb * 2**20,
-                                     video_processor=_video_processor(loaded))
-        # the worker decodes with its own Rust tokenizer: the prep thread's one may be
-        # mutably borrowed (padding/truncation state) while the worker reads it
-        self.detok = Tokenizer.from_str(tok.backend_tokenizer.to_str())
-        self._hf_tokenizer = tok
-        gen_cfg = getattr(self.model, "generation_config", None)
-        eos = getattr(gen_cfg, "eos_token_id", None) or tok.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        # structured output: specs compile in worker processes (LRU-cached), each within
-        # --grammar-timeout and killed when its client leaves
-        self.grammars = GrammarCache(tok, vocab_size=self.vocab_size, stop_ids=self.eos_ids,
-                                     max_bytes=settings.grammar_cache_mb * 2**20)
-        self.grammars.start_workers(GRAMMAR_WORKERS, settings.grammar_memory_mb)
-        # whether the chat template opens a <think> block itself (reasoning split)
-        self.opens_think = self.builder.opens_think
-        self.generator = torch.Generator().manual_seed(settings.seed)
         self.faults = FaultInjector(fault_oom_at, fault)
-        self.timers = StageTimers(self.device)  # off unless a benchmark enables them
-        if torch.device(self.device).type == "cpu":
-            threads, why = cpu_threads(settings.cpu_threads)
-            torch.set_num_threads(threads)
-            log.info("CPU threads: %d for torch (%s)", threads, why)
-        self.kv_budget = KVBudget.measure(self.model, settings, self.device)
-        self.decode_path = "eager"
-        if settings.scheduler == "batching":  # the sequential baseline uses generate()'s cache
-            try:
-                self._build_kv(settings)
-            except BaseException:  # a failed startup check: the grammar workers would hold
-                self.grammars.close()  # the process at exit (multiprocessing joins them)
-                raise
+        # the parts, built in one place (``assemble``), become the engine's attributes:
+        # the scheduler, the output stage and the tests read ``engine.runner`` and the rest
+        vars(self).update(vars(assemble(loaded, settings)))
         # where sampled tokens become events: here (``OutputStage``), or, in the
         # engine-core process, sent raw to the API servers (``proc.RemoteOutput``)
         self.output = (output or OutputStage)(self)
@@ -944,6 +857,9 @@ class AsyncEngine:
         self._waiting = 0
         self._consecutive_failures = 0
         self._last_failure = 0.0
+        # every failed batch step so far: orders the health reports an engine-core process
+        # sends on two sockets (``server.engine.proc``), so a stale one loses to a newer
+        self.failed_steps = 0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         # several requests' templates, tokens and images are prepared at once
         # (PromptBuilder is thread-safe; the torch image pipeline releases the GIL)
@@ -967,6 +883,7 @@ class AsyncEngine:
     def _note_failure(self):
         self._consecutive_failures += 1
         self._last_failure = time.monotonic()
+        self.failed_steps += 1
 
     def reserve(self, deferred: bool = False) -> _Reservation:
         # in this process a place costs no round trip: ``deferred`` changes nothing
@@ -1067,46 +984,6 @@ class AsyncEngine:
     def _timed_prep(self, fn, *args):
         with self.timers.stage("preparation"):
             return fn(*args)
-
-    def _build_kv(self, settings):
-        """The KV pool (the whole budget, allocated once), its block manager and the
-        runner; then the startup check of the paged path against the model's forward."""
-        self.step_tokens, step_why = step_token_budget(settings, self.device)
-        bs = settings.kv_block_size
-        num_blocks = max(1, self.kv_budget.tokens // bs)
-        cache_blocks = (int(num_blocks * settings.prefix_cache_share)
-                        if settings.prefix_cache else 0)
-        self.pool = KVPool(self.model, num_blocks, bs, self.device)
-        self.blocks = BlockManager(num_blocks, bs, cache_blocks=cache_blocks)
-        encoder_cache = None
-        if settings.encoder_cache_mb:
-            try:
-                from server.engine.lru import ByteLRU
-                encoder_cache = ByteLRU(settings.encoder_cache_mb * 2**20)
-            except ImportError:
-                pass
-        self.runner = ModelRunner(self.model, self.pool, device=self.device, pad_id=self.pad_id,
-                                  max_num_seqs=settings.max_num_seqs,
-                                  max_model_len=self.max_model_len,
-                                  enforce_eager=getattr(settings, "enforce_eager", False),
-                                  kernels_setting=getattr(settings, "kernels", "auto"),
-                                  encoder_cache=encoder_cache,
-                                  pixels=self.builder.model_pixels)
-        probe = self.blocks.allocate(min(3, num_blocks))
-        try:
-            self.runner.check(probe)
-            self.runner.check_encoder()
-            if getattr(settings, "compile", False):
-                self.runner.compile_decode(probe)
-        finally:
-            self.blocks.release(probe)
-        self.runner.capture_all(max_width=STARTUP_GRAPH_BLOCKS)
-        self.decode_path = self.runner.decode_path
-        log.info("KV blocks: %d x %d tokens (%.2f GiB); prefix cache %s; step budget %d "
-                 "tokens (%s); encoder cache %s", num_blocks, bs, self.pool.nbytes / 2**30,
-                 f"up to {cache_blocks} idle blocks" if cache_blocks else "off",
-                 self.step_tokens, step_why,
-                 f"{settings.encoder_cache_mb} MiB" if encoder_cache is not None else "off")
 
     def stats(self) -> dict[str, float]:
         images = self.builder.image_cache.stats()

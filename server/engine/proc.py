@@ -57,6 +57,14 @@ class RemoteSink:
         self.loop.call_soon_threadsafe(self.post, item)
 
 
+def health(engine) -> list:
+    """``[healthy, failed_steps]``: the count read first, so a failure between the two
+    reads can only pair a newer state with an older count, never the reverse (an API
+    server keeps the state of the highest count it has seen)."""
+    failed = engine.failed_steps
+    return [engine.healthy, failed]
+
+
 class RemoteOutput:
     """The engine-core process's output stage (``AsyncEngine(output=...)``): no text here.
     Each step's rows go raw to the API server of their request (``server.messages``
@@ -76,6 +84,7 @@ class RemoteOutput:
             name="engine-output", daemon=True)
 
     def __call__(self, engine) -> "RemoteOutput":  # AsyncEngine's output factory
+        self._engine = engine
         self._thread.start()
         self._bound.wait(10)
         return self
@@ -84,7 +93,10 @@ class RemoteOutput:
         self._q.put(("step", rows, tokens, finishes, hides, lps))
 
     def put_fail(self, entries, err):
-        self._q.put(("fail", entries, err))
+        # the engine's health as this failure left it (``health``), read on the model
+        # thread after the failure was counted: it travels with the errors, so an API
+        # server answering them already knows whether /health is now 503
+        self._q.put(("fail", entries, err, health(self._engine)))
 
     def put_prefill(self, ident: bytes, rid: str, tokens: int):
         """From the model thread: ``rid``'s prefill was scheduled (``on_prefill``); it
@@ -145,12 +157,13 @@ class RemoteOutput:
                 out.setdefault(ident, []).append([rid, PREFILLED, tokens, None, None, None, None])
                 continue
             if item[0] == "fail":
-                _, entries, err = item
+                _, entries, err, *state = item
                 for e in entries:
                     for s in e.seqs:
                         s.stopped = True
                     out.setdefault(e.sink.ident, []).append(
-                        [e.sink.rid, FAILED, None, None, None, encode_error(err), None])
+                        [e.sink.rid, FAILED, state[0] if state else None, None, None,
+                         encode_error(err), None])
                 continue
             _, rows, tokens, finishes, hides, lps = item
             for i, s in enumerate(rows):
@@ -263,9 +276,9 @@ class EngineCore:
     async def _heartbeat(self):
         from server.messages import HEARTBEAT_S
         while True:
-            healthy = self.engine.healthy
+            state = health(self.engine)
             for api in self.apis.values():
-                self._send(api.ident, "hb", healthy, self.epoch)
+                self._send(api.ident, "hb", *state, self.epoch)
             self._sweep()
             await asyncio.sleep(HEARTBEAT_S)
 
