@@ -55,7 +55,8 @@ import msgspec
 
 from server import errors
 from server.engine.interface import (EngineRequest, ImageGeometry, ImageInput, Output,
-                                     PromptCount, SamplingParams, TokenLogprob, VideoInput)
+                                     PromptCount, RGBPixels, SamplingParams, TokenLogprob,
+                                     VideoInput)
 
 # a step record's choice index for a request's error, and for its prefill notice
 FAILED, PREFILLED = -1, -2
@@ -114,9 +115,9 @@ def encode_request(req: EngineRequest) -> tuple[dict, list]:
     images = []
     for im in req.images:
         pic = im.image
-        if pic.mode != "RGB":
-            pic = pic.convert("RGB")
-        frames.append(pic.tobytes())
+        if not isinstance(pic, RGBPixels):  # a PIL image (the UI's, a test's): packed here
+            pic = RGBPixels.from_pil(pic)
+        frames.append(pic.data)  # the decode worker's bytes, as they came
         images.append([pic.width, pic.height, im.min_pixels, im.max_pixels, im.digest])
     videos = []
     for v in req.videos:
@@ -134,18 +135,16 @@ def encode_request(req: EngineRequest) -> tuple[dict, list]:
 
 
 def decode_request(d: dict, frames: list) -> EngineRequest:
-    """The engine side of ``encode_request``: PIL images and decoded videos over the
-    received frames' buffers (no copy)."""
+    """The engine side of ``encode_request``: images (``RGBPixels``) and decoded videos
+    over the received frames' buffers (no copy)."""
     import numpy as np
-    from PIL import Image
     params = SamplingParams(**dict(zip(_PARAM_FIELDS, d["params"])))
     params.logit_bias = {int(k): v for k, v in params.logit_bias.items()}
     if d["grammar"] is not None:
         from server.engine.structured import GrammarSpec
         params.grammar = GrammarSpec(*d["grammar"])
     frames = iter(frames)
-    images = [ImageInput(Image.frombuffer("RGB", (w, h), _buffer(next(frames)), "raw",
-                                          "RGB", 0, 1), lo, hi, digest)
+    images = [ImageInput(RGBPixels(_buffer(next(frames)), w, h), lo, hi, digest)
               for w, h, lo, hi, digest in d["images"]]
     videos = []
     if d["videos"]:

@@ -19,8 +19,9 @@ The image may be smaller than the photo sent (large ones are decoded at a reduce
 below); ``original_size(image)`` is the photo's own (width, height) after EXIF orientation
 (what ``server.api.grounding`` maps coordinates to), kept in ``image.info``.
 
-``MediaFetcher.load(url, param=...)`` returns ``(image, digest)``: the same image and
-``image_digest`` of the bytes as received (the fetched body, the data URL's decoded bytes or
+``MediaFetcher.load(url, param=...)`` returns ``(pixels, digest)``: the same image as
+``server.engine.interface.RGBPixels`` (its bytes packed once, in the decode worker, as the
+engine reads them) and ``image_digest`` of the bytes as received (the fetched body, the data URL's decoded bytes or
 the file's content), hashed on a thread while the image decodes.  Equal bytes give equal
 digests; the engine keys an image's cached pixels and KV by it and the pixel budget.
 
@@ -104,6 +105,7 @@ from urllib.parse import unquote, urlsplit
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from server.engine.interface import RGBPixels
 from server.errors import APIError, InvalidRequest, PayloadTooLarge
 from server.workers import ProcessPool, WorkerDied
 
@@ -332,9 +334,12 @@ def original_size(image: Image.Image) -> tuple[int, int]:
 
 
 def _decode_job(data: bytes, policy: "MediaPolicy", param: str,
-                max_pixels: int | None) -> Image.Image:
-    """What a decode worker process runs."""
-    return decode_image_bytes(data, policy, param=param, max_pixels=max_pixels)
+                max_pixels: int | None) -> RGBPixels:
+    """What a decode worker process runs: the image's pixels packed once, here, as the
+    engine reads them (``RGBPixels``: no PIL repack on the way back, to the engine or in
+    it)."""
+    return RGBPixels.from_pil(decode_image_bytes(data, policy, param=param,
+                                                 max_pixels=max_pixels))
 
 
 def _decode_video_job(data: bytes, param: str, options: VideoOptions, max_seconds: float,
@@ -547,11 +552,12 @@ class MediaFetcher:
 
     async def load_image(self, url: str, *, param: str, max_pixels: int | None = None,
                          budget: PixelBudget | None = None) -> Image.Image:
-        return (await self.load(url, param=param, max_pixels=max_pixels, budget=budget))[0]
+        pixels = (await self.load(url, param=param, max_pixels=max_pixels, budget=budget))[0]
+        return pixels.to_pil()
 
     async def load(self, url: str, *, param: str, max_pixels: int | None = None,
-                   budget: PixelBudget | None = None, turn: str = "") -> tuple[Image.Image, str]:
-        """The decoded image and ``image_digest`` of its bytes as received.  ``turn`` (the
+                   budget: PixelBudget | None = None, turn: str = "") -> tuple[RGBPixels, str]:
+        """The decoded image (``RGBPixels``) and ``image_digest`` of its bytes as received.  ``turn`` (the
         API key): queued decodes are taken in turns by key (``ProcessPool``)."""
         if not isinstance(url, str) or not url.strip():
             raise _bad("image URL must be a non-empty string", param)

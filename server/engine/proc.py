@@ -482,6 +482,11 @@ def main(argv: list[str], addr: str, ready, parent_pid: int) -> None:
     # the switch interval, 5 ms by default, several times per request: measured on the
     # 2-core box, that wait cost a quarter of the batch (47 rows per step instead of 61)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
+    # the weight-loading progress bar (tqdm) would make a multiprocessing lock: a named
+    # semaphore this process, which ends with os._exit, never unlinks (the supervisor's
+    # resource tracker then warns of a leak at shutdown); a thread lock does the job here
+    from tqdm import tqdm
+    tqdm.set_lock(threading.RLock())
     code = asyncio.run(EngineCore(settings, addr, ready).run())
     logging.shutdown()
     sys.stdout.flush()

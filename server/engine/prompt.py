@@ -407,8 +407,9 @@ class PromptBuilder:
                 [im.image for im in images], [(im.min_pixels, im.max_pixels) for im in images])
             return (patches if self.normalise_on_device
                     else self.fast_images.normalise(patches)), grids
-        outs = [self.processor.image_processor(
-            images=[im.image], return_tensors="pt",
+        outs = [self.processor.image_processor(  # the PIL twin: PIL images in
+            images=[im.image.to_pil() if hasattr(im.image, "to_pil") else im.image],
+            return_tensors="pt",
             **image_budget_kwargs(im.min_pixels, im.max_pixels)) for im in images]
         return (torch.cat([o["pixel_values"] for o in outs]),
                 torch.cat([o["image_grid_thw"] for o in outs]))
