@@ -131,7 +131,7 @@ def encode_request(req: EngineRequest) -> tuple[dict, list]:
             "key": req.key, "salt": req.cache_salt, "stream": req.stream,
             "prompt": req.prompt, "prompt_ids": req.prompt_token_ids,
             "pieces": None if req.pieces is None else [req.pieces.ids, req.pieces.kinds],
-            "images": images, "videos": videos}, frames
+            "ticket": req.ticket, "images": images, "videos": videos}, frames
 
 
 def decode_request(d: dict, frames: list) -> EngineRequest:
@@ -160,7 +160,7 @@ def decode_request(d: dict, frames: list) -> EngineRequest:
     return EngineRequest(d["id"], d["messages"], images, params, tools=d["tools"],
                          key=d["key"], cache_salt=d["salt"], stream=d["stream"],
                          prompt=d["prompt"], prompt_token_ids=d["prompt_ids"], videos=videos,
-                         pieces=pieces)
+                         pieces=pieces, ticket=d["ticket"])
 
 
 def _buffer(frame):

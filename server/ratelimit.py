@@ -87,12 +87,19 @@ class Ticket:
     done: bool = False
     id: int = 0
     seqs: int = 1
+    # the prompt tokens the engine scheduled for prefill (set from the engine-core
+    # process's model thread, ``server.engine.proc``): the least ``finish`` charges, even
+    # when the client left before its API server heard of the prefill
+    prefilled: int = 0
+
     def finish(self, tokens_used: int | None = None):
         """The response ended: free the place; charge the real token count (None: keep
-        the estimate).  Idempotent."""
+        the estimate), at least the prompt it prefilled.  Idempotent."""
         if self.done or self.state is None:
             self.done = True
             return
+        if tokens_used is not None:
+            tokens_used = max(tokens_used, self.prefilled)
         self.done = True
         now = self.clock()
         state = self.state

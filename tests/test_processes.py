@@ -171,6 +171,32 @@ def test_prefill_notice_and_errors_travel_with_the_steps():
     assert isinstance(got, Overloaded) and got.headers == {"Retry-After": "1"}, got
 
 
+def test_a_prefill_is_charged_even_when_the_client_left_first():
+    """The engine notes a scheduled prefill on the key's ticket itself: a client that
+    left before its API server read the prefill notice (its ticket finished with the 0
+    tokens that server knew of) is still charged the prompt.  The request carries its
+    ticket's id through the codec."""
+    from server.engine.proc import EngineCore
+    from server.settings import Settings
+    noticed = []
+    core = EngineCore(Settings(), "ipc:///nonexistent-test-socket")
+    core.output = type("O", (), {"put_prefill": lambda self, *a: noticed.append(a)})()
+    clock = [100.0]
+    core.limiter.clock = lambda: clock[0]
+    level = lambda: core.limiter._states["shop"].tokens.level  # noqa: E731
+    for prefill in (None, 300):
+        tid = core._admit("shop", [None, 6000, None], 50, 1)
+        req = EngineRequest("x", [], [], SamplingParams(), key="shop", ticket=tid)
+        wire, frames = messages.encode_request(req)
+        assert messages.decode_request(wire, frames).ticket == tid
+        before = level()
+        if prefill is not None:  # the model thread schedules it; then the client leaves
+            core._prefilled(b"api0", "7", core.tickets[tid], prefill)
+        core._cast("finish", [tid, 0])
+        assert before - level() == (prefill or 0) - 50, (prefill, before, level())
+    assert noticed == [(b"api0", "7", 300)]  # the notice still goes to the API server
+
+
 def test_output_thread_failure_ends_the_engine_process(tmp_path):
     """Should the engine's output thread ever fail, no step would reach an API server
     again: the process exits (for the supervisor to restart it) instead of hanging every

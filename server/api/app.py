@@ -159,9 +159,12 @@ def create_app(settings: Settings, engine_factory: Callable[[], object],
         engine has a ``limiter`` (``EngineClient``: one count over all API servers)."""
         request.scope["state"]["key"] = key.name
         remote = getattr(state.engine, "limiter", None)
-        request.scope["state"]["ticket"] = (await remote.admit(key, cost, seqs=seqs)
-                                            if remote is not None
-                                            else limiter.admit(key, cost, seqs=seqs))
+        ticket = request.scope["state"]["ticket"] = (
+            await remote.admit(key, cost, seqs=seqs) if remote is not None
+            else limiter.admit(key, cost, seqs=seqs))
+        stats = request.scope["state"].get("stats")
+        if stats is not None:
+            stats.ticket = ticket
 
     async def _answer(request: Request, streaming: bool, events, collect) -> Response:
         """A generating route's answer: the SSE stream ``events()`` yields, or the JSON

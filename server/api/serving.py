@@ -18,7 +18,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from server.api import grounding
 from server.api import protocol as p
@@ -68,6 +68,7 @@ class RequestStats:
     grounding_images: list = field(default_factory=list)
     ttft: float | None = None
     t0: float = field(default_factory=time.perf_counter)
+    ticket: Any = None  # the key's ticket (its id goes with the request to the engine)
 
     def tally(self, o: Output, counts: list[int]) -> None:
         """Kept current from each output (``counts``: each choice's completion tokens so
@@ -424,7 +425,7 @@ class ChatService:
             EngineRequest(request_id, fields.pop("messages", []), fields.pop("images", []),
                           params, key=key, stream=bool(req.stream),
                           cache_salt=_salt(salt, req.cache_salt), on_prefill=stats.prefilled,
-                          **fields),
+                          ticket=getattr(stats.ticket, "tid", None), **fields),
             reservation)
         first = await anext(stream)  # raises context/engine errors before any byte is sent
         stats.ttft = time.perf_counter() - stats.t0

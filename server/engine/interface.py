@@ -134,6 +134,10 @@ class EngineRequest:
     # called (from the model thread) with the prompt's token count when its prefill is
     # scheduled: work the key is charged for even if the client leaves before any token
     on_prefill: Any = None
+    # the key's ticket in an engine-core process (``server.engine.proc``; None in one
+    # process): the engine notes the prefill on it itself, so the charge holds even if
+    # the client left before its API server read the prefill notice
+    ticket: int | None = None
     # False: the caller reads the whole result only (a non-streamed completion): after the
     # first, events may arrive merged, a few per request rather than one per step
     stream: bool = True

@@ -383,7 +383,8 @@ class EngineCore:
             return
         req.request_id = uid
         post = partial(self._post, api, rid)
-        req.on_prefill = partial(self.output.put_prefill, api.ident, rid)
+        req.on_prefill = partial(self._prefilled, api.ident, rid,
+                                 self.tickets.get(req.ticket) if req.ticket else None)
         sink = RemoteSink(self.loop, post, api.ident, rid)
         task = asyncio.ensure_future(self.engine.submit(req, reservation, sink))
         api.requests[rid] = _Req(task, reservation, uid)
@@ -394,6 +395,14 @@ class EngineCore:
             if t.exception() is not None:
                 self._post(api, rid, t.exception())
         task.add_done_callback(submitted)
+
+    def _prefilled(self, ident: bytes, rid: str, ticket, tokens: int):
+        """Model thread: ``rid``'s prefill is scheduled.  Noted on the key's ticket here
+        (the least it is charged: the client may leave before its API server reads the
+        notice, and the ticket is finished from there) and sent with the step records."""
+        if ticket is not None:
+            ticket.prefilled = max(ticket.prefilled, tokens)
+        self.output.put_prefill(ident, rid, tokens)
 
     def _stop_choice(self, api: _Api, rid: str, index: int):
         """A stop string closed choice ``index`` (seen by the API server): its row leaves
