@@ -106,6 +106,28 @@ async def test_stalled_body_is_408_and_closed_and_oversized_body_413():
     assert status == 413 and relay.seen == []
 
 
+async def test_what_the_door_answers_itself_is_logged(caplog):
+    """The door's own 401, 408 and 413 each get an access log line, as the app's answers
+    do (an operator sees the unauthenticated or slow clients a door turned away); a
+    relayed request gets none from the door (the replica's app writes it)."""
+    app = front_app(settings(), KeyStore([KEY], None), FakeRelay())
+    with caplog.at_level("INFO", logger="qwen_vl.access"):
+        await call(app, headers=keyed("sk-wrong") + [("x-request-id", "trace-1")])
+        await call(app, headers=keyed())
+        await call(app, headers=keyed(length=5000))
+        await call(app, headers=keyed(), body=b'{"a": 1}')
+    lines = [r.fields for r in caplog.records if r.name == "qwen_vl.access"]
+    assert [(f["status"], f["by"], f["path"]) for f in lines] == [
+        (401, "front door", "/v1/chat/completions"), (408, "front door", "/v1/chat/completions"),
+        (413, "front door", "/v1/chat/completions")], lines
+    assert lines[0]["request_id"] == "trace-1" and lines[1]["request_id"].startswith("req-")
+    quiet = front_app(settings(access_log=False), KeyStore([KEY], None), FakeRelay())
+    caplog.clear()
+    with caplog.at_level("INFO", logger="qwen_vl.access"):
+        await call(quiet, headers=keyed("sk-wrong"))
+    assert not [r for r in caplog.records if r.name == "qwen_vl.access"]
+
+
 # ------------------------------------------------------------------------ the relay
 
 cluster = pytest.importorskip("server.cluster")  # Ray installed (the cluster extra)

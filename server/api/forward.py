@@ -25,6 +25,7 @@ import asyncio
 import hashlib
 import json
 import signal
+import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -35,7 +36,7 @@ from starlette.responses import JSONResponse, Response
 from server.api.clients import BodyDeadline
 from server.errors import APIError, PayloadTooLarge, RequestTimeout, Unauthorized
 from server.keys import KeyStore
-from server.api.middleware import BodyLimit
+from server.api.middleware import BodyLimit, access_line, request_id
 
 
 @dataclass
@@ -77,7 +78,36 @@ def front_app(settings, keys: KeyStore, relay: RelayFn,
     functions run for the app's life (started by its lifespan, cancelled at its end)."""
     jobs = [keys.watch] if keys.path else []  # a key file edited on disk: reloaded here too
     door = FrontDoor(keys, relay, [*jobs, *background])
-    return BodyDeadline(BodyLimit(door, settings.max_body_bytes), settings.body_timeout)
+    app = BodyDeadline(BodyLimit(door, settings.max_body_bytes), settings.body_timeout)
+    return DoorLog(app) if getattr(settings, "access_log", True) else app
+
+
+class DoorLog:
+    """The access log line of each request the door answers itself (401, 408, 413: the
+    app writes one for what it answers, so an operator sees the unauthenticated or slow
+    clients the door turned away); a relayed request's line is the replica app's."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), None
+
+        async def sending(msg):
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            if status is not None and not scope.get("state", {}).get("relayed"):
+                access_line({"request_id": request_id(scope), "method": scope["method"],
+                             "path": scope["path"], "status": status,
+                             "ms": round((time.perf_counter() - t0) * 1000, 1),
+                             "by": "front door"})
 
 
 class FrontDoor:
@@ -112,6 +142,7 @@ class FrontDoor:
             else:
                 raw = RawRequest(scope["method"], scope["path"], scope["query_string"],
                                  list(scope["headers"]), body)
+                scope.setdefault("state", {})["relayed"] = True  # (``DoorLog``)
                 response = await self.relay(raw, request.receive)
         await response(scope, receive, send)
 

@@ -26,6 +26,17 @@ log = logging.getLogger("qwen_vl.access")
 _SANE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
+def request_id(scope) -> str:
+    """The client's ``X-Request-Id`` when it is a sane one, else a new id."""
+    given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+    return given if _SANE_ID.match(given) else "req-" + uuid.uuid4().hex[:16]
+
+
+def access_line(fields: dict) -> None:
+    """One access log line (``fields`` also go to a JSON log as they are)."""
+    log.info("request %s", json.dumps(fields), extra={"fields": fields})
+
+
 async def _send_error(send, err):
     body = json.dumps(err.envelope()).encode()
     await send({"type": "http.response.start", "status": err.status,
@@ -75,8 +86,7 @@ class RequestLog:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        rid = given if _SANE_ID.match(given) else "req-" + uuid.uuid4().hex[:16]
+        rid = request_id(scope)
         scope.setdefault("state", {})["request_id"] = rid
         t0 = time.perf_counter()
         status = 500
@@ -111,7 +121,7 @@ class RequestLog:
                               completion_tokens=stats.completion_tokens, images=stats.images,
                               ttft_ms=None if stats.ttft is None else round(stats.ttft * 1000, 1))
             if self.access_log and scope["path"] not in self.quiet_paths:
-                log.info("request %s", json.dumps(fields), extra={"fields": fields})
+                access_line(fields)
 
 
 class _NoStats:
