@@ -15,18 +15,23 @@ EXIT_THREAD_FAILED = 70
 
 
 def exit_if_it_fails(target, what: str, log: logging.Logger):
-    """``target`` for a thread the process cannot serve without (the engine's and the API
-    servers' output threads): should it ever raise, every open request would wait
-    forever, so the process logs why and exits (``EXIT_THREAD_FAILED``), a fault like any
-    other, for the supervisor to restart it."""
+    """``target`` for a thread the process cannot serve without (the API servers' output
+    thread): should it ever raise, every open request would wait forever, so the process
+    exits (``exit_for_restart``)."""
     def run():
         try:
             target()
         except BaseException:
-            log.exception("%s failed: exiting for a restart", what)
-            logging.shutdown()
-            os._exit(EXIT_THREAD_FAILED)
+            exit_for_restart(what, log)
     return run
+
+
+def exit_for_restart(what: str, log: logging.Logger) -> None:
+    """Called in an ``except`` block: log the exception and end the process with
+    ``EXIT_THREAD_FAILED``, a fault like any other, for the supervisor to restart it."""
+    log.exception("%s failed: exiting for a restart", what)
+    logging.shutdown()
+    os._exit(EXIT_THREAD_FAILED)
 
 
 def die_with_parent(parent_pid: int) -> None:

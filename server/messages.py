@@ -35,7 +35,8 @@ Engine -> API server:
 * ``hb``     ``[healthy, failed_steps, epoch]``: a heartbeat every ``HEARTBEAT_S``.
 
 Engine -> API server, on a second ROUTER socket (``<addr>-out``) written by the engine's
-output thread, read by the API server's (``StepOutput``):
+model thread (``server.engine.proc.RemoteOutput``), read by the API server's output
+thread (``StepOutput``):
 
 * ``step``   ``[[rid, choice, token, finish, hide, logprob row, header], ...]``: the
   batching engine's rows of one step (or a few) for this API server, raw tokens; the

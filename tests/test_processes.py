@@ -197,10 +197,36 @@ def test_a_prefill_is_charged_even_when_the_client_left_first():
     assert noticed == [(b"api0", "7", 300)]  # the notice still goes to the API server
 
 
-def test_output_thread_failure_ends_the_engine_process(tmp_path):
-    """Should the engine's output thread ever fail, no step would reach an API server
-    again: the process exits (for the supervisor to restart it) instead of hanging every
-    open request."""
+def test_steps_for_an_api_server_not_connected_yet_are_kept_and_sent_later(tmp_path):
+    """The model thread sends the steps itself: a record for an API server whose step
+    socket is not connected yet is kept, the model thread is asked back soon (``tick``),
+    and it arrives once that server connects, before newer records."""
+    import zmq
+    from server.engine.proc import RemoteOutput, UNSENT_RETRY_S
+    addr = f"ipc://{tmp_path}/out"
+    out = RemoteOutput(addr)(None)
+    try:
+        out.put_prefill(b"api9", "1", 5)
+        assert out.tick() == UNSENT_RETRY_S  # kept: come back soon
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, b"api9")
+        sock.connect(addr)
+        deadline = time.monotonic() + 10
+        while out.tick() is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        out.put_prefill(b"api9", "2", 6)
+        got = [messages.unpack(sock.recv()) for _ in range(2) if sock.poll(5000)]
+        sock.close(0)
+    finally:
+        out.stop()
+    assert [r[1][0][:3] for r in got] == [["1", messages.PREFILLED, 5],
+                                         ["2", messages.PREFILLED, 6]], got
+
+
+def test_failing_to_send_steps_ends_the_engine_process(tmp_path):
+    """Should sending the engine's steps ever fail (other than to an API server not
+    connected yet), no step would reach an API server again: the process exits (for the
+    supervisor to restart it) instead of hanging every open request."""
     code = ("import time\n"
             "from server.engine.proc import RemoteOutput\n"
             f"out = RemoteOutput('ipc://{tmp_path}/out')\n"
@@ -214,7 +240,7 @@ def test_output_thread_failure_ends_the_engine_process(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == EXIT_THREAD_FAILED, proc.stderr[-2000:]
-    assert "the engine's output thread failed" in proc.stderr
+    assert "sending the engine's steps failed" in proc.stderr
 
 
 def test_outputs_and_errors_round_trip():

@@ -1036,8 +1036,11 @@ class AsyncEngine:
     def _run(self):
         sched = self.scheduler
         while not self._stopping:
+            # the output stage's turn: an engine-core process's retries what it could not
+            # send yet (an API server still connecting) and asks to come back soon for it
+            wait = self.output.tick() or 0.5
             try:
-                item = self._inbox.get(timeout=0.5) if not sched.has_work() else None
+                item = self._inbox.get(timeout=wait) if not sched.has_work() else None
             except queue.Empty:
                 continue
             self._take(item)

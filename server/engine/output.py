@@ -153,6 +153,11 @@ class OutputStage:
     def put_fail(self, entries, err: APIError):
         self._q.put(("fail", entries, err))
 
+    def tick(self) -> float | None:
+        """Called by the model thread once per loop; nothing to do here (see
+        ``server.engine.proc.RemoteOutput.tick``)."""
+        return None
+
     def stop(self):
         self._q.put(None)
 

@@ -3,11 +3,12 @@ masks and the per-key fair queue, behind a ZeroMQ socket (``server.messages``), 
 HTTP in it.  Started by the supervisor (``server.supervisor``); the API-server processes
 (``server.api.api_server``) reach it through ``server.api.engine_client.EngineClient``.
 
-Threads: the model thread and the output thread of ``AsyncEngine`` (unchanged), the
-preparation threads (template, tokens, image pixels), and this module's event loop on the
-main thread, which only moves messages: requests in, one ``out`` message per API server
-per engine step out (the output thread's per-step delivery lands in ``_post``, which
-batches by API server and flushes once per loop turn).
+Threads: the model thread of ``AsyncEngine``, which also sends each step's rows to the
+API servers itself (``RemoteOutput``: one ``step`` message per API server per step, no
+text here), the preparation threads (template, tokens, image pixels), and this module's
+event loop on the main thread, which only moves messages: requests in; replies, errors
+before a request reaches the batch and the sequential scheduler's events out (``_post``
+batches them by API server and flushes once per loop turn).
 
 State that holds across API servers lives here: the queue places (``reserve``), the
 per-key limits (``server.ratelimit.Limiter``: ``admit``/``finish``), the fair queue,
@@ -26,7 +27,6 @@ import asyncio
 import itertools
 import logging
 import os
-import queue
 import signal
 import sys
 import threading
@@ -34,7 +34,7 @@ import time
 from functools import partial
 
 from server.engine.interface import NoReservation
-from server.lifecycle import die_with_parent, exit_if_it_fails, name_process, pid_watch
+from server.lifecycle import die_with_parent, exit_for_restart, name_process, pid_watch
 
 log = logging.getLogger("qwen_vl.engine")
 
@@ -72,80 +72,91 @@ class RemoteOutput:
     logprob row is the step's host copy, ``sampler.LogprobRows``; the header, on a row's
     first token only, is its prompt, cached, image and video token counts).  The API
     server's ``OutputStage`` detokenises, applies stop strings and writes logprob JSON.
-    A thread of its own owns the ROUTER socket the API servers read steps from, so a step
-    never waits for the event loop; it sends what waits in one message per API server."""
+
+    The model thread sends them itself, one message per API server per step, on the
+    ROUTER socket the API servers read steps from (bound here at start, used by the model
+    thread only): so a step never waits for the event loop, and there is no hand-over to
+    a thread of its own (which cost a GIL switch per step: 6-9% of the greedy tokens/s
+    on the 2-core box, measured).  Records for an API server not connected yet (just
+    started, or the engine just restarted) are kept, retried with the next step or
+    ``tick`` (the model thread ticks every ``UNSENT_RETRY_S`` while some wait) and
+    dropped after ``UNSENT_DROP_S``.  Any other failure to send ends the process, for
+    the supervisor to restart it: no step would reach an API server again, and every
+    open request would wait forever."""
 
     def __init__(self, addr: str):
         self.addr = addr
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self._bound = threading.Event()
-        self._thread = threading.Thread(
-            target=exit_if_it_fails(self._run, "the engine's output thread", log),
-            name="engine-output", daemon=True)
+        self._sock = None
+        self._unsent: dict[bytes, tuple[float, list]] = {}  # ident -> (since, records)
 
     def __call__(self, engine) -> "RemoteOutput":  # AsyncEngine's output factory
-        self._engine = engine
-        self._thread.start()
-        self._bound.wait(10)
-        return self
-
-    def put_step(self, rows, tokens: list[int], finishes: list, hides: list[bool], lps):
-        self._q.put(("step", rows, tokens, finishes, hides, lps))
-
-    def put_fail(self, entries, err):
-        # the engine's health as this failure left it (``health``), read on the model
-        # thread after the failure was counted: it travels with the errors, so an API
-        # server answering them already knows whether /health is now 503
-        self._q.put(("fail", entries, err, health(self._engine)))
-
-    def put_prefill(self, ident: bytes, rid: str, tokens: int):
-        """From the model thread: ``rid``'s prefill was scheduled (``on_prefill``); it
-        goes with the step's records, not through the event loop."""
-        self._q.put(("prefill", ident, rid, tokens))
-
-    def stop(self):
-        self._q.put(None)
-
-    def _run(self):
         import zmq
+        self._engine = engine
         sock = zmq.Context.instance().socket(zmq.ROUTER)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.LINGER, 0)
-        # an API server whose step socket is not connected yet (just started, or the
-        # engine just restarted) raises instead of losing the step: kept and retried
+        # an API server whose step socket is not connected yet raises instead of losing
+        # the step: kept and retried
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # as the request socket's
         sock.bind(self.addr)
-        self._bound.set()
-        unsent: dict[bytes, tuple[float, list]] = {}  # ident -> (since, records)
-        while True:
+        self._sock = sock
+        return self
+
+    # --- the model thread ----------------------------------------------------------------
+    def put_step(self, rows, tokens: list[int], finishes: list, hides: list[bool], lps):
+        self._send([("step", rows, tokens, finishes, hides, lps)])
+
+    def put_fail(self, entries, err):
+        # the engine's health as this failure left it (``health``), read after the failure
+        # was counted: it travels with the errors, so an API server answering them already
+        # knows whether /health is now 503
+        self._send([("fail", entries, err, health(self._engine))])
+
+    def put_prefill(self, ident: bytes, rid: str, tokens: int):
+        """``rid``'s prefill was scheduled (``on_prefill``): a record on the step channel,
+        not a trip through the event loop."""
+        self._send([("prefill", ident, rid, tokens)])
+
+    def tick(self) -> float | None:
+        """The model thread, once per loop: retry what waits; how soon to come back."""
+        if not self._unsent:
+            return None
+        self._send([])
+        return UNSENT_RETRY_S if self._unsent else None
+
+    def stop(self):
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close(0)
+
+    def _send(self, items):
+        try:
+            self._send_records(self._records(items))
+        except BaseException:
+            exit_for_restart("sending the engine's steps", log)
+
+    def _send_records(self, out: dict[bytes, list]):
+        import zmq
+        sock = self._sock
+        if sock is None:  # stopped
+            return
+        now = time.monotonic()
+        for ident, (since, records) in list(self._unsent.items()):
+            out.setdefault(ident, [])[:0] = records  # first: they are older
+        unsent, self._unsent = self._unsent, {}
+        for ident, records in out.items():
             try:
-                items = [self._q.get(timeout=UNSENT_RETRY_S if unsent else None)]
-            except queue.Empty:
-                items = []
-            while True:
-                try:
-                    items.append(self._q.get_nowait())
-                except queue.Empty:
-                    break
-            if None in items:
-                sock.close(0)
-                return
-            out = self._records(items)
-            now = time.monotonic()
-            for ident, (since, records) in list(unsent.items()):
-                out.setdefault(ident, [])[:0] = records  # first: they are older
-            unsent.clear()
-            for ident, records in out.items():
-                try:
-                    sock.send_multipart([ident, pack_step(records)], copy=False)
-                except zmq.ZMQError:  # EHOSTUNREACH: not connected (yet, or any more)
-                    since = unsent.get(ident, (now, None))[0]
-                    if now - since < UNSENT_DROP_S:
-                        unsent[ident] = (since, records)
-                    else:
-                        log.warning("dropping %d step record(s) for API server %r: not "
-                                    "connected for %.0f s", len(records), ident, UNSENT_DROP_S)
+                sock.send_multipart([ident, pack_step(records)], copy=False)
+            except zmq.ZMQError as e:
+                if e.errno != zmq.EHOSTUNREACH:  # not "not connected (yet, or any more)"
+                    raise
+                since = unsent.get(ident, (now, None))[0]
+                if now - since < UNSENT_DROP_S:
+                    self._unsent[ident] = (since, records)
+                else:
+                    log.warning("dropping %d step record(s) for API server %r: not "
+                                "connected for %.0f s", len(records), ident, UNSENT_DROP_S)
 
     @staticmethod
     def _records(items) -> dict[bytes, list]:
