@@ -70,6 +70,7 @@ from server.api.app import create_app
 from server.api.clients import guarded_protocol
 from server.errors import InternalError, ServiceUnavailable
 from server.api.forward import (Lifespan, RawRequest, ResponseHead, call_app, error_response,
+                                from_replica,
                             front_app, prefix_key, rendezvous_order)
 from server.keys import KeyFileError, KeyStore
 from server.settings import Settings
@@ -171,10 +172,11 @@ class Relay:
                                              "retry later.", health="no replica available")
                 head: ResponseHead = await stream.__anext__()
                 if "text/event-stream" in (head.header("content-type") or ""):
-                    return StreamingResponse(_relay(stream), status_code=head.status,
-                                             headers=_headers(head))
+                    return from_replica(StreamingResponse(
+                        _relay(stream), status_code=head.status, headers=_headers(head)))
                 body = b"".join([chunk async for chunk in stream])
-                return Response(body, status_code=head.status, headers=_headers(head))
+                return from_replica(Response(body, status_code=head.status,
+                                             headers=_headers(head)))
             except _DEAD:
                 log.warning("a replica died under %s %s (try %d)", raw.method, raw.path,
                             attempt + 1)

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 from starlette.responses import Response
 
-from server.api.forward import RawRequest, ResponseHead, front_app
+from server.api.forward import RawRequest, ResponseHead, from_replica, front_app
 from server.keys import KeyStore
 
 KEY = "sk-front-1"
@@ -34,7 +34,7 @@ class FakeRelay:
 
     async def __call__(self, raw, receive):
         self.seen.append(raw)
-        return Response(b"relayed", status_code=200)
+        return from_replica(Response(b"relayed", status_code=200))
 
 
 async def call(app, method="POST", path="/v1/chat/completions", headers=(), body=None,
@@ -106,20 +106,26 @@ async def test_stalled_body_is_408_and_closed_and_oversized_body_413():
     assert status == 413 and relay.seen == []
 
 
+async def _response(status):
+    return Response(b"", status_code=status)
+
+
 async def test_what_the_door_answers_itself_is_logged(caplog):
-    """The door's own 401, 408 and 413 each get an access log line, as the app's answers
-    do (an operator sees the unauthenticated or slow clients a door turned away); a
-    relayed request gets none from the door (the replica's app writes it)."""
+    """The door's own 401, 408 and 413 and the relay's own 503 each get an access log
+    line, as the app's answers do (an operator sees the clients a door turned away); a
+    replica's answer gets none from the door (the replica's app writes it)."""
     app = front_app(settings(), KeyStore([KEY], None), FakeRelay())
     with caplog.at_level("INFO", logger="qwen_vl.access"):
         await call(app, headers=keyed("sk-wrong") + [("x-request-id", "trace-1")])
         await call(app, headers=keyed())
         await call(app, headers=keyed(length=5000))
         await call(app, headers=keyed(), body=b'{"a": 1}')
+        busy = front_app(settings(), KeyStore([KEY], None),
+                         lambda raw, receive: _response(503))
+        await call(busy, headers=keyed(), body=b'{"a": 1}')
     lines = [r.fields for r in caplog.records if r.name == "qwen_vl.access"]
-    assert [(f["status"], f["by"], f["path"]) for f in lines] == [
-        (401, "front door", "/v1/chat/completions"), (408, "front door", "/v1/chat/completions"),
-        (413, "front door", "/v1/chat/completions")], lines
+    assert [(f["status"], f["by"]) for f in lines] == [
+        (401, "front door"), (408, "front door"), (413, "front door"), (503, "front door")], lines
     assert lines[0]["request_id"] == "trace-1" and lines[1]["request_id"].startswith("req-")
     quiet = front_app(settings(access_log=False), KeyStore([KEY], None), FakeRelay())
     caplog.clear()

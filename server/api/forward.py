@@ -79,19 +79,28 @@ def front_app(settings, keys: KeyStore, relay: RelayFn,
     jobs = [keys.watch] if keys.path else []  # a key file edited on disk: reloaded here too
     door = FrontDoor(keys, relay, [*jobs, *background])
     app = BodyDeadline(BodyLimit(door, settings.max_body_bytes), settings.body_timeout)
-    return DoorLog(app) if getattr(settings, "access_log", True) else app
+    if not getattr(settings, "access_log", True):
+        return app
+    return DoorLog(app, () if getattr(settings, "log_health_checks", False) else ("/health",))
+
+
+def from_replica(response: Response) -> Response:
+    """Mark ``response`` as a replica's answer (its app wrote the access log line)."""
+    response.from_replica = True
+    return response
 
 
 class DoorLog:
-    """The access log line of each request the door answers itself (401, 408, 413: the
-    app writes one for what it answers, so an operator sees the unauthenticated or slow
-    clients the door turned away); a relayed request's line is the replica app's."""
+    """The access log line of each request the door answers itself (401, 408, 413, and the
+    relay's own 503s and 500s: the app writes one for what it answers, so an operator sees
+    the clients the door turned away); a replica's answer (``from_replica``) has its
+    app's line.  ``quiet_paths`` as the app's (``/health`` unless --log-health-checks)."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, quiet_paths=("/health",)):
+        self.app, self.quiet_paths = app, frozenset(quiet_paths)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in self.quiet_paths:
             return await self.app(scope, receive, send)
         t0, status = time.perf_counter(), None
 
@@ -142,8 +151,10 @@ class FrontDoor:
             else:
                 raw = RawRequest(scope["method"], scope["path"], scope["query_string"],
                                  list(scope["headers"]), body)
-                scope.setdefault("state", {})["relayed"] = True  # (``DoorLog``)
                 response = await self.relay(raw, request.receive)
+                # (``DoorLog``: a replica's answer is logged by its app)
+                scope.setdefault("state", {})["relayed"] = getattr(response, "from_replica",
+                                                                   False)
         await response(scope, receive, send)
 
     def _key(self, request: Request):

@@ -424,10 +424,11 @@ class BatchingScheduler(_SchedulerBase):
             if prompt is False:
                 break  # waits for rows to leave rather than over-allocate
             self.waiting.popleft()
-            # a prefilling prompt counts as running (``num_running``): its queue place
-            # goes now, or it would count twice and shrink the queue while it prefills
-            e.reservation.release()
             self.prefilling.append(prompt)
+            # a prefilling prompt counts as running (``num_running``): its queue place
+            # goes now (after the append: never counted nowhere), or it would count twice
+            # and shrink the queue while it prefills
+            e.reservation.release()
             rows += e.n
             if e.on_prefill is not None:  # the key pays for this prefill from now on
                 e.on_prefill(e.prepared.num_tokens)

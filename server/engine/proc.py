@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import logging
 import os
 import signal
@@ -126,6 +127,11 @@ class RemoteOutput:
         return UNSENT_RETRY_S if self._unsent else None
 
     def stop(self):
+        """After the model thread (its only user): one still running (a join that timed
+        out) keeps the socket, which the process's exit closes."""
+        thread = getattr(getattr(self, "_engine", None), "_thread", None)
+        if thread is not None and thread.is_alive():
+            return
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close(0)
@@ -230,7 +236,9 @@ class EngineCore:
         self.apis: dict[bytes, _Api] = {}
         self.reservations: dict[int, object] = {}
         self.tickets: dict[int, object] = {}
-        self._ids = itertools.count(1)
+        # queue places' and tickets' ids: from a random start, so that an id an API server
+        # got from an engine that has since restarted is no other request's here
+        self._ids = itertools.count(random.SystemRandom().randrange(1 << 52))
         self._flush_pending = False
         self._stop = asyncio.Event()
         from server.ratelimit import Limiter
