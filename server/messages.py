@@ -42,7 +42,8 @@ thread (``StepOutput``):
   batching engine's rows of one step (or a few) for this API server, raw tokens; the
   header (prompt, cached, image and video tokens) on a row's first token only.  A
   ``choice`` of ``FAILED`` is the request's error (encoded in the logprob place; the
-  ``token`` place: the engine's ``[healthy, failed_steps]`` after a failed batch step), of
+  ``token`` place: the engine's ``[healthy, failed_steps, epoch]`` after a failed batch
+  step), of
   ``PREFILLED`` the notice that its prefill was scheduled (``token``: the prompt's
   tokens; the key pays for them from now on).
 """

@@ -97,6 +97,22 @@ def test_request_round_trip_keeps_every_field_and_the_pixels():
     assert back.pieces == req.pieces and back.messages == [] and back.tools is None
 
 
+def test_an_api_server_keeps_the_newest_health_of_its_current_engine():
+    """Health reports come on two sockets (heartbeats, failed steps' errors): an older
+    one (fewer failed steps) or one from an engine that has since restarted is ignored."""
+    from types import SimpleNamespace
+    from server.api.engine_client import EngineClient
+    c = SimpleNamespace(_epoch="e2", _health_at=0, _healthy=True)
+    note = EngineClient._note_health
+    note(c, False, 3, "e1")       # the old engine's error, read late
+    assert c._healthy is True
+    note(c, False, 3, "e2")
+    note(c, True, 2)              # a heartbeat sent before that failure
+    assert (c._healthy, c._health_at) == (False, 3)
+    note(c, True, 3)              # recovered (cooldown), same count
+    assert c._healthy is True
+
+
 def test_decoded_pixels_are_packed_once_and_only_passed_on():
     """A photo's pixels are packed once, in the decode worker (``RGBPixels``); the same
     bytes object is the ZeroMQ frame, and the engine reads the frame's buffer as it is:
@@ -139,11 +155,11 @@ def test_prefill_notice_and_errors_travel_with_the_steps():
     records = RemoteOutput._records([("prefill", b"api0", "7", 321),
                                      ("prefill", b"api0", "gone", 5),
                                      ("fail", [entry], Overloaded(retry_after=1),
-                                      [False, 3])])
+                                      [False, 3, "e1"])])
     assert records == {b"api0": [
         ["7", messages.PREFILLED, 321, None, None, None, None],
         ["gone", messages.PREFILLED, 5, None, None, None, None],
-        ["8", messages.FAILED, [False, 3], None, None,
+        ["8", messages.FAILED, [False, 3, "e1"], None, None,
          messages.encode_error(Overloaded(retry_after=1)), None]]}
 
     async def api_side():
@@ -166,7 +182,7 @@ def test_prefill_notice_and_errors_travel_with_the_steps():
         return heard, events
     heard, events = asyncio.run(api_side())
     # "gone" is not open here: nobody to charge; the health came before the error
-    assert heard == [321, (False, 3, True)], heard
+    assert heard == [321, (False, 3, "e1", True)], heard
     got = events.get_nowait()
     assert isinstance(got, Overloaded) and got.headers == {"Retry-After": "1"}, got
 

@@ -442,9 +442,12 @@ class EngineClient:
         elif kind == "ready":
             self._ready_from(msg[1])
 
-    def _note_health(self, healthy: bool, failed_steps: int):
+    def _note_health(self, healthy: bool, failed_steps: int, epoch: str | None = None):
         """On the loop: the engine's health, from a heartbeat or with a failed step's
-        errors (``proc.health``); a report older than the one held is ignored."""
+        errors (``proc.health``); a report older than the one held, or from an engine
+        that has since restarted (``epoch``), is ignored."""
+        if epoch is not None and epoch != self._epoch:
+            return
         if failed_steps >= self._health_at:
             self._healthy, self._health_at = bool(healthy), failed_steps
 

@@ -85,8 +85,8 @@ class RemoteOutput:
     the supervisor to restart it: no step would reach an API server again, and every
     open request would wait forever."""
 
-    def __init__(self, addr: str):
-        self.addr = addr
+    def __init__(self, addr: str, epoch: str | None = None):
+        self.addr, self.epoch = addr, epoch
         self._sock = None
         self._unsent: dict[bytes, tuple[float, list]] = {}  # ident -> (since, records)
 
@@ -111,8 +111,8 @@ class RemoteOutput:
     def put_fail(self, entries, err):
         # the engine's health as this failure left it (``health``), read after the failure
         # was counted: it travels with the errors, so an API server answering them already
-        # knows whether /health is now 503
-        self._send([("fail", entries, err, health(self._engine))])
+        # knows whether /health is now 503 (of this engine: its ``epoch``)
+        self._send([("fail", entries, err, [*health(self._engine), self.epoch])])
 
     def put_prefill(self, ident: bytes, rid: str, tokens: int):
         """``rid``'s prefill was scheduled (``on_prefill``): a record on the step channel,
@@ -263,7 +263,7 @@ class EngineCore:
         self.sock.bind(self.addr)
         receiver = asyncio.create_task(self._receive())
         try:
-            self.output = RemoteOutput(self.addr + "-out")
+            self.output = RemoteOutput(self.addr + "-out", self.epoch)
             self.engine = await asyncio.to_thread(engine_factory(self.settings,
                                                                  output=self.output))
         except Exception as e:
