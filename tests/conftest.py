@@ -27,6 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL_IMAGES = ("--min-pixels", "4096", "--max-pixels", "65536")
 
 
+def fresh_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``code`` run by a fresh interpreter in the checkout (what it imports, or how it
+    exits, without this test process's modules), its output captured as text."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

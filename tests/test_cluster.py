@@ -22,7 +22,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,7 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from server.api.forward import RawRequest, ResponseHead, call_app, prefix_key, rendezvous_order
-from tests.conftest import ROOT, SMALL_IMAGES, data_url, free_port, png_bytes
+from tests.conftest import ROOT, SMALL_IMAGES, data_url, free_port, fresh_python, png_bytes
 
 
 def chat_body(system=None, image=None, text="hi") -> bytes:
@@ -122,8 +121,7 @@ def test_plain_launch_never_imports_ray():
             "sup.Supervisor.run = lambda self: print('RAY' if 'ray' in sys.modules "
             "else 'NO-RAY') or 0\n"
             "m.main(['--model-path', 'nowhere', '--port', '1'])\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    out = fresh_python(code)
     assert out.stdout.strip().splitlines()[-1] == "NO-RAY", out.stderr[-2000:]
 
 

@@ -250,11 +250,9 @@ def test_failing_to_send_steps_ends_the_engine_process(tmp_path):
             "out(None)\n"
             "out.put_prefill(b'api0', '1', 3)\n"
             "time.sleep(30)\n")
-    import subprocess
-    import sys
     from server.lifecycle import EXIT_THREAD_FAILED
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, cwd=os.path.dirname(os.path.dirname(__file__)))
+    from tests.conftest import fresh_python
+    proc = fresh_python(code, timeout=60)
     assert proc.returncode == EXIT_THREAD_FAILED, proc.stderr[-2000:]
     assert "sending the engine's steps failed" in proc.stderr
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -17,6 +15,7 @@ from PIL import Image
 from server.engine.interface import EngineRequest, ImageInput, SamplingParams
 from server.errors import InvalidRequest
 from server.textprep import TextPrep
+from tests.conftest import fresh_python
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = [{"type": "function", "function": {
@@ -119,8 +118,7 @@ def test_api_side_renders_without_torch(tiny_model):
         "assert ids and ids[0], ids\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    out = fresh_python(code)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 

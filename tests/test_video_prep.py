@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,6 +26,7 @@ from models import video as video_mod
 from models.video import (DecodedVideo, VideoError, decode_video_bytes, frames_from_images,
                           make_test_clip, sample_indices)
 from models.video_prep import TorchVideoProcessor, load_video_config
+from tests.conftest import fresh_python
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -404,6 +403,5 @@ def test_video_module_does_not_import_torch():
             "v.frames_from_images(list(d.frames), 2.0); "
             "assert 'torch' not in sys.modules, 'torch imported'; "
             "assert 'torchvision' not in sys.modules; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    out = fresh_python(code)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

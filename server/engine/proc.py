@@ -403,7 +403,8 @@ class EngineCore:
         req.request_id = uid
         post = partial(self._post, api, rid)
         req.on_prefill = partial(self._prefilled, api.ident, rid,
-                                 self.tickets.get(req.ticket) if req.ticket else None)
+                                 self.tickets.get(req.ticket) if req.ticket is not None
+                                 else None)
         sink = RemoteSink(self.loop, post, api.ident, rid)
         task = asyncio.ensure_future(self.engine.submit(req, reservation, sink))
         api.requests[rid] = _Req(task, reservation, uid)
