@@ -694,3 +694,24 @@ def test_request_pixel_budget_is_shared_and_checked_before_decoding():
         decode_image_bytes(buf.getvalue(), MediaPolicy(), param=PARAM, budget=budget)
     assert "in total" in ei.value.message and ei.value.param == PARAM
     assert budget.left == 4_000_000
+
+
+def test_jpeg_scan_limit_is_exact():
+    """``check_decode_cost`` counts start-of-scan markers up to the limit: exactly
+    ``MAX_JPEG_SCANS`` pass, one more is refused (and a marker split across nothing
+    else, FF 00 escapes, is not a scan)."""
+    from server.api.media import MAX_JPEG_SCANS, check_decode_cost
+    head, sos, noise = b"\xff\xd8", b"\xff\xda\x00\x08", b"\xff\x00\xda" * 50
+    check_decode_cost(head + (sos + noise) * MAX_JPEG_SCANS, "p")
+    with pytest.raises(InvalidRequest, match="scans"):
+        check_decode_cost(head + (sos + noise) * (MAX_JPEG_SCANS + 1), "p")
+
+
+def test_json_value_count_matches_the_byte_count():
+    """The vectorised count of commas and opening brackets equals ``bytes.count``, across
+    the megabyte chunks it counts in (marks on both sides of a boundary)."""
+    from server.api.body import _COUNT_CHUNK, count_values
+    for raw in (b"{}", b'{"a": [1, 2, {"b": 3}]}',
+                b",[{" * (_COUNT_CHUNK // 3 + 5) + b"x" * 7 + b"{" * 3,
+                os.urandom(3 * _COUNT_CHUNK + 11)):
+        assert count_values(raw) == raw.count(b",") + raw.count(b"[") + raw.count(b"{") + 1

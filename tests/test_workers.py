@@ -98,3 +98,25 @@ def test_queued_jobs_are_taken_in_turns_by_key():
         finally:
             pool.close()
     run(main())
+
+
+def test_a_photo_crosses_each_pipe_in_one_write():
+    """Jobs and results travel through pipes grown to ``PIPE_BYTES`` (1 MB) where the host
+    allows it, so a decoded photo is one write; larger values still cross whole."""
+    import fcntl
+    from pathlib import Path
+    from server.workers import PIPE_BYTES
+    F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+
+    async def main():
+        pool = ProcessPool("t", 1)
+        try:
+            data = bytes(range(256)) * (3 * 2**20 // 256)  # 3 MB: three writes' worth
+            assert await pool.run(bytes, data, timeout=30) == data
+            conn = pool._workers[0].conn
+            sizes = [fcntl.fcntl(end.fileno(), F_GETPIPE_SZ) for end in (conn.reader, conn.writer)]
+            limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+            assert sizes == [PIPE_BYTES] * 2 if limit >= PIPE_BYTES else sizes[0] > 0
+        finally:
+            pool.close()
+    run(main())
