@@ -111,6 +111,28 @@ def test_logprobs_shape():
     assert abs(lps[0][0] - lps[0][2][0]) < 1e-6 and lps[0][1][0] == toks[0]
 
 
+
+def test_greedy_with_top_logprobs_is_argmax_ties_included():
+    """Greedy rows that ask for top logprobs take their token from the top-k (no separate
+    argmax pass) only where that is the argmax: a row whose two best logits tie gets the
+    lower id, as argmax gives it, whatever order top-k returned them in."""
+    from tests.sync_counter import Ops
+    torch.manual_seed(0)
+    logits = torch.randn(8, 300)
+    rows = [Row(temperature=0, logprobs=True, top_logprobs=3) for _ in range(8)]
+    with Ops() as ops:
+        res = sample(logits.clone(), rows)
+    assert res.tokens.tolist() == logits.argmax(-1).tolist()
+    assert "aten::argmax" not in ops.seen, ops.seen  # taken from the top-k
+    tied = logits.clone()
+    tied[3, 17] = tied[3, 250] = tied[3].max() + 1  # ids 17 and 250 share the best logit
+    tied[5, 40] = tied[5, 41] = tied[5].max() + 1
+    with Ops() as ops:
+        res = sample(tied.clone(), rows)
+    assert res.tokens.tolist() == tied.argmax(-1).tolist()
+    assert res.tokens[3].item() == 17 and res.tokens[5].item() == 40
+    assert ops.seen["aten::argmax"] == 1  # the tie sent the batch to argmax
+
 def test_blocks_prefix_cache_lru_and_in_use():
     """Committed full blocks are found again by their chain keys; unused cached blocks are
     evicted least recently used first when blocks run out; a block in use never is."""

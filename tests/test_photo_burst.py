@@ -71,6 +71,27 @@ def test_batched_encoder_equals_the_models_own_forward_one_image_at_a_time(visua
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_patch_embed_is_the_models_convolution_as_one_matmul(visual):
+    """The patch embed as a matmul equals the model's Conv3d (float32), in one op; a
+    convolution whose kernel is not its stride is left to the module."""
+    pix = pixels(visual, MIXED)
+    with torch.inference_mode():
+        with Ops() as ops:
+            ours = vision.patch_embed(visual.patch_embed, pix)
+        ref = visual.patch_embed(pix)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert ops.seen["aten::linear"] == 1 and not any("conv" in n for n in ops.seen), ops.seen
+
+    class Overlapping(torch.nn.Module):  # kernel 2, stride 1: not a per-patch map
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Conv3d(1, 2, kernel_size=2, stride=1)
+
+        def forward(self, x):
+            return ("the module", x)
+    assert vision.patch_embed(Overlapping(), pix)[0] == "the module"
+
+
 @pytest.mark.parametrize("grids", [EQUAL, MIXED], ids=["equal", "mixed"])
 def test_encoder_call_makes_no_host_sync(visual, grids):
     """The device side of one call (everything after the host-side plan) reads nothing

@@ -677,10 +677,11 @@ class ModelRunner:
                 except Exception as exc:
                     failure = exc
                     break
-        # float32 on CPU agrees bit for bit (one attention call per image or per block:
-        # the same sums); a 1% error in one block's attention moves the tiny model's
-        # output by ~5e-5, so the bound is tight.  bf16 noise on a GPU is ~1e-2.
-        tol = 1e-6 if v.dtype == torch.float32 else 2e-2
+        # float32 on CPU agrees to ~1e-6 (one attention call per image or per block: the
+        # same sums; the patch embed as a matmul rounds differently from the convolution);
+        # a 1% error in one block's attention moves the tiny model's output by ~5e-5, so
+        # the bound still catches it.  bf16 noise on a GPU is ~1e-2.
+        tol = 1e-5 if v.dtype == torch.float32 else 2e-2
         worst = max(errors, default=0.0)
         if failure is None and all(e <= tol for e in errors):  # (NaN fails)
             self.encoder_path = "batched"

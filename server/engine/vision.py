@@ -11,12 +11,13 @@ per call on the host, from the grids the preprocessing already knows as Python i
   by transformers' own helpers on CPU tensors), and, when the segments differ in length,
   the gather/scatter indices of a padded ``[segments, longest, ...]`` layout with a key
   mask.  Everything reaches the device in one copy each; nothing is read back.
-* ``encode(visual, pixels, plan)``: the model's own modules and weights (patch embed,
-  position embedding, rotary, each block's norms, qkv, proj and MLP, the deepstack
-  mergers, the merger) with one ``scaled_dot_product_attention`` per block over all
-  segments: a plain view when they are equal (a burst of same-size photos), the padded
-  layout otherwise.  Returns ``(merged embeds, [deepstack features])`` like the model's
-  ``pooler_output`` / ``deepstack_features``.
+* ``encode(visual, pixels, plan)``: the model's own modules and weights (the patch embed
+  as one matmul, ``patch_embed``; position embedding, rotary, each block's norms, qkv,
+  proj and MLP, the deepstack mergers, the merger) with one
+  ``scaled_dot_product_attention`` per block over all segments: a plain view when they
+  are equal (a burst of same-size photos), the padded layout otherwise.  Returns
+  ``(merged embeds, [deepstack features])`` like the model's ``pooler_output`` /
+  ``deepstack_features``.
 
 ``ModelRunner.check_encoder`` compares this with the model's own forward at startup and
 falls back to the model's forward (with a log line) when they disagree, e.g. under a
@@ -110,9 +111,26 @@ def _attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     return attn.proj(out)
 
 
+def patch_embed(embed, pixels: torch.Tensor) -> torch.Tensor:
+    """The model's patch embedding (``embed``: its ``Conv3d`` ``proj``) as one matmul.  The
+    pixels come cut into patches and the kernel is the stride, so the convolution is a
+    linear map of each flattened patch (channels, frames, rows, columns: the order of the
+    kernel's weight).  The convolution kernels are ~3x slower for it on CPU (measured:
+    1,280 tiny patches 4.9 -> 1.6 ms, 1,024 full-size ones 123 -> 36 ms), and on a GPU
+    torch >= 2.9 no longer gives this Conv3d to cuDNN (vLLM issue 27406, a large slowdown;
+    vLLM's Conv3dLayer takes the matmul there too).  Any other convolution: the module."""
+    conv = embed.proj
+    if not (isinstance(conv, torch.nn.Conv3d) and conv.kernel_size == conv.stride
+            and not any(conv.padding) and set(conv.dilation) == {1} and conv.groups == 1):
+        return embed(pixels)
+    w = conv.weight
+    flat = pixels.reshape(-1, w.shape[1:].numel()).to(w.dtype)
+    return F.linear(flat, w.reshape(w.shape[0], -1), conv.bias)
+
+
 def encode(visual, pixels: torch.Tensor, p: VisionPlan) -> tuple[torch.Tensor, list]:
     """``(merged embeds [patches / merge^2, out_hidden], [deepstack features])``."""
-    h = visual.patch_embed(pixels)
+    h = patch_embed(visual.patch_embed, pixels)
     pos = (visual.pos_embed(p.interp_indices) * p.interp_weights[:, :, None]).sum(1)
     h = h + pos.to(h.dtype)
     cos, sin = visual.rotary_pos_emb(h, p.position_ids)
