@@ -101,22 +101,26 @@ def test_queued_jobs_are_taken_in_turns_by_key():
 
 
 def test_a_photo_crosses_each_pipe_in_one_write():
-    """Jobs and results travel through pipes grown to ``PIPE_BYTES`` (1 MB) where the host
-    allows it, so a decoded photo is one write; larger values still cross whole."""
-    import fcntl
+    """A worker's socket pair asks for ``SOCKET_BYTES`` buffers (the kernel grants up to
+    net.core.wmem_max / rmem_max, and reports twice what it grants), so a decoded photo is
+    one write; larger values still cross whole."""
+    import socket
     from pathlib import Path
-    from server.workers import PIPE_BYTES
-    F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+    from server.workers import SOCKET_BYTES
 
     async def main():
         pool = ProcessPool("t", 1)
         try:
-            data = bytes(range(256)) * (3 * 2**20 // 256)  # 3 MB: three writes' worth
+            data = bytes(range(256)) * (12 * 2**20 // 256)  # 12 MB: several writes' worth
             assert await pool.run(bytes, data, timeout=30) == data
-            conn = pool._workers[0].conn
-            sizes = [fcntl.fcntl(end.fileno(), F_GETPIPE_SZ) for end in (conn.reader, conn.writer)]
-            limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
-            assert sizes == [PIPE_BYTES] * 2 if limit >= PIPE_BYTES else sizes[0] > 0
+            sock = socket.fromfd(pool._workers[0].conn.fileno(), socket.AF_UNIX,
+                                 socket.SOCK_STREAM)
+            try:
+                for opt, cap in ((socket.SO_SNDBUF, "wmem_max"), (socket.SO_RCVBUF, "rmem_max")):
+                    limit = int(Path(f"/proc/sys/net/core/{cap}").read_text())
+                    assert sock.getsockopt(socket.SOL_SOCKET, opt) >= 2 * min(SOCKET_BYTES, limit)
+            finally:
+                sock.close()
         finally:
             pool.close()
     run(main())
