@@ -111,7 +111,6 @@ def test_logprobs_shape():
     assert abs(lps[0][0] - lps[0][2][0]) < 1e-6 and lps[0][1][0] == toks[0]
 
 
-
 def test_greedy_with_top_logprobs_is_argmax_ties_included():
     """Greedy rows that ask for top logprobs take their token from the top-k (no separate
     argmax pass) only where that is the argmax: a row whose two best logits tie gets the
@@ -132,6 +131,7 @@ def test_greedy_with_top_logprobs_is_argmax_ties_included():
     assert res.tokens.tolist() == tied.argmax(-1).tolist()
     assert res.tokens[3].item() == 17 and res.tokens[5].item() == 40
     assert ops.seen["aten::argmax"] == 1  # the tie sent the batch to argmax
+
 
 def test_blocks_prefix_cache_lru_and_in_use():
     """Committed full blocks are found again by their chain keys; unused cached blocks are

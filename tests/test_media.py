@@ -698,8 +698,8 @@ def test_request_pixel_budget_is_shared_and_checked_before_decoding():
 
 def test_jpeg_scan_limit_is_exact():
     """``check_decode_cost`` counts start-of-scan markers up to the limit: exactly
-    ``MAX_JPEG_SCANS`` pass, one more is refused (and a marker split across nothing
-    else, FF 00 escapes, is not a scan)."""
+    ``MAX_JPEG_SCANS`` pass, one more is refused; an escaped FF followed by DA (``FF 00
+    DA``, as entropy-coded data has them) is not a scan."""
     from server.api.media import MAX_JPEG_SCANS, check_decode_cost
     head, sos, noise = b"\xff\xd8", b"\xff\xda\x00\x08", b"\xff\x00\xda" * 50
     check_decode_cost(head + (sos + noise) * MAX_JPEG_SCANS, "p")

@@ -100,7 +100,7 @@ def test_queued_jobs_are_taken_in_turns_by_key():
     run(main())
 
 
-def test_a_photo_crosses_each_pipe_in_one_write():
+def test_a_photo_crosses_the_worker_socket_in_one_write():
     """A worker's socket pair asks for ``SOCKET_BYTES`` buffers (the kernel grants up to
     net.core.wmem_max / rmem_max, and reports twice what it grants), so a decoded photo is
     one write; larger values still cross whole."""
