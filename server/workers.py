@@ -74,11 +74,14 @@ SOCKET_BYTES = 4 << 20
 def _grow_buffers(*conns) -> None:
     """Ask for ``SOCKET_BYTES`` send and receive buffers on each connection's socket."""
     for conn in conns:
-        sock = socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)  # a dup
+        try:
+            sock = socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)  # a dup
+        except OSError:  # not a socket (another platform's Pipe): left as it is
+            continue
         try:
             for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
                 sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BYTES)
-        except OSError:  # not a socket (another platform's Pipe): left as it is
+        except OSError:  # refused outright (the usual answer is a silent cap)
             pass
         finally:
             sock.close()
